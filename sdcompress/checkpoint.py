@@ -1,0 +1,143 @@
+"""Checkpoints: `model.pt` (a plain state_dict, loadable with weights_only=True) plus the `model.json` sidecar.
+
+The sidecar carries the schema version, the network spec (including which blocks are kept), the data
+description (classes, normalization, split), the config of every stage applied so far, metrics, and the
+per-block survival statistics. Nothing is pickled beyond tensors: a model is rebuilt from its spec, then its
+weights are loaded and checked against that spec. Every file is written to a temporary file in the same
+folder and renamed into place, so a reader sees the old file or the complete new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .nets import NetSpec, ResNet, build_model
+
+SCHEMA = "sdcompress.checkpoint/1"
+WEIGHTS = "model.pt"
+SIDECAR = "model.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def resolve(path: str | Path) -> tuple[Path, Path]:
+    """(weights, sidecar) paths of a checkpoint given as its folder, its model.pt or its model.json."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / WEIGHTS
+    elif p.suffix == ".json":
+        p = p.with_name(WEIGHTS) if p.name == SIDECAR else p.with_suffix(".pt")
+    if not p.exists():
+        raise InputError(f"checkpoint {path}: no such file ({p})")
+    side = p.with_name(SIDECAR) if p.name == WEIGHTS else p.with_suffix(".json")
+    if not side.exists():
+        raise InputError(f"checkpoint {path}: sidecar {side.name} is missing beside {p.name}; it holds the architecture")
+    return p, side
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """Parse and check a sidecar as data."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt sidecar, not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("schema"), str) or not meta["schema"].startswith("sdcompress.checkpoint/"):
+        raise InputError(f"{path}: not an sdcompress checkpoint sidecar (no 'schema': '{SCHEMA}')")
+    if meta["schema"] != SCHEMA:
+        raise InputError(f"{path}: schema {meta['schema']} is not supported by this sdcompress ({SCHEMA}); upgrade sdcompress")
+    if not isinstance(meta.get("spec"), dict):
+        raise InputError(f"{path}: sidecar has no 'spec' (the architecture)")
+    try:
+        NetSpec.from_dict(meta["spec"])
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: bad architecture spec in sidecar ({e})") from None
+    return meta
+
+
+def save_checkpoint(out_dir: str | Path, model: ResNet, meta: dict) -> Path:
+    """Write model.pt then model.json into `out_dir` (each atomically). Returns the weights' path."""
+    out = Path(out_dir)
+    meta = dict(meta)
+    meta["schema"] = SCHEMA
+    meta["spec"] = model.spec.to_dict()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    atomic_torch_save(state, out / WEIGHTS)
+    atomic_write_json(out / SIDECAR, meta)
+    return out / WEIGHTS
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{path}: refused to load: it holds more than tensors ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # truncated or not a torch file
+        raise InputError(f"{path}: corrupt or not a PyTorch state_dict ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: not a state_dict of tensors")
+    return state
+
+
+def load_checkpoint(path: str | Path) -> tuple[ResNet, dict]:
+    """Rebuild a model from its sidecar, load its weights and check they match. Returns (model, sidecar)."""
+    weights, side = resolve(path)
+    meta = read_sidecar(side)
+    model = build_model(NetSpec.from_dict(meta["spec"]))
+    state = load_state_dict(weights)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise InputError(f"{weights}: weights do not match the sidecar's architecture ({what}); the two files belong to different models")
+    for k, v in expected.items():
+        if v.shape != state[k].shape:
+            raise InputError(f"{weights}: tensor {k} has shape {tuple(state[k].shape)}, the sidecar's architecture needs {tuple(v.shape)}")
+    model.load_state_dict(state)
+    model.eval()
+    return model, meta

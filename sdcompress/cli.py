@@ -1,0 +1,232 @@
+"""The `sdcompress` command line: each subcommand parses flags, builds a config, calls the API and prints.
+
+Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 anything else, 130 / 143 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from dataclasses import fields
+from pathlib import Path
+
+from .errors import InputError
+
+OUT_ROOT = Path("sdcompress-out")
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _p_last(s: str) -> float:
+    v = float(s)
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {s!r}")
+
+
+def _fresh_out(out: Path, force: bool, what: str = "model.pt") -> Path:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    if (out / what).exists() and not force:
+        raise InputError(f"--out {out}: already holds {what}; pass --force to overwrite, or another --out")
+    return out
+
+
+# ---- train ---------------------------------------------------------------------------------------------------
+def add_train(sub) -> None:
+    from .config import TrainConfig
+    from .nets import ARCHS
+    from .survival import SURVIVAL_RULES
+
+    p = sub.add_parser("train", help="train a stochastic-depth ResNet", description="Train a stochastic-depth ResNet.")
+    d = TrainConfig()
+    p.add_argument("--arch", default=d.arch, choices=list(ARCHS))
+    p.add_argument("--data", default=d.data, help="digits | cifar10 | cifar100 | svhn | mnist | fashion-mnist | FILE.npz | FOLDER")
+    p.add_argument("--data-dir", default=None, help="folder of a torchvision dataset (never downloaded)")
+    p.add_argument("--val-size", type=int, default=None, help="images held out for validation (default 5000 for CIFAR, else 10%%)")
+    p.add_argument("--split-seed", type=int, default=d.split_seed)
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--nesterov", type=_bool, default=d.nesterov, metavar="on|off")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", default=d.schedule, choices=["cosine", "step"])
+    p.add_argument("--survival-rule", default=d.survival_rule, choices=list(SURVIVAL_RULES))
+    p.add_argument("--p-last", type=_p_last, default=d.p_last, help="survival probability of the last block, in (0, 1]")
+    p.add_argument("--augment", default=d.augment, choices=["auto", "standard", "crop", "none"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", type=_bool, default=d.amp, metavar="on|off", help="bf16 autocast on CUDA")
+    p.add_argument("--channels-last", type=_bool, default=d.channels_last, metavar="on|off")
+    p.add_argument("--stats-window", type=_positive_int, default=d.stats_window)
+    p.add_argument("--contrib-every", type=int, default=d.contrib_every)
+    p.add_argument("--out", type=Path, default=None, help="checkpoint folder (default sdcompress-out/ARCH-DATA-train)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete epoch")
+    p.add_argument("--force", action="store_true", help="overwrite a checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(a) -> int:
+    from tqdm import tqdm
+
+    from .config import TrainConfig
+    from .train import train
+
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
+    out = a.out or OUT_ROOT / f"{cfg.arch}-{Path(cfg.data).stem}-train"
+    if not a.resume:
+        _fresh_out(out, a.force)
+
+    def on_epoch(r):
+        val = f"  val top-1 {r.val_top1:.4f}" if r.val_top1 is not None else ""
+        tqdm.write(f"epoch {r.epoch:>3}/{cfg.epochs}  loss {r.train_loss:.4f}  train top-1 {r.train_top1:.4f}{val}  "
+              f"{r.images_per_s:.0f} img/s  {r.epoch_s:.1f} s")
+
+    _, meta = train(cfg, out, resume=a.resume, progress=not a.no_progress, on_epoch=on_epoch)
+    m = meta["metrics"]
+    print(f"wrote {out}/model.pt  val top-1 {m['val_top1']}  epochs {m['epochs']}  wall {m['wall_s']} s  device {m['device']}")
+    return 0
+
+
+# ---- eval ----------------------------------------------------------------------------------------------------
+def _ckpt_arg(p) -> None:
+    p.add_argument("ckpt", nargs="?", default=None, help="checkpoint file or folder (default: the bundled model)")
+
+
+def _resolve_ckpt(ckpt):
+    from .zoo import bundled
+
+    return Path(ckpt) if ckpt else bundled()
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="top-1 accuracy of a checkpoint", description="Evaluate a checkpoint.")
+    _ckpt_arg(p)
+    p.add_argument("--data", default=None, help="default: the bundled evaluation set for bundled models, else the training data")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="auto", choices=["auto", "val", "test", "train", "all"],
+                   help="auto: test if the data has one, else the validation split recorded in the checkpoint")
+    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--json", type=Path, default=None, help="write a report.json here")
+    p.add_argument("--force", action="store_true", help="overwrite --json")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a) -> int:
+    from .checkpoint import atomic_write_json, load_checkpoint, resolve
+    from .evaluate import evaluate_checkpoint
+    from .report import model_report
+
+    if a.json and a.json.exists() and not a.force:
+        raise InputError(f"--json {a.json}: exists; pass --force to overwrite")
+    path = _resolve_ckpt(a.ckpt)
+    model, meta = load_checkpoint(path)
+    acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, a.split, a.batch_size)
+    print(f"{meta['spec']['arch']}  blocks {len(model.block_ids)}/{model.spec.blocks_total}  "
+          f"top-1 {acc['top1']:.4f}  loss {acc['loss']:.4f}  on {acc['dataset']} (n={acc['n']})")
+    if a.json:
+        atomic_write_json(a.json, model_report(model, meta, resolve(path)[0], acc))
+        print(f"wrote {a.json}")
+    return 0
+
+
+# ---- stats ---------------------------------------------------------------------------------------------------
+def add_stats(sub) -> None:
+    p = sub.add_parser("stats", help="per-block survival statistics (table + PNG)", description="Show survival statistics.")
+    _ckpt_arg(p)
+    p.add_argument("--out", type=Path, default=None, help="folder for stats.png and stats.json (default sdcompress-out/NAME-stats)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_stats)
+
+
+def cmd_stats(a) -> int:
+    from .checkpoint import atomic_write_json, read_sidecar, resolve
+    from .report import format_stats_table, plot_stats
+
+    path = _resolve_ckpt(a.ckpt)
+    meta = read_sidecar(resolve(path)[1])
+    if not isinstance(meta.get("survival_stats"), dict):
+        raise InputError(f"{path}: the checkpoint holds no survival statistics (was it trained by sdcompress?)")
+    name = resolve(path)[0].parent.name
+    out = a.out or OUT_ROOT / f"{name}-stats"
+    if not a.no_plot:
+        _fresh_out(out, a.force, "stats.png")
+    print(format_stats_table(meta))
+    if not a.no_plot:
+        atomic_write_json(out / "stats.json", meta["survival_stats"])
+        plot_stats(meta, out / "stats.png")
+        print(f"wrote {out}/stats.png")
+    return 0
+
+
+COMMANDS = (add_train, add_eval, add_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="sdcompress", description="Compress stochastic-depth ResNets for mobile deployment.")
+    parser.add_argument("--version", action="version", version=f"sdcompress {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return a.func(a)
+    except InputError as e:
+        if a.debug:
+            traceback.print_exc()
+        print(f"sdcompress {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sdcompress {a.command}: interrupted; outputs already written are complete, nothing was half-written", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print(f"sdcompress {a.command}: terminated; outputs already written are complete, nothing was half-written", file=sys.stderr)
+        return 143
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback with --debug
+        if a.debug:
+            traceback.print_exc()
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"sdcompress {a.command}: error: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _sigterm(signum, frame):
+    raise _Terminated()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

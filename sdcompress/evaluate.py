@@ -1,0 +1,56 @@
+"""Evaluate a checkpoint on the data a user names, or on the data its sidecar says it was held out from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import ImageSet, Normalize, load_dataset, load_eval_set
+from .errors import InputError
+from .nets import ResNet
+from .train import evaluate
+from .zoo import bundled_eval_set, is_bundled
+
+
+def eval_data(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str]:
+    """The images to evaluate a checkpoint on, and a name for them.
+
+    With no `data`: a bundled model uses the bundled evaluation set; any other model its training data's
+    validation split (same seed and size as in training, so never trained on).
+    """
+    dm = meta["data"]
+    if data is None and is_bundled(ckpt) and bundled_eval_set() is not None:
+        return load_eval_set(bundled_eval_set()), "bundled eval set"
+    if data is None:
+        data, data_dir = dm.get("source", "digits"), data_dir or meta["stages"][0]["config"].get("data_dir")
+    same = data == dm.get("source")
+    if data.endswith(".npz") and not same and split in ("auto", "all"):
+        return load_eval_set(data), Path(data).name  # a held-out evaluation file: all of it
+    sp = dm.get("split", {}) if same else {}
+    ds = load_dataset(data, data_dir, sp.get("val_size"), sp.get("seed", 0))
+    if split == "auto":
+        split = "test" if ds.test is not None else ("val" if ds.val is not None else "all")
+    if split == "test" and ds.test is None:
+        raise InputError(f"{data}: has no test split; use --split val")
+    if split == "val" and ds.val is None:
+        raise InputError(f"{data}: has no validation split (val size 0)")
+    if split == "all":
+        parts = [s for s in (ds.train, ds.val) if s is not None]
+        return ImageSet(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts])), f"{ds.name}-all"
+    return {"test": ds.test, "val": ds.val, "train": ds.train}[split], f"{ds.name}-{split}"
+
+
+def evaluate_checkpoint(model: ResNet, meta: dict, ckpt, data=None, data_dir=None, split="auto", batch_size=500) -> dict:
+    """Top-1 and loss of a loaded checkpoint; checks the data fits the model first."""
+    images, name = eval_data(meta, ckpt, data, data_dir, split)
+    dm = meta["data"]
+    shape = tuple(images.images.shape[1:])
+    if shape[0] != model.spec.in_channels:
+        raise InputError(f"{name}: images have {shape[0]} channels, the model takes {model.spec.in_channels} ({tuple(dm['input_shape'])} CHW)")
+    if len(images) and int(images.labels.max()) >= model.spec.num_classes:
+        raise InputError(f"{name}: label {int(images.labels.max())} out of range for a {model.spec.num_classes}-class model")
+    if len(images) == 0:
+        raise InputError(f"{name}: no images")
+    res = evaluate(model, images, Normalize(dm["mean"], dm["std"]), batch_size)
+    return {**res, "dataset": name}

@@ -1,0 +1,242 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2) with stochastic depth (Huang et al. 2016).
+
+6n+2 layers: a 3x3 stem, three stages of n basic blocks with 16, 32 and 64 channels, global average pooling
+and a linear classifier. Shortcuts are parameter-free ("option A": stride-2 subsampling plus zero-padded
+channels), so every block, the downsampling ones included, reduces exactly to its shortcut when it is dropped
+in training or removed by pruning.
+
+Scaling follows the paper: during training a block that runs adds its branch unscaled, f(x); the
+evaluation-time network runs every block and adds p_l * f(x). Which network runs is chosen by the `keep`
+argument of `ResNet.forward`, not by train/eval mode, so BatchNorm can be put in train mode (for
+re-estimating its statistics) while the evaluation-time network runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .survival import survival_probs
+
+# Blocks per stage (n) of each registered architecture: depth = 6n + 2.
+ARCHS: dict[str, int] = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18, "resnet1202": 200}
+STAGE_CHANNELS = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Everything needed to rebuild a network before its weights are loaded."""
+
+    arch: str = "resnet56"  # a key of ARCHS
+    in_channels: int = 3  # input image channels
+    num_classes: int = 10  # classifier outputs
+    survival_rule: str = "linear"  # linear | uniform | none
+    p_last: float = 0.5  # the paper's p_L
+    blocks_kept: tuple[int, ...] | None = None  # None: every block; else the kept block numbers, ascending
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.in_channels < 1 or self.num_classes < 2:
+            raise ValueError("in_channels must be >= 1 and num_classes >= 2")
+        survival_probs(self.survival_rule, 1, self.p_last)  # validates rule and p_last
+        if self.blocks_kept is not None:
+            kept = tuple(int(b) for b in self.blocks_kept)
+            if list(kept) != sorted(set(kept)) or any(not 0 <= b < self.blocks_total for b in kept):
+                raise ValueError(f"blocks_kept must be ascending block numbers in 0..{self.blocks_total - 1}")
+            object.__setattr__(self, "blocks_kept", kept)
+
+    @property
+    def blocks_total(self) -> int:
+        return 3 * ARCHS[self.arch]
+
+    @property
+    def kept(self) -> tuple[int, ...]:
+        return tuple(range(self.blocks_total)) if self.blocks_kept is None else self.blocks_kept
+
+    def probs(self) -> list[float]:
+        return survival_probs(self.survival_rule, self.blocks_total, self.p_last)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["blocks_total"] = self.blocks_total
+        d["blocks_kept"] = list(self.kept)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetSpec":
+        fields = {k: d[k] for k in ("arch", "in_channels", "num_classes", "survival_rule", "p_last") if k in d}
+        kept = d.get("blocks_kept")
+        return cls(**fields, blocks_kept=tuple(kept) if kept is not None else None)
+
+    def with_kept(self, kept) -> "NetSpec":
+        return replace(self, blocks_kept=tuple(sorted(kept)))
+
+
+def block_layout(arch: str) -> list[tuple[int, int, int]]:
+    """(in_channels, out_channels, stride) of every block of an architecture, block 0 first."""
+    n = ARCHS[arch]
+    layout = []
+    in_ch = STAGE_CHANNELS[0]
+    for stage, out_ch in enumerate(STAGE_CHANNELS):
+        for i in range(n):
+            stride = 2 if stage > 0 and i == 0 else 1
+            layout.append((in_ch, out_ch, stride))
+            in_ch = out_ch
+    return layout
+
+
+class Shortcut(nn.Module):
+    """Parameter-free shortcut (option A): identity, or stride-2 subsampling with zero-padded channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.out_channels - self.in_channels
+        if extra:
+            x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+        return x
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers with a parameter-free shortcut; the unit stochastic depth drops."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, survival_prob: float):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = Shortcut(in_channels, out_channels, stride)
+        self.survival_prob = float(survival_prob)
+        self.record_contribution = False
+        self.last_contribution: torch.Tensor | None = None
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        identity = self.shortcut(x)
+        f = self.branch(x)
+        if self.record_contribution:
+            with torch.no_grad():
+                self.last_contribution = f.float().norm() / identity.float().norm().clamp_min(1e-12)
+        return F.relu(identity + f * scale if scale != 1.0 else identity + f)
+
+
+class ResNet(nn.Module):
+    """A CIFAR ResNet whose residual blocks sit in `blocks`, keyed by their block number.
+
+    Removed blocks are absent from `blocks`; a removed downsampling block is replaced by its parameter-free
+    `Shortcut`, so the network still changes resolution and width where it did.
+    """
+
+    def __init__(self, spec: NetSpec):
+        super().__init__()
+        self.spec = spec
+        probs = spec.probs()
+        kept = set(spec.kept)
+        self.stem = nn.Conv2d(spec.in_channels, STAGE_CHANNELS[0], 3, 1, 1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(STAGE_CHANNELS[0])
+        self.blocks = nn.ModuleDict()
+        for l, (cin, cout, stride) in enumerate(block_layout(spec.arch)):
+            if l in kept:
+                self.blocks[str(l)] = BasicBlock(cin, cout, stride, probs[l])
+            elif stride != 1 or cin != cout:
+                self.blocks[str(l)] = Shortcut(cin, cout, stride)
+        self.fc = nn.Linear(STAGE_CHANNELS[-1], spec.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """Numbers of the residual blocks present (kept), ascending."""
+        return [int(k) for k, m in self.blocks.items() if isinstance(m, BasicBlock)]
+
+    def forward(self, x: torch.Tensor, keep: dict[int, bool] | None = None) -> torch.Tensor:
+        """Run the network.
+
+        Args:
+            x: a normalized image batch, NCHW.
+            keep: None for the evaluation-time network (every block runs, branch scaled by p_l); otherwise
+                the training draw, block number -> runs. A block that does not run is not computed at all:
+                only its shortcut is, so its parameters get no gradient that step.
+        """
+        x = F.relu(self.stem_bn(self.stem(x)))
+        for key, m in self.blocks.items():
+            if not isinstance(m, BasicBlock):
+                x = m(x)
+            elif keep is None:
+                x = m(x, m.survival_prob)
+            elif keep[int(key)]:
+                x = m(x)
+            else:
+                x = m.shortcut(x)  # the input is post-ReLU, so ReLU(shortcut(x)) == shortcut(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+    def set_record_contribution(self, on: bool) -> None:
+        for m in self.blocks.values():
+            if isinstance(m, BasicBlock):
+                m.record_contribution = on
+                m.last_contribution = None
+
+
+def build_model(spec: NetSpec) -> ResNet:
+    """Build a network from its spec (random weights; load a state_dict to restore one)."""
+    return ResNet(spec)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: ResNet, input_shape: tuple[int, int, int]) -> dict:
+    """Multiply-accumulate count of the evaluation-time network on one image, in total and per block.
+
+    Counted from the shapes seen in one forward pass: a conv costs out_elements * in_channels/groups * kh * kw,
+    a linear layer in_features * out_features. BatchNorm, ReLU, pooling and shortcuts are not counted.
+    """
+    macs: dict[str, int] = {}
+
+    def hook(name):
+        def fn(mod, inp, out):
+            if isinstance(mod, nn.Conv2d):
+                k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                macs[name] = macs.get(name, 0) + out.numel() // out.shape[0] * k
+            else:
+                macs[name] = macs.get(name, 0) + mod.in_features * mod.out_features
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    per_block = {}
+    for name, v in macs.items():
+        if name.startswith("blocks."):
+            b = int(name.split(".")[1])
+            per_block[b] = per_block.get(b, 0) + v
+    return {"total": sum(macs.values()), "per_block": dict(sorted(per_block.items()))}
+
+
+__all__ = ["ARCHS", "NetSpec", "ResNet", "BasicBlock", "Shortcut", "build_model", "block_layout", "count_params", "count_macs"]

@@ -1,0 +1,103 @@
+"""Reports: computed into plain data first, rendered (text table, PNG chart) second."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .nets import ResNet, block_layout, count_macs, count_params
+
+REPORT_SCHEMA = "sdcompress.report/1"
+
+
+def model_report(model: ResNet, meta: dict, checkpoint: str | Path | None = None, accuracy: dict | None = None) -> dict:
+    """The report of one model in the shape DESIGN.md fixes (params, MACs, bytes, accuracy)."""
+    spec = model.spec
+    params = count_params(model)
+    return {
+        "schema": REPORT_SCHEMA,
+        "model": {"arch": spec.arch, "blocks_total": spec.blocks_total, "blocks_kept": list(spec.kept), "binarized": bool(meta.get("binarized", False))},
+        "params": {"total": params, "by_bits": {"32": params}},
+        "macs": count_macs(model, tuple(meta["data"]["input_shape"]))["total"],
+        "bytes": {"checkpoint": os.path.getsize(checkpoint) if checkpoint else None, "onnx": None, "coreml": None},
+        "accuracy": accuracy,
+        "latency_ms": None,
+    }
+
+
+def stats_rows(meta: dict) -> list[dict]:
+    """One row per block of the survival statistics saved in a sidecar, with the block's stage and width."""
+    layout = block_layout(meta["spec"]["arch"])
+    kept = set(meta["spec"]["blocks_kept"])
+    n = len(layout) // 3
+    rows = []
+    for b in meta["survival_stats"]["blocks"]:
+        l = b["block"]
+        rows.append({**b, "stage": l // n + 1, "channels": layout[l][1], "kept": l in kept})
+    return rows
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_stats_table(meta: dict) -> str:
+    """The per-block survival statistics as a fixed-width text table."""
+    st = meta["survival_stats"]
+    lines = [
+        f"{meta['spec']['arch']}  rule={meta['spec']['survival_rule']} p_last={meta['spec']['p_last']}  "
+        f"steps={st['steps']}  drop effect fitted on the last {st['regression_steps']} steps",
+        f"{'block':>5} {'stage':>5} {'ch':>3} {'p_l':>6} {'runs':>7} {'rate':>6} {'contrib':>8} {'drop effect':>12} {'± se':>7}",
+    ]
+    for r in stats_rows(meta):
+        lines.append(
+            f"{r['block']:>5} {r['stage']:>5} {r['channels']:>3} {r['p_scheduled']:>6.3f} {r['runs']:>7} "
+            f"{_fmt(r['survival_rate'], '6.3f'):>6} {_fmt(r['contribution'], '8.3f'):>8} "
+            f"{_fmt(r['drop_effect'], '+12.4f'):>12} {_fmt(r['drop_effect_se'], '7.4f'):>7}"
+            + ("" if r["kept"] else "  (removed)")
+        )
+    return "\n".join(lines)
+
+
+def plot_stats(meta: dict, path: str | Path) -> None:
+    """Bar chart of the survival statistics: survival rate vs schedule, contribution, drop effect with error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write_bytes
+
+    rows = stats_rows(meta)
+    blocks = [r["block"] for r in rows]
+    nan = float("nan")
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.28 * len(rows) + 2), 7.5), sharex=True)
+    ax = axes[0]
+    ax.bar(blocks, [r["survival_rate"] if r["survival_rate"] is not None else nan for r in rows], color="#4c72b0", label="measured")
+    ax.plot(blocks, [r["p_scheduled"] for r in rows], "k.-", lw=1, label="scheduled $p_l$")
+    ax.set_ylabel("survival rate")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="lower left", fontsize=8)
+    ax = axes[1]
+    ax.bar(blocks, [r["contribution"] if r["contribution"] is not None else nan for r in rows], color="#55a868")
+    ax.set_ylabel("‖f(x)‖ / ‖x‖")
+    ax = axes[2]
+    eff = [r["drop_effect"] if r["drop_effect"] is not None else nan for r in rows]
+    se = [r["drop_effect_se"] if r["drop_effect_se"] is not None else 0.0 for r in rows]
+    ax.bar(blocks, eff, yerr=se, color="#c44e52", capsize=2)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_ylabel("drop effect\n(Δ train loss)")
+    ax.set_xlabel("block (input → output)")
+    n = len(block_layout(meta["spec"]["arch"])) // 3
+    for a in axes:
+        for s in (n - 0.5, 2 * n - 0.5):
+            a.axvline(s, color="grey", lw=0.6, ls=":")
+    sp = meta["spec"]
+    fig.suptitle(f"{sp['arch']} survival statistics (rule {sp['survival_rule']}, p_L {sp['p_last']})")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

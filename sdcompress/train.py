@@ -1,0 +1,277 @@
+"""The training loop with stochastic depth, evaluation, and resumable per-epoch checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import atomic_torch_save, save_checkpoint
+from .config import TrainConfig
+from .data import Dataset, ImageSet, Normalize, augment, load_dataset
+from .errors import InputError
+from .nets import NetSpec, ResNet, build_model
+from .survival import SurvivalStats, draw_keep_mask
+
+TRAIN_STATE = "train_state.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def augmentation(cfg: TrainConfig, shape: tuple[int, int, int]) -> tuple[int, bool]:
+    """(pad, flip) for a dataset: CIFAR's 4-pixel crop scales with image size; flips only for colour images."""
+    mode = cfg.augment
+    if mode == "auto":
+        mode = "standard" if shape[0] == 3 else "none"
+    if mode not in ("standard", "crop", "none"):
+        raise InputError(f"--augment must be auto, standard, crop or none, got {cfg.augment!r}")
+    pad = max(1, shape[1] // 8) if mode in ("standard", "crop") else 0
+    return pad, mode == "standard"
+
+
+@torch.no_grad()
+def evaluate(model: ResNet, data: ImageSet, normalize: Normalize, batch_size: int = 500, device: torch.device | None = None) -> dict:
+    """Top-1 accuracy and mean cross-entropy of the evaluation-time network (every block, scaled by p_l)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, len(data)
+    try:
+        for i in range(0, n, batch_size):
+            x = normalize(data.images[i : i + batch_size].to(device))
+            y = data.labels[i : i + batch_size].to(device)
+            out = model(x).float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+    finally:
+        model.train(was_training)
+    return {"top1": correct / n if n else math.nan, "loss": loss_sum / n if n else math.nan, "n": n}
+
+
+def data_meta(ds: Dataset, cfg: TrainConfig) -> dict:
+    return {
+        "name": ds.name,
+        "source": cfg.data,
+        "classes": ds.classes,
+        "input_shape": list(ds.input_shape),
+        "layout": "NCHW, RGB (or grey), pixel / 255 then (x - mean) / std",
+        "mean": ds.mean,
+        "std": ds.std,
+        "split": ds.split,
+    }
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_top1: float
+    val_top1: float | None
+    val_loss: float | None
+    lr: float
+    epoch_s: float
+    images_per_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if cfg.schedule == "step":
+        return lambda step: 0.1 ** sum(step >= int(f * total) for f in (0.5, 0.75))
+    raise InputError(f"--schedule must be cosine or step, got {cfg.schedule!r}")
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    dataset: Dataset | None = None,
+) -> tuple[ResNet, dict]:
+    """Train a stochastic-depth ResNet; write a checkpoint to `out_dir` after every epoch.
+
+    Args:
+        cfg: the training config.
+        out_dir: checkpoint folder (model.pt, model.json, train_state.pt).
+        resume: continue from `out_dir/train_state.pt`.
+        progress: show a tqdm bar.
+        on_epoch: called with each epoch's record (the CLI prints it).
+        dataset: an already loaded dataset (else loaded from cfg).
+
+    Returns:
+        The trained model and its sidecar.
+    """
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.stats_window < 10:
+        raise InputError("--epochs and --batch-size must be >= 1, --lr > 0, --stats-window >= 10")
+    out = Path(out_dir)
+    device = resolve_device(cfg.device)
+    ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.val_size, cfg.split_seed)
+    if len(ds.train) < cfg.batch_size:
+        raise InputError(f"the training split has {len(ds.train)} images, fewer than --batch-size {cfg.batch_size}")
+    spec = NetSpec(cfg.arch, ds.input_shape[0], len(ds.classes), cfg.survival_rule, cfg.p_last)
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec).to(device)
+    cuda = device.type == "cuda"
+    if cuda and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    drop_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 3)
+    probs = spec.probs()
+    probs_t = torch.tensor(probs)
+    stats = SurvivalStats(probs, cfg.stats_window)
+    pad, flip = augmentation(cfg, ds.input_shape)
+    normalize = Normalize(ds.mean, ds.std, device)
+    history: list[dict] = []
+    start_epoch, wall_before = 0, 0.0
+
+    if resume:
+        state_path = out / TRAIN_STATE
+        if not state_path.exists():
+            raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st["config"] != cfg.to_dict():
+            changed = sorted(k for k in st["config"] if st["config"][k] != cfg.to_dict().get(k))
+            raise InputError(f"--resume: the run in {out} used a different config ({', '.join(changed)}); use the same flags")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        shuffle_gen.set_state(st["shuffle_gen"])
+        drop_gen.set_state(st["drop_gen"])
+        aug_gen.set_state(st["aug_gen"].to(aug_gen.get_state().device))
+        torch.set_rng_state(st["torch_rng"])
+        stats.load_state_dict(st["stats"])
+        history = list(st["history"])
+        start_epoch, wall_before = st["epoch"], st["wall_s"]
+
+    train_x = ds.train.images.to(device)
+    train_y = ds.train.labels.to(device)
+    meta = {"data": data_meta(ds, cfg), "stages": [{"stage": "train", "config": cfg.to_dict()}], "binarized": False}
+    t_start = time.perf_counter()
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
+    block_ids = model.block_ids
+    blocks = {b: model.blocks[str(b)] for b in block_ids}
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(train_y), generator=shuffle_gen).to(device)
+        losses, correct, keeps, contribs = [], [], [], []
+        for i in range(steps_per_epoch):
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            xb = normalize(augment(train_x[idx], pad, flip, aug_gen))
+            yb = train_y[idx]
+            if cuda and cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            keep = draw_keep_mask(probs_t, drop_gen)
+            record = cfg.contrib_every > 0 and i % cfg.contrib_every == 0
+            model.set_record_contribution(record)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+                logits = model(xb, dict(zip(block_ids, keep.tolist())))
+                loss = F.cross_entropy(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None, so SGD leaves it untouched
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.detach())
+            correct.append((logits.argmax(1) == yb).sum())
+            keeps.append(keep.numpy())
+            if record:  # a dropped block measured nothing this step: NaN, skipped when recorded
+                contribs.append(torch.stack([_or_nan(blocks[b].last_contribution, device) for b in block_ids]))
+            else:
+                contribs.append(None)
+            if (i + 1) % 25 == 0 or i + 1 == steps_per_epoch:
+                recent = torch.stack(losses[-25:]).float()
+                if not torch.isfinite(recent).all():
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"loss became non-finite in epoch {epoch + 1}; the last good checkpoint is kept in {out}; try a lower --lr"
+                    )
+                done = (i + 1) * cfg.batch_size
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{recent.mean().item():.3f}",
+                                img_s=f"{done / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+        loss_arr = torch.stack(losses).float().cpu().numpy()
+        measured = [c for c in contribs if c is not None]
+        measured = iter(torch.stack(measured).float().cpu().tolist()) if measured else iter(())
+        for k, l, c in zip(keeps, loss_arr, contribs):
+            # a block's contribution counts only on steps it ran
+            ran = dict(zip(block_ids, next(measured))) if c is not None else {}
+            stats.record(k, float(l), {b: v for b, v in ran.items() if k[b]})
+        stats.refresh()
+        train_s = time.perf_counter() - t0
+        train_top1 = torch.stack(correct).sum().item() / (steps_per_epoch * cfg.batch_size)
+        val = evaluate(model, ds.val, normalize) if ds.val is not None else None
+        rec = EpochRecord(epoch + 1, float(loss_arr.mean()), train_top1, val and val["top1"], val and val["loss"],
+                          sched.get_last_lr()[0], train_s, steps_per_epoch * cfg.batch_size / train_s)
+        history.append(rec.to_dict())
+        wall = wall_before + time.perf_counter() - t_start
+        metrics = {
+            "epochs": epoch + 1,
+            "val_top1": rec.val_top1,
+            "val_loss": rec.val_loss,
+            "val_n": len(ds.val) if ds.val is not None else 0,
+            "wall_s": round(wall, 1),
+            "train_images_per_s": round(float(np.median([h["images_per_s"] for h in history])), 1),
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "torch": torch.__version__,
+        }
+        meta.update(metrics=metrics, history=history, survival_stats=stats.to_dict())
+        atomic_torch_save(
+            {
+                "epoch": epoch + 1,
+                "wall_s": wall,
+                "config": cfg.to_dict(),
+                "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "shuffle_gen": shuffle_gen.get_state(),
+                "drop_gen": drop_gen.get_state(),
+                "aug_gen": aug_gen.get_state().cpu(),
+                "torch_rng": torch.get_rng_state(),
+                "stats": stats.state_dict(),
+                "history": history,
+            },
+            out / TRAIN_STATE,
+        )
+        save_checkpoint(out, model, meta)
+        if on_epoch:
+            on_epoch(rec)
+    bar.close()
+    model.set_record_contribution(False)
+    model.eval()
+    if start_epoch >= cfg.epochs:  # resumed a finished run: nothing left to do
+        from .checkpoint import read_sidecar
+
+        meta = read_sidecar(out / "model.json")
+    return model, meta
+
+
+def _or_nan(v: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    return v if v is not None else torch.tensor(math.nan, device=device)
