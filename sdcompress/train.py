@@ -80,6 +80,18 @@ def data_meta(ds: Dataset, cfg: TrainConfig) -> dict:
     }
 
 
+def train_step(model: ResNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               keep: dict[int, bool] | None, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on one mini-batch with the given drop draw. Returns (loss, logits), not synchronized."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x, keep)
+        loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None, so SGD leaves it untouched
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
 @dataclass
 class EpochRecord:
     epoch: int
@@ -138,7 +150,10 @@ def train(
     cuda = device.type == "cuda"
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay, fused=cuda or None)
     steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -192,12 +207,7 @@ def train(
             keep = draw_keep_mask(probs_t, drop_gen)
             record = cfg.contrib_every > 0 and i % cfg.contrib_every == 0
             model.set_record_contribution(record)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
-                logits = model(xb, dict(zip(block_ids, keep.tolist())))
-                loss = F.cross_entropy(logits.float(), yb)
-            opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None, so SGD leaves it untouched
-            loss.backward()
-            opt.step()
+            loss, logits = train_step(model, opt, xb, yb, dict(zip(block_ids, keep.tolist())), cuda and cfg.amp)
             sched.step()
             losses.append(loss.detach())
             correct.append((logits.argmax(1) == yb).sum())

@@ -1,0 +1,88 @@
+"""Train the bundled models: resnet56 with stochastic depth (linear, p_L 0.5) and its constant-depth control.
+
+Both use `sdcompress train` itself with the same recipe and epochs and run side by side on one device. The
+number of epochs is chosen to fit a wall-clock budget, from a short measurement of the step time:
+
+    python tools/train_bundled.py --data-dir ../shared/data/cifar10 --out runs/bundled --budget-s 3600
+
+Each run checkpoints every epoch and can be continued with `sdcompress train ... --resume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sdcompress.nets import NetSpec, build_model  # noqa: E402
+from sdcompress.train import resolve_device, train_step  # noqa: E402
+
+MODELS = {"resnet56-sd": ("linear", 0.5), "resnet56-constant": ("none", 0.5)}
+
+
+def step_time(arch: str, device: torch.device, batch: int, steps: int = 30) -> float:
+    """Seconds per training step of the constant-depth network (the slower of the two)."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_model(NetSpec(arch, 3, 10, "none", 0.5)).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    for i in range(steps + 5):
+        if i == 5:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        train_step(model, opt, x, y, None, bf16=cuda)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="resnet56")
+    ap.add_argument("--data", default="cifar10")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget-s", type=float, required=True, help="wall-clock budget for both runs together")
+    ap.add_argument("--epochs", type=int, default=None, help="fix the epochs instead of fitting the budget")
+    ap.add_argument("--max-epochs", type=int, default=300)
+    ap.add_argument("--train-images", type=int, default=45000)
+    ap.add_argument("--overlap", type=float, default=1.35, help="assumed slowdown of running both at once")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for sdcompress train")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    t = step_time(args.arch, device, 128)
+    steps = args.train_images // 128
+    load_s = 60.0  # decoding the data and starting up, per run
+    per_epoch = steps * t * args.overlap + 2.0  # + validation
+    epochs = args.epochs or max(1, min(args.max_epochs, math.floor((args.budget_s - load_s) / per_epoch)))
+    print(f"step {t * 1e3:.1f} ms on {device}; epoch about {per_epoch:.1f} s with both running; {epochs} epochs", flush=True)
+    procs = {}
+    for name, (rule, p_last) in MODELS.items():
+        cmd = [sys.executable, "-m", "sdcompress", "train", "--arch", args.arch, "--data", args.data, "--data-dir", args.data_dir,
+               "--epochs", str(epochs), "--schedule", "cosine", "--survival-rule", rule, "--p-last", str(p_last),
+               "--device", args.device, "--out", str(args.out / name), "--force", "--no-progress", *args.extra]
+        print(" ".join(cmd[1:]), flush=True)
+        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT)
+    t0 = time.perf_counter()
+    codes = {name: p.wait() for name, p in procs.items()}
+    print(f"both done in {time.perf_counter() - t0:.0f} s: {codes}", flush=True)
+    sys.exit(max(codes.values()))
+
+
+if __name__ == "__main__":
+    main()
