@@ -69,6 +69,7 @@ def add_train(sub) -> None:
     p.add_argument("--nesterov", type=_bool, default=d.nesterov, metavar="on|off")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--schedule", default=d.schedule, choices=["cosine", "step"])
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear learning-rate warmup (default 0, as the paper)")
     p.add_argument("--survival-rule", default=d.survival_rule, choices=list(SURVIVAL_RULES))
     p.add_argument("--p-last", type=_p_last, default=d.p_last, help="survival probability of the last block, in (0, 1]")
     p.add_argument("--augment", default=d.augment, choices=["auto", "standard", "crop", "none"])

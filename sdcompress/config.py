@@ -21,6 +21,7 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     schedule: str = "cosine"  # cosine (per step) | step (lr / 10 at 50% and 75% of the epochs, as the paper)
+    warmup_epochs: float = 0.0  # linear warmup from 0 over this many epochs (for large batches; the paper used none)
     survival_rule: str = "linear"  # linear | uniform | none (constant depth)
     p_last: float = 0.5  # survival probability of the last block (the paper's p_L)
     augment: str = "auto"  # auto (crop+flip for colour images, none otherwise) | standard | crop | none

@@ -109,11 +109,14 @@ class EpochRecord:
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
-        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-    if cfg.schedule == "step":
-        return lambda step: 0.1 ** sum(step >= int(f * total) for f in (0.5, 0.75))
-    raise InputError(f"--schedule must be cosine or step, got {cfg.schedule!r}")
+        decay = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    elif cfg.schedule == "step":
+        decay = lambda step: 0.1 ** sum(step >= int(f * total) for f in (0.5, 0.75))  # noqa: E731
+    else:
+        raise InputError(f"--schedule must be cosine or step, got {cfg.schedule!r}")
+    return lambda step: decay(step) * min(1.0, (step + 1) / warm) if warm else decay(step)
 
 
 def train(
@@ -137,8 +140,8 @@ def train(
     Returns:
         The trained model and its sidecar.
     """
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.stats_window < 10:
-        raise InputError("--epochs and --batch-size must be >= 1, --lr > 0, --stats-window >= 10")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.stats_window < 10 or not 0 <= cfg.warmup_epochs < cfg.epochs:
+        raise InputError("--epochs and --batch-size must be >= 1, --lr > 0, --stats-window >= 10, 0 <= --warmup-epochs < --epochs")
     out = Path(out_dir)
     device = resolve_device(cfg.device)
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.val_size, cfg.split_seed)
@@ -153,7 +156,7 @@ def train(
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay, fused=cuda or None)
+                          weight_decay=cfg.weight_decay)
     steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)

@@ -65,8 +65,9 @@ def main() -> None:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for sdcompress train")
     args = ap.parse_args()
     device = resolve_device(args.device)
-    t = step_time(args.arch, device, 128)
-    steps = args.train_images // 128
+    batch = next((int(args.extra[i + 1]) for i, a in enumerate(args.extra) if a == "--batch-size"), 128)
+    t = step_time(args.arch, device, batch)
+    steps = args.train_images // batch
     load_s = 60.0  # decoding the data and starting up, per run
     per_epoch = steps * t * args.overlap + 2.0  # + validation
     epochs = args.epochs or max(1, min(args.max_epochs, math.floor((args.budget_s - load_s) / per_epoch)))
