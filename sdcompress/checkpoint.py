@@ -23,6 +23,8 @@ from .errors import InputError
 from .nets import NetSpec, ResNet, build_model
 
 SCHEMA = "sdcompress.checkpoint/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 WEIGHTS = "model.pt"
 SIDECAR = "model.json"
 
@@ -37,6 +39,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -183,10 +183,17 @@ def cmd_stats(a) -> int:
 COMMANDS = (add_train, add_eval, add_stats)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage text stays behind --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="sdcompress", description="Compress stochastic-depth ResNets for mobile deployment.")
+    parser = _Parser(prog="sdcompress", description="Compress stochastic-depth ResNets for mobile deployment.")
     parser.add_argument("--version", action="version", version=f"sdcompress {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -12,6 +12,7 @@ horizontal flip) runs on whole batches where the batch lives, so a GPU is not st
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,9 +87,14 @@ def _load_digits() -> tuple[ImageSet, None, list[str]]:
 def _load_npz(path: Path) -> tuple[ImageSet, None, list[str]]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            if "x" not in f or "y" not in f:
+            if "y" not in f or ("x" not in f and not ("jpeg" in f and "offsets" in f)):
                 raise InputError(f"{path}: an .npz dataset needs arrays 'x' (uint8 images) and 'y' (labels)")
-            x, y = f["x"], f["y"]
+            y = f["y"]
+            if "x" in f:
+                x = f["x"]
+            else:  # encoded images: one byte array and the offsets that cut it into files
+                blob, off = f["jpeg"].tobytes(), f["offsets"]
+                x = _decode_images([blob[off[i] : off[i + 1]] for i in range(len(off) - 1)], str(path))
             classes = [str(c) for c in f["classes"]] if "classes" in f else None
     except InputError:
         raise
@@ -103,9 +109,8 @@ def _load_npz(path: Path) -> tuple[ImageSet, None, list[str]]:
     return s, None, classes
 
 
-def _decode_folder(root: Path, classes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
-    from PIL import Image
-
+def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """Files and labels of an ImageFolder tree in torchvision's order: classes sorted, then file names."""
     found = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not found:
         raise InputError(f"{root}: no class subfolders (expected ImageFolder layout: {root}/<class>/<image>)")
@@ -114,24 +119,40 @@ def _decode_folder(root: Path, classes: list[str] | None = None) -> tuple[ImageS
         raise InputError(f"{root}: class folders {sorted(set(found) - set(classes))} not in the training classes")
     index = {c: i for i, c in enumerate(classes)}
     files, labels = [], []
-    for c in found:  # sorted class order, then file name: torchvision's ImageFolder order
+    for c in found:
         for f in sorted(os.listdir(root / c)):
             if f.lower().endswith(IMAGE_EXTENSIONS):
                 files.append(root / c / f)
                 labels.append(index[c])
     if not files:
         raise InputError(f"{root}: no image files in the class subfolders")
+    return files, labels, classes
 
-    def decode(p: Path) -> np.ndarray:
-        with Image.open(p) as im:
+
+def _decode_images(blobs, where: str) -> np.ndarray:
+    """Decode encoded images (paths or bytes) with PIL on a thread pool; all must share one size."""
+    from PIL import Image
+
+    def decode(src) -> np.ndarray:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             return np.asarray(im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB"))
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(decode, files, chunksize=256))
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            arrays = list(pool.map(decode, blobs, chunksize=256))
+    except OSError as e:
+        raise InputError(f"{where}: an image could not be decoded ({e})") from None
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
-        raise InputError(f"{root}: images differ in size or mode ({sorted(shapes)[:3]}...); resize them to one size")
-    return _check_arrays(np.stack(arrays), np.array(labels), str(root)), classes
+        raise InputError(f"{where}: images differ in size or mode ({sorted(shapes)[:3]}...); resize them to one size")
+    return np.stack(arrays)
+
+
+def _decode_folder(root: Path, classes: list[str] | None = None) -> tuple[ImageSet, list[str]]:
+    files, labels, classes = list_image_folder(root, classes)
+    return _check_arrays(_decode_images(files, str(root)), np.array(labels), str(root)), classes
+
+
 
 
 def _load_folder(root: Path) -> tuple[ImageSet, ImageSet | None, list[str]]:
@@ -189,6 +210,12 @@ def default_val_size(n: int) -> int:
     return 5000 if n >= 50000 else max(1, round(0.1 * n))
 
 
+def split_indices(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into a pool of n images: a seeded permutation, validation first."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:], perm[:val_size]
+
+
 def load_dataset(data: str, data_dir: str | None = None, val_size: int | None = None, seed: int = 0) -> Dataset:
     """Load a dataset and hold out a seeded validation split from its training pool.
 
@@ -220,9 +247,9 @@ def load_dataset(data: str, data_dir: str | None = None, val_size: int | None = 
     val_size = default_val_size(n) if val_size is None else val_size
     if not 0 <= val_size < n:
         raise InputError(f"--val-size must be in [0, {n - 1}] for {n} images, got {val_size}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val = pool.subset(perm[:val_size]) if val_size else None
-    train = pool.subset(perm[val_size:])
+    train_idx, val_idx = split_indices(n, val_size, seed)
+    val = pool.subset(val_idx) if val_size else None
+    train = pool.subset(train_idx)
     x = train.images.float().div_(255)
     mean = x.mean(dim=(0, 2, 3)).tolist()
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()

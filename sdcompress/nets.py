@@ -47,7 +47,8 @@ class NetSpec:
             kept = tuple(int(b) for b in self.blocks_kept)
             if list(kept) != sorted(set(kept)) or any(not 0 <= b < self.blocks_total for b in kept):
                 raise ValueError(f"blocks_kept must be ascending block numbers in 0..{self.blocks_total - 1}")
-            object.__setattr__(self, "blocks_kept", kept)
+            # every block kept is the same network as "all": one spelling, so equal specs compare equal
+            object.__setattr__(self, "blocks_kept", None if kept == tuple(range(self.blocks_total)) else kept)
 
     @property
     def blocks_total(self) -> int:

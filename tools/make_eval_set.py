@@ -1,0 +1,53 @@
+"""Write the bundled evaluation set: images from the validation split that the bundled models never trained on.
+
+The pool is the CIFAR-10 training folder in ImageFolder order; the split is the one `sdcompress train` uses
+(seeded permutation, 5,000 validation images first). The first N validation images are stored as their
+original JPEG bytes (so nothing is re-encoded), with labels, class names and their index in the pool.
+
+    python tools/make_eval_set.py ../shared/data/cifar10 models/cifar10-eval2k.npz --n 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdcompress.checkpoint import atomic_write_bytes  # noqa: E402
+from sdcompress.data import default_val_size, list_image_folder, split_indices  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data_dir", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--split-seed", type=int, default=0)
+    args = ap.parse_args()
+    root = args.data_dir / "train" if (args.data_dir / "train").is_dir() else args.data_dir
+    files, labels, classes = list_image_folder(root)
+    _, val_idx = split_indices(len(files), default_val_size(len(files)), args.split_seed)
+    chosen = val_idx[: args.n].tolist()
+    blobs = [files[i].read_bytes() for i in chosen]
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        jpeg=np.frombuffer(b"".join(blobs), dtype=np.uint8),
+        offsets=offsets,
+        y=np.array([labels[i] for i in chosen], dtype=np.uint8),
+        classes=np.array(classes),
+        pool_index=np.array(chosen, dtype=np.int32),
+        files=np.array([f"{files[i].parent.name}/{files[i].name}" for i in chosen]),
+    )
+    atomic_write_bytes(args.out, buf.getvalue())
+    print(f"wrote {args.out}: {len(chosen)} images, {args.out.stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()
