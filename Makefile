@@ -22,9 +22,8 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(BIN)/sdcompress train --arch resnet20 --data digits --epochs 15 --out sdcompress-out/demo --force
-	$(BIN)/sdcompress eval sdcompress-out/demo
-	$(BIN)/sdcompress stats sdcompress-out/demo --force
+	$(BIN)/sdcompress stats --no-plot
+	$(BIN)/sdcompress prune --keep 0.6 --force
 
 test: install-dev
 	$(BIN)/python -m pytest -q

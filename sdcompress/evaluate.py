@@ -6,11 +6,41 @@ from pathlib import Path
 
 import torch
 
-from .data import ImageSet, Normalize, load_dataset, load_eval_set
+from functools import lru_cache
+
+from .data import Dataset, ImageSet, Normalize, load_dataset, load_eval_set
 from .errors import InputError
 from .nets import ResNet
 from .train import evaluate
-from .zoo import bundled_eval_set, is_bundled
+from .zoo import bundled_calib_set, bundled_eval_set, is_bundled
+
+
+@lru_cache(maxsize=2)
+def _load(data: str, data_dir: str | None, val_size: int | None, seed: int) -> Dataset:
+    return load_dataset(data, data_dir, val_size, seed)  # decoded once per process (CIFAR takes seconds)
+
+
+def checkpoint_dataset(meta: dict, data: str | None, data_dir: str | None) -> Dataset:
+    """The named dataset (default: the checkpoint's training data), split as in training when it is that data."""
+    dm = meta["data"]
+    if data is None:
+        data, data_dir = dm.get("source", "digits"), data_dir or meta["stages"][0]["config"].get("data_dir")
+    sp = dm.get("split", {}) if data == dm.get("source") else {}
+    return _load(data, data_dir, sp.get("val_size"), sp.get("seed", 0))
+
+
+def calibration_images(meta: dict, ckpt, data: str | None, data_dir: str | None) -> tuple[ImageSet, Dataset | None, str]:
+    """Training images for BatchNorm recalibration (and the training set, when there is one to fine-tune on).
+
+    A bundled model without --data uses the bundled calibration set, drawn from its training split.
+    """
+    if data is None and is_bundled(ckpt) and bundled_calib_set() is not None:
+        return load_eval_set(bundled_calib_set()), None, "bundled calibration set"
+    try:
+        ds = checkpoint_dataset(meta, data, data_dir)
+    except InputError as e:
+        raise InputError(f"{e}; pass --data (and --data-dir) with the training data") from None
+    return ds.train, ds, f"{ds.name}-train"
 
 
 def eval_data(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str]:
@@ -27,8 +57,7 @@ def eval_data(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | No
     same = data == dm.get("source")
     if data.endswith(".npz") and not same and split in ("auto", "all"):
         return load_eval_set(data), Path(data).name  # a held-out evaluation file: all of it
-    sp = dm.get("split", {}) if same else {}
-    ds = load_dataset(data, data_dir, sp.get("val_size"), sp.get("seed", 0))
+    ds = checkpoint_dataset(meta, data, data_dir)
     if split == "auto":
         split = "test" if ds.test is not None else ("val" if ds.val is not None else "all")
     if split == "test" and ds.test is None:

@@ -72,19 +72,24 @@ def plot_stats(meta: dict, path: str | Path) -> None:
     blocks = [r["block"] for r in rows]
     nan = float("nan")
     fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.28 * len(rows) + 2), 7.5), sharex=True)
+    kept = [r["kept"] for r in rows]
+
+    def colors(c: str) -> list[str]:
+        return [c if k else "#d0d0d0" for k in kept]
+
     ax = axes[0]
-    ax.bar(blocks, [r["survival_rate"] if r["survival_rate"] is not None else nan for r in rows], color="#4c72b0", label="measured")
+    ax.bar(blocks, [r["survival_rate"] if r["survival_rate"] is not None else nan for r in rows], color=colors("#4c72b0"), label="measured")
     ax.plot(blocks, [r["p_scheduled"] for r in rows], "k.-", lw=1, label="scheduled $p_l$")
     ax.set_ylabel("survival rate")
     ax.set_ylim(0, 1.05)
     ax.legend(loc="lower left", fontsize=8)
     ax = axes[1]
-    ax.bar(blocks, [r["contribution"] if r["contribution"] is not None else nan for r in rows], color="#55a868")
+    ax.bar(blocks, [r["contribution"] if r["contribution"] is not None else nan for r in rows], color=colors("#55a868"))
     ax.set_ylabel("‖f(x)‖ / ‖x‖")
     ax = axes[2]
     eff = [r["drop_effect"] if r["drop_effect"] is not None else nan for r in rows]
     se = [r["drop_effect_se"] if r["drop_effect_se"] is not None else 0.0 for r in rows]
-    ax.bar(blocks, eff, yerr=se, color="#c44e52", capsize=2)
+    ax.bar(blocks, eff, yerr=se, color=colors("#c44e52"), capsize=2)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_ylabel("drop effect\n(Δ train loss)")
     ax.set_xlabel("block (input → output)")
@@ -93,7 +98,9 @@ def plot_stats(meta: dict, path: str | Path) -> None:
         for s in (n - 0.5, 2 * n - 0.5):
             a.axvline(s, color="grey", lw=0.6, ls=":")
     sp = meta["spec"]
-    fig.suptitle(f"{sp['arch']} survival statistics (rule {sp['survival_rule']}, p_L {sp['p_last']})")
+    removed = len(rows) - sum(kept)
+    extra = f"; grey: {removed} removed blocks" if removed else ""
+    fig.suptitle(f"{sp['arch']} survival statistics (rule {sp['survival_rule']}, p_L {sp['p_last']}){extra}")
     fig.tight_layout()
     import io
 
@@ -101,3 +108,51 @@ def plot_stats(meta: dict, path: str | Path) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def format_bytes(n: int | None) -> str:
+    """Bytes in binary units: B, KiB, MiB."""
+    if n is None:
+        return "-"
+    if n >= 2**20:
+        return f"{n / 2**20:.2f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} B"
+
+
+def summary_line(before: dict, after: dict) -> str:
+    """`blocks 27 -> 16, params 0.85 M -> 0.31 M, MACs 125.5 M -> 74.1 M, size 3.36 MiB -> 1.23 MiB, top-1 ...`"""
+    b, a = before, after
+    parts = [
+        f"blocks {len(b['model']['blocks_kept'])} -> {len(a['model']['blocks_kept'])}",
+        f"params {b['params']['total'] / 1e6:.2f} M -> {a['params']['total'] / 1e6:.2f} M",
+        f"MACs {b['macs'] / 1e6:.1f} M -> {a['macs'] / 1e6:.1f} M",
+        f"size {format_bytes(b['bytes']['checkpoint'])} -> {format_bytes(a['bytes']['checkpoint'])}",
+    ]
+    if b.get("accuracy") and a.get("accuracy"):
+        parts.append(f"top-1 {100 * b['accuracy']['top1']:.1f}% -> {100 * a['accuracy']['top1']:.1f}%")
+    return ", ".join(parts)
+
+
+def prune_markdown(report: dict, stats_table: str) -> str:
+    """report.md of the prune stage: the one-line summary, what was done, and the per-block table."""
+    rec = report["prune"]
+    acc = report["after"].get("accuracy") or {}
+    lines = [
+        f"# Prune: {report['after']['model']['arch']}",
+        "",
+        summary_line(report["before"], report["after"]),
+        "",
+        f"- strategy `{rec['config']['strategy']}`; removed blocks {rec['removed']}; kept {len(rec['kept'])} of {report['before']['model']['blocks_total']}",
+        f"- BatchNorm recalibrated on {rec['recalibrated_images']} images of {rec['calibration_data']}" if rec["recalibrated_images"] else "- no BatchNorm recalibration",
+        f"- accuracy on {acc.get('dataset')} (n={acc.get('n')})" if acc else "- no evaluation data given",
+        "",
+        "```",
+        stats_table,
+        "```",
+        "",
+        "![blocks](blocks.png)",
+        "",
+    ]
+    return "\n".join(lines)

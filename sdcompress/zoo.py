@@ -9,6 +9,7 @@ from .errors import InputError
 
 DEFAULT_MODEL = "resnet56-sd"
 EVAL_SET = "cifar10-eval2k.npz"
+CALIB_SET = "cifar10-calib.npz"  # training-split images for BatchNorm recalibration and sensitivity
 
 
 def models_dir() -> Path | None:
@@ -45,3 +46,8 @@ def is_bundled(path: str | Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def bundled_calib_set() -> Path | None:
+    root = models_dir()
+    return root / CALIB_SET if root is not None and (root / CALIB_SET).exists() else None

@@ -1,10 +1,11 @@
-"""Write the bundled evaluation set: images from the validation split that the bundled models never trained on.
+"""Write the bundled evaluation set (validation images) or calibration set (training images).
 
 The pool is the CIFAR-10 training folder in ImageFolder order; the split is the one `sdcompress train` uses
-(seeded permutation, 5,000 validation images first). The first N validation images are stored as their
+(seeded permutation, 5,000 validation images first). The first N images of the chosen split are stored as their
 original JPEG bytes (so nothing is re-encoded), with labels, class names and their index in the pool.
 
     python tools/make_eval_set.py ../shared/data/cifar10 models/cifar10-eval2k.npz --n 2000
+    python tools/make_eval_set.py ../shared/data/cifar10 models/cifar10-calib.npz --n 2560 --split train
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--split", choices=["val", "train"], default="val")
     args = ap.parse_args()
     root = args.data_dir / "train" if (args.data_dir / "train").is_dir() else args.data_dir
     files, labels, classes = list_image_folder(root)
-    _, val_idx = split_indices(len(files), default_val_size(len(files)), args.split_seed)
-    chosen = val_idx[: args.n].tolist()
+    train_idx, val_idx = split_indices(len(files), default_val_size(len(files)), args.split_seed)
+    chosen = (val_idx if args.split == "val" else train_idx)[: args.n].tolist()
     blobs = [files[i].read_bytes() for i in chosen]
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     buf = io.BytesIO()

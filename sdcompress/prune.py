@@ -1,0 +1,242 @@
+"""Remove whole residual blocks: importance (scores per block), policy (which to remove), mechanics (remove).
+
+A network trained with stochastic depth has learned to work while blocks are missing, so whole blocks can be
+removed after training. Removed blocks are deleted: no parameters of theirs remain in memory, in `model.pt` or
+in anything exported; a removed downsampling block becomes its parameter-free shortcut. The kept blocks keep
+their evaluation-time scaling p_l. BatchNorm statistics are then re-estimated on training images, running the
+evaluation-time network with only BatchNorm in train mode and cumulative averages (momentum reset), because the
+removed blocks changed the statistics every later layer sees.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .data import ImageSet, Normalize
+from .errors import InputError
+from .nets import ResNet, build_model, count_macs, count_params
+
+STRATEGIES = ("stats", "top", "every-other", "sensitivity")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to remove and how to recover."""
+
+    keep: float | None = 0.6  # fraction of the present blocks kept (rounded to whole blocks)
+    blocks_to_keep: tuple[int, ...] | None = None  # an explicit list instead of --keep
+    max_size: int | None = None  # budget: the most blocks whose model.pt fits in this many bytes
+    max_params: int | None = None  # budget: the most blocks whose parameter count fits
+    strategy: str = "stats"  # stats | top | every-other | sensitivity
+    recalibrate: int = 20  # BatchNorm re-estimation batches (0: off)
+    batch_size: int = 128  # recalibration and sensitivity batch size
+    sensitivity_batches: int = 4  # batches per candidate evaluation of the sensitivity strategy
+    finetune: int = 0  # fine-tuning epochs after removal (needs training data)
+    finetune_lr: float = 0.01
+    finetune_survival: bool = False  # keep stochastic depth on while fine-tuning
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        given = sum(x is not None for x in (self.blocks_to_keep, self.max_size, self.max_params))
+        if given > 1:
+            raise InputError("give one of --blocks-to-keep, --max-size, --max-params")
+        if given == 0 and (self.keep is None or not 0.0 < self.keep <= 1.0 or math.isnan(self.keep)):
+            raise InputError(f"--keep must be in (0, 1], got {self.keep}")
+        if self.recalibrate < 0 or self.finetune < 0 or self.sensitivity_batches < 1 or self.batch_size < 1:
+            raise InputError("--recalibrate and --finetune must be >= 0, --sensitivity-batches and --batch-size >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- importance ----------------------------------------------------------------------------------------------
+def stats_order(meta: dict, present: list[int]) -> list[int]:
+    """Present blocks, cheapest to remove first: by learned drop effect, contribution as the tie-breaker.
+
+    A block with no drop-effect estimate (it never dropped, e.g. a constant-depth network) is ordered by its
+    contribution alone, after every block that has an estimate.
+    """
+    rows = {b["block"]: b for b in (meta.get("survival_stats") or {}).get("blocks", [])}
+    if not rows:
+        raise InputError("strategy 'stats' needs the survival statistics of training; this checkpoint has none (use --strategy top)")
+
+    def key(l: int):
+        r = rows.get(l, {})
+        eff, contrib = r.get("drop_effect"), r.get("contribution")
+        return (eff is None, eff if eff is not None else 0.0, contrib if contrib is not None else math.inf)
+
+    return sorted(present, key=key)
+
+
+def every_other(present: list[int], n_remove: int) -> list[int]:
+    """LayerDrop's rule: removals spread evenly over the depth, starting from the top."""
+    if n_remove == 0:
+        return []
+    n = len(present)
+    # positions counted from the top, evenly spaced: keep 0.5 removes every other block
+    picks = {n - 1 - math.floor(i * n / n_remove) for i in range(n_remove)}
+    return sorted(present[p] for p in picks)
+
+
+def sensitivity_order(model: ResNet, present: list[int], n_remove: int, loss_fn: Callable[[ResNet], float],
+                      start: list[int] | None = None) -> list[int]:
+    """Greedy: repeatedly remove the block whose removal raises the measured loss least (after `start`)."""
+    removed: list[int] = list(start or [])
+    while len(removed) < n_remove:
+        best, best_loss = None, math.inf
+        for l in present:
+            if l in removed:
+                continue
+            loss = loss_fn(remove_blocks(model, removed + [l]))
+            if loss < best_loss:
+                best, best_loss = l, loss
+        removed.append(best)
+    return removed
+
+
+# ---- mechanics -----------------------------------------------------------------------------------------------
+def remove_blocks(model: ResNet, remove) -> ResNet:
+    """A new network without the given blocks: rebuilt from the spec, the kept weights copied, nothing else."""
+    remove = set(remove)
+    kept = [l for l in model.spec.kept if l not in remove]
+    new = build_model(model.spec.with_kept(kept))
+    state = model.state_dict()
+    new.load_state_dict({k: state[k] for k in new.state_dict()}, strict=True)
+    new.train(model.training)
+    return new.to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: ResNet, images: ImageSet, normalize: Normalize, batches: int, batch_size: int, seed: int = 0) -> int:
+    """Re-estimate BatchNorm statistics on the evaluation-time network. Returns the number of images used."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all recalibration batches
+    model.eval()
+    for m in bns:
+        m.train()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=g)
+    used = 0
+    try:
+        for i in range(min(batches, max(1, len(images) // batch_size))):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            model(normalize(images.images[idx]))  # keep=None: every kept block, scaled by p_l, as at evaluation
+            used += len(idx)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+    return used
+
+
+# ---- footprint -----------------------------------------------------------------------------------------------
+def state_bytes(model: ResNet) -> int:
+    """Bytes of model.pt as `save_checkpoint` writes it."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buf)
+    return buf.tell()
+
+
+def footprint(model: ResNet, input_shape) -> dict:
+    return {"blocks": len(model.block_ids), "params": count_params(model), "macs": count_macs(model, tuple(input_shape))["total"]}
+
+
+# ---- policy --------------------------------------------------------------------------------------------------
+def blocks_to_remove(model: ResNet, meta: dict, cfg: PruneConfig, loss_fn: Callable[[ResNet], float] | None = None) -> list[int]:
+    """Which present blocks to remove under the config's keep ratio, explicit list or budget."""
+    present = model.block_ids
+    if cfg.blocks_to_keep is not None:
+        bad = sorted(set(cfg.blocks_to_keep) - set(present))
+        if bad:
+            raise InputError(f"--blocks-to-keep names blocks {bad} that this model does not have (present: {present})")
+        return [l for l in present if l not in set(cfg.blocks_to_keep)]
+
+    order_cache: list[int] | None = None
+
+    def removal(n_remove: int) -> list[int]:
+        nonlocal order_cache
+        if cfg.strategy == "every-other":
+            return every_other(present, n_remove)
+        if cfg.strategy == "top":
+            return sorted(present, reverse=True)[:n_remove]
+        if cfg.strategy == "stats":
+            return stats_order(meta, present)[:n_remove]
+        if order_cache is None or len(order_cache) < n_remove:  # sensitivity: greedy, nested
+            if loss_fn is None:
+                raise InputError("strategy 'sensitivity' needs data to measure the loss on")
+            order_cache = sensitivity_order(model, present, n_remove, loss_fn, order_cache)
+        return order_cache[:n_remove]
+
+    if cfg.max_size is None and cfg.max_params is None:
+        n_keep = math.floor(cfg.keep * len(present) + 0.5)
+        return removal(len(present) - n_keep)
+    for n_remove in range(len(present) + 1):  # the most blocks that fit
+        candidate = remove_blocks(model, removal(n_remove))
+        size = state_bytes(candidate) if cfg.max_size is not None else count_params(candidate)
+        if size <= (cfg.max_size if cfg.max_size is not None else cfg.max_params):
+            return removal(n_remove)
+    smallest = remove_blocks(model, present)
+    what = f"{state_bytes(smallest):,} bytes" if cfg.max_size is not None else f"{count_params(smallest):,} parameters"
+    raise InputError(f"no model meets the budget: even with every block removed it has {what}")
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def batch_loss(model: ResNet, images: ImageSet, normalize: Normalize, batches: int, batch_size: int) -> float:
+    """Mean cross-entropy of the evaluation-time network on the first `batches` batches."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(min(batches, math.ceil(len(images) / batch_size))):
+        x = normalize(images.images[i * batch_size : (i + 1) * batch_size])
+        y = images.labels[i * batch_size : (i + 1) * batch_size]
+        total += torch.nn.functional.cross_entropy(model(x), y, reduction="sum").item()
+        n += len(y)
+    return total / n
+
+
+def prune_model(model: ResNet, meta: dict, cfg: PruneConfig, calib: ImageSet | None,
+                finetune: Callable[[ResNet], dict] | None = None) -> tuple[ResNet, dict]:
+    """Remove blocks, recalibrate BatchNorm and optionally fine-tune. Returns the pruned model and a record.
+
+    Args:
+        model: the network to prune (not modified).
+        meta: its sidecar (survival statistics, data normalization).
+        cfg: the prune config.
+        calib: training images for BatchNorm recalibration and the sensitivity strategy (never evaluation data).
+        finetune: trains the pruned network in place when cfg.finetune > 0; returns a record.
+    """
+    normalize = Normalize(meta["data"]["mean"], meta["data"]["std"])
+    if calib is not None:
+        calib_order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed))
+        sens_images = calib.subset(calib_order[: cfg.sensitivity_batches * cfg.batch_size])
+    loss_fn = None
+    if cfg.strategy == "sensitivity":
+        if calib is None:
+            raise InputError("strategy 'sensitivity' needs training data (--data)")
+
+        def loss_fn(candidate: ResNet) -> float:
+            return batch_loss(candidate, sens_images, normalize, cfg.sensitivity_batches, cfg.batch_size)
+
+    removed = sorted(blocks_to_remove(model, meta, cfg, loss_fn))
+    pruned = remove_blocks(model, removed).eval()
+    record = {"removed": removed, "kept": pruned.block_ids, "recalibrated_images": 0, "finetune": None}
+    if cfg.recalibrate and removed:
+        if calib is None:
+            raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
+        record["recalibrated_images"] = recalibrate_bn(pruned, calib, normalize, cfg.recalibrate, cfg.batch_size, cfg.seed)
+    if cfg.finetune:
+        if finetune is None:
+            raise InputError("--finetune needs training data (--data)")
+        record["finetune"] = finetune(pruned)
+        pruned.eval()
+    return pruned, record
