@@ -1,0 +1,157 @@
+import json
+import os
+
+import pytest
+import torch
+
+from sdcompress.checkpoint import load_checkpoint, save_checkpoint
+from sdcompress.cli import main, parse_size
+from sdcompress.data import ImageSet, Normalize
+from sdcompress.errors import InputError
+from sdcompress.nets import NetSpec, build_model, count_params
+from sdcompress.prune import STRATEGIES, PruneConfig, blocks_to_remove, every_other, recalibrate_bn, remove_blocks, stats_order
+
+
+def _meta(n_blocks=9, effects=None):
+    effects = effects or [0.1 * (n_blocks - l) for l in range(n_blocks)]
+    return {
+        "data": {"input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": [str(i) for i in range(10)]},
+        "survival_stats": {"blocks": [{"block": l, "drop_effect": effects[l], "contribution": 1.0, "drop_effect_se": 0.01,
+                                       "p_scheduled": 1.0, "runs": 1, "survival_rate": 1.0} for l in range(n_blocks)],
+                           "steps": 1, "window": 1, "regression_steps": 1},
+    }
+
+
+def test_removed_blocks_are_gone_and_the_file_shrinks(tmp_path):
+    torch.manual_seed(0)
+    full = build_model(NetSpec("resnet20")).eval()
+    pruned = remove_blocks(full, [2, 6, 8])
+    state = pruned.state_dict()
+    assert not any(k.startswith(("blocks.2.", "blocks.6.", "blocks.8.")) for k in state)
+    removed_bytes = sum(v.numel() * v.element_size() for k, v in full.state_dict().items() if k.startswith(("blocks.2.", "blocks.6.", "blocks.8.")))
+    save_checkpoint(tmp_path / "full", full, _meta())
+    save_checkpoint(tmp_path / "pruned", pruned, _meta())
+    shrink = os.path.getsize(tmp_path / "full" / "model.pt") - os.path.getsize(tmp_path / "pruned" / "model.pt")
+    assert shrink >= removed_bytes
+    reloaded, _ = load_checkpoint(tmp_path / "pruned")
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(reloaded(x), pruned(x))
+    assert count_params(pruned) == sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("keep", [1.0, 0.6, 0.34, 0.05])
+def test_every_strategy_returns_the_requested_number_of_blocks(strategy, keep):
+    torch.manual_seed(0)
+    model = build_model(NetSpec("resnet20")).eval()
+    cfg = PruneConfig(keep=keep, strategy=strategy)
+    removed = blocks_to_remove(model, _meta(), cfg, loss_fn=lambda m: float(len(m.block_ids)))
+    n_keep = int(keep * 9 + 0.5)
+    assert len(removed) == 9 - n_keep and len(set(removed)) == len(removed)
+
+
+def test_strategies_pick_what_they_say():
+    present = list(range(27))
+    assert every_other(list(range(8)), 4) == [1, 3, 5, 7]
+    spread = every_other(present, 9)
+    gaps = [b - a for a, b in zip(spread, spread[1:])]
+    assert max(gaps) - min(gaps) <= 1
+    model = build_model(NetSpec("resnet20"))
+    assert sorted(blocks_to_remove(model, _meta(), PruneConfig(keep=0.67, strategy="top"))) == [6, 7, 8]
+    effects = [0.5, 0.4, 0.01, 0.3, 0.2, 0.02, 0.6, 0.03, 0.7]
+    assert stats_order(_meta(effects=effects), list(range(9)))[:3] == [2, 5, 7]
+    # a constant-depth network has no drop effects: contribution decides
+    meta = _meta()
+    for b, c in zip(meta["survival_stats"]["blocks"], [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4, 0.5]):
+        b["drop_effect"], b["contribution"] = None, c
+    assert stats_order(meta, list(range(9)))[:2] == [1, 3]
+
+
+def test_budget_keeps_the_most_blocks_that_fit():
+    model = build_model(NetSpec("resnet20"))
+    limit = count_params(remove_blocks(model, [7, 8])) + 10
+    removed = blocks_to_remove(model, _meta(), PruneConfig(keep=None, max_params=limit, strategy="top"))
+    assert sorted(removed) == [7, 8]
+    with pytest.raises(InputError, match="no model meets the budget"):
+        blocks_to_remove(model, _meta(), PruneConfig(keep=None, max_params=100, strategy="top"))
+
+
+def test_recalibration_rescues_a_pruned_network(tmp_path):
+    """A trained net with a middle block removed: stale BatchNorm statistics hurt; recalibration restores them."""
+    from sdcompress.data import load_dataset
+    from sdcompress.config import TrainConfig
+    from sdcompress.train import evaluate, train
+
+    ds = load_dataset("digits")
+    torch.manual_seed(0)
+    model, _ = train(TrainConfig(arch="resnet20", data="digits", epochs=6, survival_rule="none"), tmp_path, progress=False, dataset=ds)
+    norm = Normalize(ds.mean, ds.std)
+    pruned = remove_blocks(model, [0, 1, 3, 4])
+    stale = evaluate(pruned, ds.val, norm)["top1"]
+    recalibrate_bn(pruned, ds.train, norm, batches=12, batch_size=128)
+    fresh = evaluate(pruned, ds.val, norm)["top1"]
+    assert fresh > stale + 0.05, (stale, fresh)
+
+
+def test_parse_size():
+    assert parse_size("200KiB") == 204800 and parse_size("1.5MiB") == 1572864 and parse_size("300k") == 300000
+    for bad in ("", "12 parsecs", "-5", "0"):
+        with pytest.raises(Exception):
+            parse_size(bad)
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd") / "run"
+    assert main(["train", "--arch", "resnet20", "--data", "digits", "--epochs", "4", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_prune_cli_report_is_recomputed_another_way(sd_run, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["prune", str(sd_run), "--keep", "0.6", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("blocks 9 -> 5, params") and "top-1" in text
+    rep = json.loads((out / "report.json").read_text())
+    model, meta = load_checkpoint(out)
+    assert rep["after"]["model"]["blocks_kept"] == model.block_ids and len(model.block_ids) == 5
+    assert rep["after"]["params"]["total"] == sum(t.numel() for t in model.parameters())
+    assert rep["after"]["bytes"]["checkpoint"] == os.path.getsize(out / "model.pt")
+    assert rep["before"]["bytes"]["checkpoint"] == os.path.getsize(sd_run / "model.pt")
+    assert rep["before"]["macs"] > rep["after"]["macs"]
+    assert meta["stages"][-1]["stage"] == "prune" and sorted(meta["stages"][-1]["removed"]) == rep["prune"]["removed"]
+    assert (out / "blocks.png").exists() and "blocks 9 -> 5" in (out / "report.md").read_text()
+
+
+def test_keep_one_changes_nothing(sd_run, tmp_path):
+    out = tmp_path / "same"
+    assert main(["prune", str(sd_run), "--keep", "1.0", "--out", str(out)]) == 0
+    a = torch.load(sd_run / "model.pt", weights_only=True)
+    b = torch.load(out / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["before"]["accuracy"]["top1"] == rep["after"]["accuracy"]["top1"]
+
+
+def test_prune_then_finetune(sd_run, tmp_path):
+    out = tmp_path / "ft"
+    assert main(["prune", str(sd_run), "--keep", "0.5", "--finetune", "1", "--data", "digits", "--out", str(out), "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["prune"]["finetune"]["epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--keep", "0"], ["--keep", "-0.5"], ["--keep", "1.5"], ["--keep", "lots"], ["--strategy", "random"],
+     ["--max-params", "10"], ["--max-size", "1B"], ["--blocks-to-keep", "0,99"], ["--blocks-to-keep", "a,b"],
+     ["--keep", "0.5", "--max-size", "1MiB"]],
+)
+def test_prune_bad_input(sd_run, tmp_path, capsys, args):
+    out = tmp_path / "bad"
+    try:
+        rc = main(["prune", str(sd_run), "--out", str(out), *args])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and len([l for l in err.splitlines() if l.strip()]) == 1 and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
