@@ -265,7 +265,58 @@ def cmd_prune(a) -> int:
     return 0
 
 
-COMMANDS = (add_train, add_eval, add_stats, add_prune)
+# ---- binarize ------------------------------------------------------------------------------------------------
+def _names(s: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in s.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one layer")
+    return names
+
+
+def add_binarize(sub) -> None:
+    from .binarize import BinarizeConfig
+
+    d = BinarizeConfig()
+    p = sub.add_parser("binarize", help="1-bit weights (sign * per-channel alpha), stored as bits",
+                       description="Binarize the conv weights inside the residual blocks; optionally fine-tune with the STE.")
+    _ckpt_arg(p)
+    p.add_argument("--binarize-stem", action="store_true", help="binarize the first conv too")
+    p.add_argument("--binarize-head", action="store_true", help="binarize the classifier too")
+    p.add_argument("--full-precision", type=_names, default=(), metavar="LAYER,...", help="layers to keep in full precision, e.g. blocks.0.conv1")
+    p.add_argument("--recalibrate", type=int, default=d.recalibrate, metavar="N", help="BatchNorm recalibration batches (0: off)")
+    p.add_argument("--finetune", type=int, default=d.finetune, metavar="EPOCHS", help="STE fine-tuning epochs (needs --data)")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--finetune-survival", type=_bool, default=d.finetune_survival, metavar="on|off", help="stochastic depth while fine-tuning (default on)")
+    p.add_argument("--data", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-binarize)")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_binarize)
+
+
+def cmd_binarize(a) -> int:
+    from .binarize import BinarizeConfig
+    from .pipeline import run_binarize
+    from .report import format_bytes
+
+    cfg = BinarizeConfig(a.binarize_stem, a.binarize_head, a.full_precision, a.recalibrate, a.finetune, a.finetune_lr,
+                         a.finetune_survival, a.seed)
+    path = _resolve_ckpt(a.ckpt)
+    name = (path if path.is_dir() else path.parent).name
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force)
+    r = run_binarize(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress)
+    b, f = r["before"], r["after"]
+    acc = f", top-1 {100 * b['accuracy']['top1']:.1f}% -> {100 * f['accuracy']['top1']:.1f}%" if b.get("accuracy") and f.get("accuracy") else ""
+    print(f"{len(r['binarize']['layers'])} layers binarized, 1-bit params {f['params']['by_bits'].get('1', 0):,}, "
+          f"size {format_bytes(b['bytes']['checkpoint'])} -> {format_bytes(f['bytes']['checkpoint'])}{acc}")
+    print(f"wrote {out}/model.pt, {out}/report.json, {out}/report.md")
+    return 0
+
+
+COMMANDS = (add_train, add_eval, add_stats, add_prune, add_binarize)
 
 
 class _Parser(argparse.ArgumentParser):

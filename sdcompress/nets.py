@@ -36,6 +36,7 @@ class NetSpec:
     survival_rule: str = "linear"  # linear | uniform | none
     p_last: float = 0.5  # the paper's p_L
     blocks_kept: tuple[int, ...] | None = None  # None: every block; else the kept block numbers, ascending
+    binarized: tuple[str, ...] = ()  # names of the layers with 1-bit weights (see binarize.py)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -49,6 +50,7 @@ class NetSpec:
                 raise ValueError(f"blocks_kept must be ascending block numbers in 0..{self.blocks_total - 1}")
             # every block kept is the same network as "all": one spelling, so equal specs compare equal
             object.__setattr__(self, "blocks_kept", None if kept == tuple(range(self.blocks_total)) else kept)
+        object.__setattr__(self, "binarized", tuple(sorted(set(self.binarized))))
 
     @property
     def blocks_total(self) -> int:
@@ -65,16 +67,20 @@ class NetSpec:
         d = asdict(self)
         d["blocks_total"] = self.blocks_total
         d["blocks_kept"] = list(self.kept)
+        d["binarized"] = list(self.binarized)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetSpec":
         fields = {k: d[k] for k in ("arch", "in_channels", "num_classes", "survival_rule", "p_last") if k in d}
         kept = d.get("blocks_kept")
-        return cls(**fields, blocks_kept=tuple(kept) if kept is not None else None)
+        return cls(**fields, blocks_kept=tuple(kept) if kept is not None else None, binarized=tuple(d.get("binarized", ())))
 
     def with_kept(self, kept) -> "NetSpec":
-        return replace(self, blocks_kept=tuple(sorted(kept)))
+        """The spec with only `kept` blocks (binarized layers of removed blocks are gone with them)."""
+        kept = tuple(sorted(kept))
+        gone = {f"blocks.{b}." for b in self.kept if b not in kept}
+        return replace(self, blocks_kept=kept, binarized=tuple(n for n in self.binarized if not n.startswith(tuple(gone))))
 
 
 def block_layout(arch: str) -> list[tuple[int, int, int]]:
@@ -196,7 +202,18 @@ class ResNet(nn.Module):
 
 def build_model(spec: NetSpec) -> ResNet:
     """Build a network from its spec (random weights; load a state_dict to restore one)."""
-    return ResNet(spec)
+    model = ResNet(spec)
+    if spec.binarized:
+        from .binarize import to_binary
+
+        layers = dict(model.named_modules())
+        unknown = [n for n in spec.binarized if not isinstance(layers.get(n), (nn.Conv2d, nn.Linear))]
+        if unknown:
+            raise ValueError(f"binarized layers {unknown[:3]} are not conv or linear layers of this network")
+        for name in spec.binarized:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, to_binary(layers[name]))
+    return model
 
 
 def count_params(model: nn.Module) -> int:
@@ -232,12 +249,12 @@ def count_macs(model: ResNet, input_shape: tuple[int, int, int]) -> dict:
         for h in handles:
             h.remove()
         model.train(was_training)
-    per_block = {}
+    per_block: dict[int, int] = {}
     for name, v in macs.items():
         if name.startswith("blocks."):
             b = int(name.split(".")[1])
             per_block[b] = per_block.get(b, 0) + v
-    return {"total": sum(macs.values()), "per_block": dict(sorted(per_block.items()))}
+    return {"total": sum(macs.values()), "per_block": dict(sorted(per_block.items())), "per_layer": macs}
 
 
 __all__ = ["ARCHS", "NetSpec", "ResNet", "BasicBlock", "Shortcut", "build_model", "block_layout", "count_params", "count_macs"]

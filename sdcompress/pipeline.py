@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
+from typing import Callable
 
+from .binarize import BinarizeConfig, binarize_model
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, resolve, save_checkpoint
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError
-from .prune import PruneConfig, prune_model
-from .report import format_stats_table, model_report, plot_stats, prune_markdown
+from .prune import PruneConfig, prune_model, recalibrate_bn
+from .report import binarize_markdown, format_stats_table, model_report, plot_stats, prune_markdown
 from .train import evaluate, finetune
 
 
@@ -22,44 +23,70 @@ def _accuracy(model, meta, images, name) -> dict | None:
     return {"top1": acc["top1"], "dataset": name, "n": acc["n"]}
 
 
-def run_prune(ckpt: str | Path, cfg: PruneConfig, out: Path, data: str | None = None, data_dir: str | None = None,
-              device: str = "auto", progress: bool = True) -> dict:
-    """Prune a checkpoint into `out` (model.pt, model.json, report.json, report.md, blocks.png)."""
+def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Callable, data, data_dir, device, progress) -> tuple[dict, dict]:
+    """Load, evaluate, transform, save and report; `transform(model, meta, calib, tune) -> (model, record)`."""
     model, meta = load_checkpoint(ckpt)
-    weights = resolve(ckpt)[0]
     try:
         images, eval_name = eval_data(meta, ckpt, data, data_dir)
     except InputError:
         if data is not None:
             raise
-        images, eval_name = None, None  # the training data is not here: report no accuracy
-    need_train = bool(cfg.recalibrate) or cfg.finetune or cfg.strategy == "sensitivity"
+        images, eval_name = None, None  # the checkpoint's data is not here: report no accuracy
     calib, ds, calib_name = calibration_images(meta, ckpt, data, data_dir) if need_train else (None, None, None)
-    before = model_report(model, meta, weights, _accuracy(model, meta, images, eval_name))
+    before = model_report(model, meta, resolve(ckpt)[0], _accuracy(model, meta, images, eval_name))
 
-    def tune(m):
+    def tune(m, epochs, lr, survival, seed):
         if ds is None:
             raise InputError("--finetune needs the training data: pass --data (and --data-dir)")
-        return finetune(m, ds, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, seed=cfg.seed, device=device, progress=progress)
+        return finetune(m, ds, epochs, lr, survival, seed=seed, device=device, progress=progress)
 
-    pruned, record = prune_model(model, meta, cfg, calib, tune)
-    pruned = pruned.cpu()
+    new, record = transform(model, meta, calib, tune)
+    new = new.cpu().eval()
     record.update(config=cfg.to_dict(), calibration_data=calib_name)
     new_meta = copy.deepcopy(meta)
-    new_meta["stages"] = meta.get("stages", []) + [{"stage": "prune", "config": cfg.to_dict(), "removed": record["removed"],
-                                                    "recalibrated_images": record["recalibrated_images"], "finetune": record["finetune"]}]
-    after_acc = _accuracy(pruned, meta, images, eval_name)
+    new_meta["stages"] = meta.get("stages", []) + [{"stage": stage, **record}]
+    after_acc = _accuracy(new, meta, images, eval_name)
     new_meta["metrics"] = {"top1": after_acc and after_acc["top1"], "dataset": eval_name}
-    save_checkpoint(out, pruned, new_meta)
-    after = model_report(pruned, new_meta, out / "model.pt", after_acc)
-    report = {"schema": "sdcompress.report/1", "stage": "prune", "before": before, "after": after, "prune": record}
-    new_meta = {**new_meta, "spec": pruned.spec.to_dict()}
-    if isinstance(new_meta.get("survival_stats"), dict):
-        plot_stats(new_meta, out / "blocks.png")
-        table = format_stats_table(new_meta)
+    save_checkpoint(out, new, new_meta)
+    after = model_report(new, new_meta, out / "model.pt", after_acc)
+    report = {"schema": "sdcompress.report/1", "stage": stage, "before": before, "after": after, stage: record}
+    atomic_write_json(out / "report.json", report)
+    return report, {**new_meta, "spec": new.spec.to_dict()}
+
+
+def run_prune(ckpt, cfg: PruneConfig, out: Path, data=None, data_dir=None, device="auto", progress=True) -> dict:
+    """Prune a checkpoint into `out` (model.pt, model.json, report.json, report.md, blocks.png)."""
+
+    def transform(model, meta, calib, tune):
+        return prune_model(model, meta, cfg, calib, lambda m: tune(m, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed))
+
+    need = bool(cfg.recalibrate) or cfg.finetune > 0 or cfg.strategy == "sensitivity"
+    report, meta = _run_stage("prune", ckpt, out, cfg, need, transform, data, data_dir, device, progress)
+    if isinstance(meta.get("survival_stats"), dict):
+        plot_stats(meta, out / "blocks.png")
+        table = format_stats_table(meta)
     else:
         table = "(no survival statistics in this checkpoint)"
-    atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", prune_markdown(report, table).encode())
-    assert os.path.getsize(out / "model.pt") == after["bytes"]["checkpoint"]
+    return report
+
+
+def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None, device="auto", progress=True) -> dict:
+    """Binarize a checkpoint into `out` (model.pt with packed sign bits, model.json, report.json, report.md)."""
+
+    def transform(model, meta, calib, tune):
+        new = binarize_model(model, cfg)
+        record = {"layers": list(new.spec.binarized), "recalibrated_images": 0, "finetune": None}
+        if cfg.recalibrate:
+            if calib is None:
+                raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
+            norm = Normalize(meta["data"]["mean"], meta["data"]["std"])
+            record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed)
+        if cfg.finetune:
+            record["finetune"] = tune(new, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed)
+        return new, record
+
+    need = bool(cfg.recalibrate) or cfg.finetune > 0
+    report, _ = _run_stage("binarize", ckpt, out, cfg, need, transform, data, data_dir, device, progress)
+    atomic_write_bytes(out / "report.md", binarize_markdown(report).encode())
     return report

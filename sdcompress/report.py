@@ -12,13 +12,20 @@ REPORT_SCHEMA = "sdcompress.report/1"
 
 def model_report(model: ResNet, meta: dict, checkpoint: str | Path | None = None, accuracy: dict | None = None) -> dict:
     """The report of one model in the shape DESIGN.md fixes (params, MACs, bytes, accuracy)."""
+    from .binarize import precision_profile
+
     spec = model.spec
     params = count_params(model)
+    macs = count_macs(model, tuple(meta["data"]["input_shape"]))
+    prof = precision_profile(model, macs["per_layer"])
     return {
         "schema": REPORT_SCHEMA,
-        "model": {"arch": spec.arch, "blocks_total": spec.blocks_total, "blocks_kept": list(spec.kept), "binarized": bool(meta.get("binarized", False))},
-        "params": {"total": params, "by_bits": {"32": params}},
-        "macs": count_macs(model, tuple(meta["data"]["input_shape"]))["total"],
+        "model": {"arch": spec.arch, "blocks_total": spec.blocks_total, "blocks_kept": list(spec.kept), "binarized": bool(spec.binarized)},
+        "params": {"total": params, "by_bits": prof["params_by_bits"]},
+        "memory_bytes": prof["memory_bytes"],
+        "float32_equivalent_bytes": prof["float32_equivalent_bytes"],
+        "macs": macs["total"],
+        "macs_split": {"binary_weight": prof["macs_binary"], "full_precision": prof["macs_full_precision"]},
         "bytes": {"checkpoint": os.path.getsize(checkpoint) if checkpoint else None, "onnx": None, "coreml": None},
         "accuracy": accuracy,
         "latency_ms": None,
@@ -156,3 +163,54 @@ def prune_markdown(report: dict, stats_table: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _kib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1024:,.2f} KiB"
+
+
+def precision_table(before: dict, after: dict) -> str:
+    """Before/after footprint by precision, in KiB throughout (a Larq-style summary)."""
+
+    def row(label, f):
+        return f"| {label} | {f(before)} | {f(after)} |"
+
+    def acc(r):
+        return f"{100 * r['accuracy']['top1']:.2f}%" if r.get("accuracy") else "-"
+
+    ratio = before["bytes"]["checkpoint"] / after["bytes"]["checkpoint"] if after["bytes"]["checkpoint"] else None
+    lines = [
+        "| | before | after |",
+        "|---|---|---|",
+        row("parameters, 32-bit", lambda r: f"{r['params']['by_bits'].get('32', 0):,}"),
+        row("parameters, 1-bit", lambda r: f"{r['params']['by_bits'].get('1', 0):,}"),
+        row("memory, 32-bit", lambda r: _kib(r["memory_bytes"].get("32", 0))),
+        row("memory, 1-bit", lambda r: _kib(r["memory_bytes"].get("1", 0))),
+        row("memory, total", lambda r: _kib(r["memory_bytes"]["total"])),
+        row("float32 equivalent", lambda r: _kib(r["float32_equivalent_bytes"])),
+        row("model.pt", lambda r: _kib(r["bytes"]["checkpoint"])),
+        row("MACs on binary weights", lambda r: f"{r['macs_split']['binary_weight'] / 1e6:.2f} M"),
+        row("MACs on full-precision weights", lambda r: f"{r['macs_split']['full_precision'] / 1e6:.2f} M"),
+        row("top-1", acc),
+        "",
+        f"Checkpoint compression ratio: {ratio:.1f}x" if ratio else "",
+    ]
+    return "\n".join(lines)
+
+
+def binarize_markdown(report: dict) -> str:
+    rec = report["binarize"]
+    acc = report["after"].get("accuracy") or {}
+    ft = rec.get("finetune")
+    return "\n".join([
+        f"# Binarize: {report['after']['model']['arch']}",
+        "",
+        f"{len(rec['layers'])} layers with 1-bit weights (sign(w) * alpha, one alpha per output channel); "
+        "the stem and classifier stay full precision unless asked.",
+        f"BatchNorm recalibrated on {rec['recalibrated_images']} images of {rec['calibration_data']}." if rec["recalibrated_images"] else "No BatchNorm recalibration.",
+        f"Fine-tuned {ft['epochs']} epochs (straight-through estimator, stochastic depth {'on' if ft['survival'] else 'off'})." if ft else "Not fine-tuned.",
+        f"Accuracy on {acc.get('dataset')} (n={acc.get('n')})." if acc else "No evaluation data given.",
+        "",
+        precision_table(report["before"], report["after"]),
+        "",
+    ])

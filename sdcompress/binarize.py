@@ -1,0 +1,209 @@
+"""1-bit weights: sign(w) * alpha with one alpha per output channel (XNOR-Net's binary-weight networks).
+
+Binarized layers keep latent full-precision weights for fine-tuning and binarize them in every forward pass;
+the gradient passes straight through sign() where |w| <= 1 and is zero outside (the straight-through estimator
+with clipping). Saved, a binarized layer holds only its sign bits, packed 8 per byte (uint8), and its alphas:
+its state_dict has `weight_bits` and `weight_alpha` instead of `weight`, so `model.pt` stores 1 bit per weight.
+Loading restores latent weights equal to sign * alpha, the same network. Each layer declares its precision in
+`weight_bits_per_value`; everything that counts bits or bytes reads it from there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STE_CLIP = 1.0
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))  # never 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return grad * (w.abs() <= STE_CLIP).to(grad.dtype)
+
+
+def sign_ste(w: torch.Tensor) -> torch.Tensor:
+    """sign(w) in {-1, +1}, with the clipped straight-through gradient."""
+    return _SignSTE.apply(w)
+
+
+def binarize_weight(w: torch.Tensor) -> torch.Tensor:
+    """sign(w) * alpha, alpha = mean |w| of each output channel (dimension 0)."""
+    alpha = w.abs().flatten(1).mean(1).view(-1, *([1] * (w.dim() - 1)))
+    return sign_ste(w) * alpha
+
+
+def pack_signs(w: torch.Tensor) -> torch.Tensor:
+    """Sign bits of each output channel (1 for w >= 0), packed 8 per byte, least significant bit first."""
+    bits = (w.detach().flatten(1) >= 0).to(torch.uint8)
+    pad = (-bits.shape[1]) % 8
+    bits = F.pad(bits, (0, pad))
+    weights = (2 ** torch.arange(8, dtype=torch.uint8, device=bits.device))
+    return (bits.view(bits.shape[0], -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of `pack_signs`: a float tensor of +1 / -1 in `shape`."""
+    n = math.prod(shape[1:])
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    bits = bits.flatten(1)[:, :n].float()
+    return (bits * 2 - 1).view(shape)
+
+
+class _Binary:
+    """Mixin for a layer whose weight is binarized in forward and stored packed."""
+
+    weight_bits_per_value = 1
+
+    def binary_weight(self) -> torch.Tensor:
+        return binarize_weight(self.weight)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        w = destination.pop(prefix + "weight")
+        destination[prefix + "weight_bits"] = pack_signs(w)
+        destination[prefix + "weight_alpha"] = w.detach().abs().flatten(1).mean(1).float()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        bits, alpha = state_dict.get(prefix + "weight_bits"), state_dict.get(prefix + "weight_alpha")
+        if bits is not None and alpha is not None:
+            state_dict = dict(state_dict)
+            shape = tuple(self.weight.shape)
+            expected = (shape[0], math.ceil(math.prod(shape[1:]) / 8))
+            if tuple(bits.shape) != expected or bits.dtype != torch.uint8 or tuple(alpha.shape) != (shape[0],):
+                error_msgs.append(f"{prefix}weight_bits / weight_alpha do not fit a {shape} weight")
+                return
+            state_dict[prefix + "weight"] = unpack_signs(bits, shape) * alpha.view(-1, *([1] * (len(shape) - 1)))
+            for k in (prefix + "weight_bits", prefix + "weight_alpha"):
+                state_dict.pop(k)
+            # nn.Module reads from the dict it is given: hand it the unpacked weight under the usual name
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            for k in list(unexpected_keys):
+                if k in (prefix + "weight_bits", prefix + "weight_alpha"):
+                    unexpected_keys.remove(k)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class BinaryConv2d(_Binary, nn.Conv2d):
+    """A Conv2d with 1-bit weights (sign * per-output-channel alpha)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.binary_weight(), self.bias)
+
+
+class BinaryLinear(_Binary, nn.Linear):
+    """A Linear layer with 1-bit weights (sign * per-output alpha)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.binary_weight(), self.bias)
+
+
+def to_binary(m: nn.Module) -> nn.Module:
+    """A binary copy of a Conv2d or Linear layer, latent weights initialized from its weights."""
+    if isinstance(m, nn.Conv2d):
+        b = BinaryConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.bias is not None)
+    elif isinstance(m, nn.Linear):
+        b = BinaryLinear(m.in_features, m.out_features, m.bias is not None)
+    else:
+        raise TypeError(f"cannot binarize {type(m).__name__}")
+    b.load_state_dict(m.state_dict())
+    return b.to(m.weight.device)
+
+
+def bits_per_value(m: nn.Module) -> int:
+    """The precision a layer declares for its weight (32 unless it says otherwise)."""
+    return getattr(m, "weight_bits_per_value", 32)
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------
+def default_targets(model: nn.Module, stem: bool = False, head: bool = False, full_precision: tuple[str, ...] = ()) -> list[str]:
+    """Layers to binarize: every conv inside the residual blocks, plus the stem / classifier when asked.
+
+    The stem and classifier stay full precision by default (standard practice: they are small and sensitive).
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    unknown = [n for n in full_precision if n not in layers]
+    if unknown:
+        raise ValueError(f"--full-precision names {unknown} that are not conv or linear layers of this model "
+                         f"(e.g. {', '.join(list(layers)[:3])})")
+    names = [n for n in layers if n.startswith("blocks.")]
+    if stem:
+        names.append("stem")
+    if head:
+        names.append("fc")
+    return [n for n in names if n not in set(full_precision)]
+
+
+def precision_profile(model: nn.Module, macs_per_layer: dict[str, int]) -> dict:
+    """Parameters, memory and MACs by the precision each layer declares."""
+    by_bits: dict[int, int] = {}
+    weight_names = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            b = bits_per_value(m)
+            by_bits[b] = by_bits.get(b, 0) + m.weight.numel()
+            weight_names.add(f"{name}.weight" if name else "weight")
+    for name, p in model.named_parameters():
+        if name not in weight_names:
+            by_bits[32] = by_bits.get(32, 0) + p.numel()
+    modules = dict(model.named_modules())
+    binary_macs = sum(v for n, v in macs_per_layer.items() if bits_per_value(modules[n]) == 1)
+    memory = {str(b): n * b / 8 for b, n in sorted(by_bits.items(), reverse=True)}
+    return {
+        "params_by_bits": {str(b): n for b, n in sorted(by_bits.items(), reverse=True)},
+        "memory_bytes": {**memory, "total": sum(memory.values())},
+        "float32_equivalent_bytes": 4 * sum(by_bits.values()),
+        "macs_binary": binary_macs,
+        "macs_full_precision": sum(macs_per_layer.values()) - binary_macs,
+    }
+
+
+from dataclasses import asdict, dataclass, replace  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BinarizeConfig:
+    """Which layers get 1-bit weights, and how accuracy is recovered."""
+
+    binarize_stem: bool = False  # the first conv (full precision by default)
+    binarize_head: bool = False  # the classifier (full precision by default)
+    full_precision: tuple[str, ...] = ()  # layers to leave in full precision
+    recalibrate: int = 20  # BatchNorm re-estimation batches after binarizing (0: off)
+    finetune: int = 0  # STE fine-tuning epochs (needs training data)
+    finetune_lr: float = 0.01
+    finetune_survival: bool = True  # stochastic depth on while fine-tuning (the network was trained with it)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def binarize_model(model, cfg: BinarizeConfig):
+    """A binarized copy of a network: the chosen layers become 1-bit layers, latent weights from the originals."""
+    from .errors import InputError
+    from .nets import build_model
+
+    if model.spec.binarized:
+        raise InputError(f"the checkpoint is already binarized ({len(model.spec.binarized)} layers); binarize the full-precision checkpoint")
+    if cfg.recalibrate < 0 or cfg.finetune < 0:
+        raise InputError("--recalibrate and --finetune must be >= 0")
+    try:
+        names = default_targets(model, cfg.binarize_stem, cfg.binarize_head, cfg.full_precision)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not names:
+        raise InputError("nothing left to binarize")
+    new = build_model(replace(model.spec, binarized=tuple(names)))
+    new.load_state_dict(model.state_dict())  # a plain `weight` becomes the latent weight of a binary layer
+    return new.eval()
