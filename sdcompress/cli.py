@@ -217,6 +217,22 @@ def _block_list(s: str) -> tuple[int, ...]:
     return blocks
 
 
+def _recovery_args(p, d, out_default: str) -> None:
+    """Flags shared by the stages that change a trained network: recovery, data, output."""
+    p.add_argument("--recalibrate", type=int, default=d.recalibrate, metavar="N", help="BatchNorm recalibration batches (0: off)")
+    p.add_argument("--finetune", type=int, default=d.finetune, metavar="EPOCHS", help="fine-tuning epochs afterwards (needs --data)")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--finetune-survival", type=_bool, default=d.finetune_survival, metavar="on|off",
+                   help=f"stochastic depth while fine-tuning (default {'on' if d.finetune_survival else 'off'})")
+    p.add_argument("--data", default=None, help="training data for recalibration/fine-tuning, and evaluation data (default: bundled sets or the checkpoint's data)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {out_default})")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def add_prune(sub) -> None:
     from .prune import STRATEGIES, PruneConfig
 
@@ -230,18 +246,8 @@ def add_prune(sub) -> None:
     g.add_argument("--max-size", type=parse_size, default=None, metavar="SIZE", help="keep the most blocks whose model.pt fits, e.g. 1MiB")
     g.add_argument("--max-params", type=parse_size, default=None, metavar="N", help="keep the most blocks whose parameters fit, e.g. 300k")
     p.add_argument("--strategy", default=d.strategy, choices=list(STRATEGIES))
-    p.add_argument("--recalibrate", type=int, default=d.recalibrate, metavar="N", help="BatchNorm recalibration batches (0: off)")
     p.add_argument("--sensitivity-batches", type=_positive_int, default=d.sensitivity_batches)
-    p.add_argument("--finetune", type=int, default=d.finetune, metavar="EPOCHS", help="fine-tune after removal (needs --data)")
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
-    p.add_argument("--finetune-survival", type=_bool, default=d.finetune_survival, metavar="on|off", help="stochastic depth while fine-tuning")
-    p.add_argument("--data", default=None, help="training data for recalibration/fine-tuning and evaluation (default: bundled sets or the checkpoint's data)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-prune-keepK)")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    _recovery_args(p, d, "sdcompress-out/NAME-prune-keepK")
     p.set_defaults(func=cmd_prune)
 
 
@@ -283,17 +289,7 @@ def add_binarize(sub) -> None:
     p.add_argument("--binarize-stem", action="store_true", help="binarize the first conv too")
     p.add_argument("--binarize-head", action="store_true", help="binarize the classifier too")
     p.add_argument("--full-precision", type=_names, default=(), metavar="LAYER,...", help="layers to keep in full precision, e.g. blocks.0.conv1")
-    p.add_argument("--recalibrate", type=int, default=d.recalibrate, metavar="N", help="BatchNorm recalibration batches (0: off)")
-    p.add_argument("--finetune", type=int, default=d.finetune, metavar="EPOCHS", help="STE fine-tuning epochs (needs --data)")
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
-    p.add_argument("--finetune-survival", type=_bool, default=d.finetune_survival, metavar="on|off", help="stochastic depth while fine-tuning (default on)")
-    p.add_argument("--data", default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-binarize)")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    _recovery_args(p, d, "sdcompress-out/NAME-binarize")
     p.set_defaults(func=cmd_binarize)
 
 

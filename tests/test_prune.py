@@ -155,3 +155,15 @@ def test_prune_bad_input(sd_run, tmp_path, capsys, args):
     err = capsys.readouterr().err
     assert rc == 2 and len([l for l in err.splitlines() if l.strip()]) == 1 and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_pruned_macs_by_hand():
+    from sdcompress.nets import count_macs
+
+    full = build_model(NetSpec("resnet20"))
+    pruned = remove_blocks(full, [1, 3, 8])  # 3 is a downsampling block: its shortcut stays, free
+    stage1_block = 2 * 32 * 32 * 16 * 16 * 9
+    down_block = 16 * 16 * 32 * 16 * 9 + 16 * 16 * 32 * 32 * 9
+    stage3_block = 2 * 8 * 8 * 64 * 64 * 9
+    assert count_macs(pruned, (3, 32, 32))["total"] == 40_551_040 - stage1_block - down_block - stage3_block
+    assert pruned(torch.randn(1, 3, 32, 32)).shape == (1, 10)
