@@ -179,7 +179,7 @@ class BinarizeConfig:
     binarize_stem: bool = False  # the first conv (full precision by default)
     binarize_head: bool = False  # the classifier (full precision by default)
     full_precision: tuple[str, ...] = ()  # layers to leave in full precision
-    recalibrate: int = 20  # BatchNorm re-estimation batches after binarizing (0: off)
+    recalibrate: int = 40  # BatchNorm re-estimation batches after binarizing (0: off)
     finetune: int = 0  # STE fine-tuning epochs (needs training data)
     finetune_lr: float = 0.01
     finetune_survival: bool = True  # stochastic depth on while fine-tuning (the network was trained with it)

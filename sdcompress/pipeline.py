@@ -13,7 +13,7 @@ from .evaluate import calibration_images, eval_data
 from .errors import InputError
 from .prune import PruneConfig, prune_model, recalibrate_bn
 from .report import binarize_markdown, format_stats_table, model_report, plot_stats, prune_markdown
-from .train import evaluate, finetune
+from .train import evaluate, finetune, train_augmentation
 
 
 def _accuracy(model, meta, images, name) -> dict | None:
@@ -81,7 +81,7 @@ def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None,
             if calib is None:
                 raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
             norm = Normalize(meta["data"]["mean"], meta["data"]["std"])
-            record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed)
+            record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))
         if cfg.finetune:
             record["finetune"] = tune(new, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed)
         return new, record

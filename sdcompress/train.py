@@ -48,6 +48,13 @@ def augmentation(cfg: TrainConfig, shape: tuple[int, int, int]) -> tuple[int, bo
     return pad, mode == "standard"
 
 
+def train_augmentation(meta: dict) -> tuple[int, bool]:
+    """(pad, flip) that a checkpoint was trained with, from its sidecar."""
+    stages = [st for st in meta.get("stages", []) if st.get("stage") == "train"]
+    cfg = TrainConfig.from_dict(stages[0]["config"]) if stages else TrainConfig()
+    return augmentation(cfg, tuple(meta["data"]["input_shape"]))
+
+
 @torch.no_grad()
 def evaluate(model: ResNet, data: ImageSet, normalize: Normalize, batch_size: int = 500, device: torch.device | None = None) -> dict:
     """Top-1 accuracy and mean cross-entropy of the evaluation-time network (every block, scaled by p_l)."""

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdcompress.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint  # noqa: E402
 from sdcompress.data import Normalize, load_dataset, load_eval_set  # noqa: E402
 from sdcompress.prune import STRATEGIES, PruneConfig, batch_loss, blocks_to_remove, recalibrate_bn, remove_blocks, sensitivity_order  # noqa: E402
-from sdcompress.train import evaluate  # noqa: E402
+from sdcompress.train import evaluate, train_augmentation  # noqa: E402
 from sdcompress.zoo import bundled, bundled_calib_set  # noqa: E402
 
 MODELS = ("resnet56-sd", "resnet56-constant")
@@ -74,7 +74,7 @@ def main() -> None:
                     removed = blocks_to_remove(model, meta, cfg)
                 pruned = remove_blocks(model, removed).eval().to(memory_format=torch.channels_last)  # faster on CPU
                 plain = evaluate(pruned, val, norm)["top1"]
-                recalibrate_bn(pruned, calib, norm, args.recalibrate, 128)
+                recalibrate_bn(pruned, calib, norm, args.recalibrate, 128, 0, *train_augmentation(meta))
                 recal = evaluate(pruned, val, norm)["top1"]
                 results[key] = {"model": name, "strategy": strategy, "keep": keep, "blocks": len(pruned.block_ids),
                                 "removed": sorted(removed), "top1": plain, "top1_recal": recal}
