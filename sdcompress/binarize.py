@@ -11,6 +11,7 @@ Loading restores latent weights equal to sign * alpha, the same network. Each la
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -168,8 +169,6 @@ def precision_profile(model: nn.Module, macs_per_layer: dict[str, int]) -> dict:
         "macs_full_precision": sum(macs_per_layer.values()) - binary_macs,
     }
 
-
-from dataclasses import asdict, dataclass, replace  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
-
-from functools import lru_cache
 
 from .data import Dataset, ImageSet, Normalize, load_dataset, load_eval_set
 from .errors import InputError

@@ -19,8 +19,8 @@ import torch
 
 from .data import ImageSet, Normalize, augment
 from .errors import InputError
-from .train import train_augmentation
 from .nets import ResNet, build_model, count_macs, count_params
+from .train import train_augmentation
 
 STRATEGIES = ("stats", "top", "every-other", "sensitivity")
 
