@@ -312,7 +312,41 @@ def cmd_binarize(a) -> int:
     return 0
 
 
-COMMANDS = (add_train, add_eval, add_stats, add_prune, add_binarize)
+# ---- export --------------------------------------------------------------------------------------------------
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="ONNX file, verified against PyTorch on real inputs",
+                       description="Export the evaluation-time network; verify it on real images; report size and latency.")
+    _ckpt_arg(p)
+    p.add_argument("--format", type=_names, default=("onnx",), metavar="onnx", help="formats to write (this version: onnx)")
+    p.add_argument("--data", default=None, help="images to verify on (default: the bundled evaluation set or the checkpoint's validation split)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads for the latency figure")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-export)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(a) -> int:
+    from .pipeline import run_export
+    from .report import format_bytes
+
+    bad = [f for f in a.format if f != "onnx"]
+    if bad:
+        raise InputError(f"unknown format {bad[0]!r}; this version exports: onnx")
+    path = _resolve_ckpt(a.ckpt)
+    name = (path if path.is_dir() else path.parent).name
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-export", a.force, "model.onnx")
+    r = run_export(path, a.format, out, a.data, a.data_dir, a.threads)
+    o = r["formats"]["onnx"]
+    v = o["verification"]
+    print(f"model.onnx {format_bytes(o['bytes'])} (checkpoint {format_bytes(r['model']['bytes']['checkpoint'])}), opset {o['opset']}, "
+          f"max |onnxruntime - torch| {v['max_abs_diff']:.2g}, top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images, "
+          f"latency {o['latency_ms']['onnxruntime_cpu_b1']:.2f} ms (batch 1, {o['latency_ms']['threads']} thread)")
+    print(f"wrote {out}/model.onnx, {out}/report.json")
+    return 0
+
+
+COMMANDS = (add_train, add_eval, add_stats, add_prune, add_binarize, add_export)
 
 
 class _Parser(argparse.ArgumentParser):

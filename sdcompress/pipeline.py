@@ -90,3 +90,56 @@ def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None,
     report, _ = _run_stage("binarize", ckpt, out, cfg, need, transform, data, data_dir, device, progress)
     atomic_write_bytes(out / "report.md", binarize_markdown(report).encode())
     return report
+
+
+class VerificationFailed(RuntimeError):
+    """An exported file does not reproduce the PyTorch model; nothing was written."""
+
+
+def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=None, threads: int = 1, batch: int = 64) -> dict:
+    """Export a checkpoint, verify each file on real inputs, and report sizes, parity and latency.
+
+    Each file is written to a temporary name, reloaded and checked against PyTorch, and only then renamed into
+    place; a file that fails verification is deleted and the command fails.
+    """
+    import os
+    import tempfile
+
+    import torch
+
+    from .export.onnx import export_onnx, latency_ms, ort_session, verify_onnx
+
+    model, meta = load_checkpoint(ckpt)
+    images, eval_name = eval_data(meta, ckpt, data, data_dir)
+    idx = torch.arange(min(batch, len(images)))
+    x = Normalize(meta["data"]["mean"], meta["data"]["std"])(images.images[idx])
+    result = {"schema": "sdcompress.report/1", "stage": "export", "formats": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    for fmt in formats:
+        if fmt != "onnx":
+            raise InputError(f"unknown format {fmt!r}; this version exports: onnx")
+        data_bytes, facts = export_onnx(model, meta)
+        fd, tmp = tempfile.mkstemp(prefix=".model.onnx.", suffix=".tmp", dir=out)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data_bytes)
+            session = ort_session(tmp, threads)  # the file as written, reloaded
+            check = verify_onnx(session, model, x)
+            if not check["ok"]:
+                raise VerificationFailed(f"ONNX output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
+                                         f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
+            lat = latency_ms(session, tuple(meta["data"]["input_shape"]))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out / "model.onnx")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        result["formats"]["onnx"] = {"file": "model.onnx", "bytes": os.path.getsize(out / "model.onnx"), **facts,
+                                     "verification": {**check, "dataset": eval_name},
+                                     "latency_ms": {"onnxruntime_cpu_b1": lat, "threads": threads, "runs": 50}}
+    rep = model_report(model, meta, resolve(ckpt)[0], None)
+    rep["bytes"]["onnx"] = result["formats"].get("onnx", {}).get("bytes")
+    rep["latency_ms"] = {"onnxruntime_cpu_b1": result["formats"]["onnx"]["latency_ms"]["onnxruntime_cpu_b1"]} if "onnx" in result["formats"] else None
+    result["model"] = rep
+    atomic_write_json(out / "report.json", result)
+    return result

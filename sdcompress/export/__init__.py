@@ -1,0 +1,1 @@
+"""Exporters for phones: ONNX (verified with onnxruntime on real inputs)."""
