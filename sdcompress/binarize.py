@@ -161,6 +161,8 @@ def precision_profile(model: nn.Module, macs_per_layer: dict[str, int]) -> dict:
     modules = dict(model.named_modules())
     binary_macs = sum(v for n, v in macs_per_layer.items() if bits_per_value(modules[n]) == 1)
     memory = {str(b): n * b / 8 for b, n in sorted(by_bits.items(), reverse=True)}
+    # a binary layer also stores one float32 scale (alpha) per output channel
+    memory["scales"] = 4 * sum(m.weight.shape[0] for m in modules.values() if bits_per_value(m) == 1)
     return {
         "params_by_bits": {str(b): n for b, n in sorted(by_bits.items(), reverse=True)},
         "memory_bytes": {**memory, "total": sum(memory.values())},

@@ -186,6 +186,7 @@ def precision_table(before: dict, after: dict) -> str:
         row("parameters, 1-bit", lambda r: f"{r['params']['by_bits'].get('1', 0):,}"),
         row("memory, 32-bit", lambda r: _kib(r["memory_bytes"].get("32", 0))),
         row("memory, 1-bit", lambda r: _kib(r["memory_bytes"].get("1", 0))),
+        row("memory, per-channel scales (32-bit)", lambda r: _kib(r["memory_bytes"].get("scales", 0))),
         row("memory, total", lambda r: _kib(r["memory_bytes"]["total"])),
         row("float32 equivalent", lambda r: _kib(r["float32_equivalent_bytes"])),
         row("model.pt", lambda r: _kib(r["bytes"]["checkpoint"])),
