@@ -6,8 +6,6 @@ Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 anything
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import sys
 import traceback
@@ -104,7 +102,8 @@ def cmd_train(a) -> int:
 
     _, meta = train(cfg, out, resume=a.resume, progress=not a.no_progress, on_epoch=on_epoch)
     m = meta["metrics"]
-    print(f"wrote {out}/model.pt  val top-1 {m['val_top1']}  epochs {m['epochs']}  wall {m['wall_s']} s  device {m['device']}")
+    val = f"val top-1 {m['val_top1']:.4f}" if m.get("val_top1") is not None else "no validation split"
+    print(f"wrote {out}/model.pt  {val}  epochs {m['epochs']}  wall {m['wall_s']} s  device {m['device']}")
     return 0
 
 

@@ -1,7 +1,6 @@
 import io
 import json
 import os
-import zipfile
 
 import pytest
 import torch

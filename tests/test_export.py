@@ -3,7 +3,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from sdcompress.checkpoint import load_checkpoint

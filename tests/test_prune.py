@@ -6,7 +6,7 @@ import torch
 
 from sdcompress.checkpoint import load_checkpoint, save_checkpoint
 from sdcompress.cli import main, parse_size
-from sdcompress.data import ImageSet, Normalize
+from sdcompress.data import Normalize
 from sdcompress.errors import InputError
 from sdcompress.nets import NetSpec, build_model, count_params
 from sdcompress.prune import STRATEGIES, PruneConfig, blocks_to_remove, every_other, recalibrate_bn, remove_blocks, stats_order
