@@ -38,7 +38,8 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
     def tune(m, epochs, lr, survival, seed):
         if ds is None:
             raise InputError("--finetune needs the training data: pass --data (and --data-dir)")
-        return finetune(m, ds, epochs, lr, survival, seed=seed, device=device, progress=progress)
+        return finetune(m, ds, epochs, lr, survival, seed=seed, device=device, progress=progress,
+                        augment_with=train_augmentation(meta))
 
     new, record = transform(model, meta, calib, tune)
     new = new.cpu().eval()

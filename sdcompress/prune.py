@@ -227,13 +227,12 @@ def prune_model(model: ResNet, meta: dict, cfg: PruneConfig, calib: ImageSet | N
         finetune: trains the pruned network in place when cfg.finetune > 0; returns a record.
     """
     normalize = Normalize(meta["data"]["mean"], meta["data"]["std"])
-    if calib is not None:
-        calib_order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed))
-        sens_images = calib.subset(calib_order[: cfg.sensitivity_batches * cfg.batch_size])
     loss_fn = None
     if cfg.strategy == "sensitivity":
         if calib is None:
             raise InputError("strategy 'sensitivity' needs training data (--data)")
+        order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed))
+        sens_images = calib.subset(order[: cfg.sensitivity_batches * cfg.batch_size])
 
         def loss_fn(candidate: ResNet) -> float:
             return batch_loss(candidate, sens_images, normalize, cfg.sensitivity_batches, cfg.batch_size)

@@ -298,11 +298,13 @@ def _or_nan(v: torch.Tensor | None, device: torch.device) -> torch.Tensor:
 
 
 def finetune(model: ResNet, ds: Dataset, epochs: int, lr: float = 0.01, survival: bool = False, batch_size: int = 128,
-             seed: int = 0, device: str = "auto", progress: bool = True) -> dict:
+             seed: int = 0, device: str = "auto", progress: bool = True, augment_with: tuple[int, bool] | None = None) -> dict:
     """Plain training of an existing (e.g. pruned) network in place, cosine schedule from `lr`.
 
     With `survival` off the evaluation-time network itself is trained (every kept block, scaled by p_l), so
     what is trained is what is evaluated and exported; with it on, kept blocks keep dropping at their p_l.
+    `augment_with` is the (pad, flip) the network was trained with (`train_augmentation(meta)`); None: the
+    default for the data.
     """
     dev = resolve_device(device)
     model.to(dev)
@@ -313,19 +315,20 @@ def finetune(model: ResNet, ds: Dataset, epochs: int, lr: float = 0.01, survival
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, epochs * steps) / (epochs * steps))))
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
-    pad, flip = augmentation(TrainConfig(), ds.input_shape)
+    pad, flip = augment_with if augment_with is not None else augmentation(TrainConfig(), ds.input_shape)
     normalize = Normalize(ds.mean, ds.std, dev)
     ids = model.block_ids
     probs = torch.tensor([model.blocks[str(b)].survival_prob for b in ids])
     x_all, y_all = ds.train.images.to(dev), ds.train.labels.to(dev)
     t0 = time.perf_counter()
-    for _ in tqdm(range(epochs * steps), disable=not progress, unit="step", dynamic_ncols=True, desc="fine-tune"):
-        if _ % steps == 0:
+    model.train()
+    for step in tqdm(range(epochs * steps), disable=not progress, unit="step", dynamic_ncols=True, desc="fine-tune"):
+        i = step % steps
+        if i == 0:
             perm = torch.randperm(len(y_all), generator=gen).to(dev)
-        idx = perm[(_ % steps) * batch_size : (_ % steps + 1) * batch_size]
+        idx = perm[i * batch_size : (i + 1) * batch_size]
         keep = dict(zip(ids, draw_keep_mask(probs, gen).tolist())) if survival else None
-        model.train()
-        loss, _logits = train_step(model, opt, normalize(augment(x_all[idx], pad, flip, aug_gen)), y_all[idx], keep, dev.type == "cuda")
+        train_step(model, opt, normalize(augment(x_all[idx], pad, flip, aug_gen)), y_all[idx], keep, dev.type == "cuda")
         sched.step()
     model.eval()
     val = evaluate(model, ds.val, normalize) if ds.val is not None else None

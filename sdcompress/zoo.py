@@ -32,9 +32,14 @@ def bundled(name: str = DEFAULT_MODEL) -> Path:
     return root / name
 
 
-def bundled_eval_set() -> Path | None:
+def _bundled_file(name: str) -> Path | None:
     root = models_dir()
-    return root / EVAL_SET if root is not None and (root / EVAL_SET).exists() else None
+    return root / name if root is not None and (root / name).exists() else None
+
+
+def bundled_eval_set() -> Path | None:
+    """The bundled evaluation set (validation images never trained on), if installed."""
+    return _bundled_file(EVAL_SET)
 
 
 def is_bundled(path: str | Path) -> bool:
@@ -49,5 +54,5 @@ def is_bundled(path: str | Path) -> bool:
 
 
 def bundled_calib_set() -> Path | None:
-    root = models_dir()
-    return root / CALIB_SET if root is not None and (root / CALIB_SET).exists() else None
+    """The bundled calibration set (training-split images for BatchNorm recalibration), if installed."""
+    return _bundled_file(CALIB_SET)
