@@ -313,39 +313,181 @@ def cmd_binarize(a) -> int:
 
 # ---- export --------------------------------------------------------------------------------------------------
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="ONNX file, verified against PyTorch on real inputs",
-                       description="Export the evaluation-time network; verify it on real images; report size and latency.")
+    p = sub.add_parser("export", help="ONNX and Core ML files, verified against PyTorch on real inputs",
+                       description="Export the evaluation-time network to ONNX and Core ML; reload each file and verify it "
+                                   "against PyTorch on real images; report sizes, verification figures and latency.")
     _ckpt_arg(p)
-    p.add_argument("--format", type=_names, default=("onnx",), metavar="onnx", help="formats to write (this version: onnx)")
+    p.add_argument("--format", type=_names, default=("onnx", "coreml"), metavar="onnx,coreml", help="formats to write (default both)")
+    p.add_argument("--precision", choices=("float16", "float32"), default="float16", help="Core ML compute precision and weights (default float16)")
+    p.add_argument("--coreml-input", choices=("image", "tensor"), default="image",
+                   help="Core ML input: an image with the normalization built in (default), or the normalized float tensor")
     p.add_argument("--data", default=None, help="images to verify on (default: the bundled evaluation set or the checkpoint's validation split)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads for the latency figure")
     p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-export)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite exported files already in --out")
+    p.add_argument("--verbose", action="store_true", help="let coremltools' own notices and progress bars through")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(a) -> int:
-    from .pipeline import run_export
+    from .pipeline import FORMATS, run_export
     from .report import format_bytes
 
-    bad = [f for f in a.format if f != "onnx"]
+    bad = [f for f in a.format if f not in FORMATS]
     if bad:
-        raise InputError(f"unknown format {bad[0]!r}; this version exports: onnx")
+        raise InputError(f"unknown format {bad[0]!r}; --format takes a comma-separated list of {', '.join(FORMATS)}")
     path = _resolve_ckpt(a.ckpt)
     name = (path if path.is_dir() else path.parent).name
-    out = _fresh_out(a.out or OUT_ROOT / f"{name}-export", a.force, "model.onnx")
-    r = run_export(path, a.format, out, a.data, a.data_dir, a.threads)
-    o = r["formats"]["onnx"]
-    v = o["verification"]
-    print(f"model.onnx {format_bytes(o['bytes'])} (checkpoint {format_bytes(r['model']['bytes']['checkpoint'])}), opset {o['opset']}, "
-          f"max |onnxruntime - torch| {v['max_abs_diff']:.2g}, top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images, "
-          f"latency {o['latency_ms']['onnxruntime_cpu_b1']:.2f} ms (batch 1, {o['latency_ms']['threads']} thread)")
-    print(f"wrote {out}/model.onnx, {out}/report.json")
+    out = a.out or OUT_ROOT / f"{name}-export"
+    for fmt in a.format:
+        _fresh_out(out, a.force, {"onnx": "model.onnx", "coreml": "model.mlpackage"}[fmt])
+    r = run_export(path, a.format, out, a.data, a.data_dir, a.threads, precision=a.precision, coreml_input=a.coreml_input, verbose=a.verbose)
+    print(f"checkpoint {format_bytes(r['model']['bytes']['checkpoint'])}")
+    if "onnx" in r["formats"]:
+        o = r["formats"]["onnx"]
+        v = o["verification"]
+        print(f"model.onnx {format_bytes(o['bytes'])}, opset {o['opset']}, max |onnxruntime - torch| {v['max_abs_diff']:.2g} (logits), "
+              f"top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images, "
+              f"latency {o['latency_ms']['onnxruntime_cpu_b1']:.2f} ms (onnxruntime CPU, batch 1, {o['latency_ms']['threads']} thread)")
+    if "coreml" in r["formats"]:
+        c = r["formats"]["coreml"]
+        v = c["verification"]
+        print(f"model.mlpackage {format_bytes(c['bytes'])}, {c['precision']}, {c['input']} input, {c['deployment_target']}, "
+              f"{c['binary_layers_palettized']} layers as 1-bit tables, max |Core ML - torch| {v['max_abs_diff']:.2g} (probabilities), "
+              f"top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images ({v['method']})")
+    files = ", ".join(f"{out}/{f['file']}" for f in r["formats"].values())
+    print(f"wrote {files}, {out}/report.json")
     return 0
 
 
-COMMANDS = (add_train, add_eval, add_stats, add_prune, add_binarize, add_export)
+# ---- report --------------------------------------------------------------------------------------------------
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="footprint per block and layer: parameters, memory and MACs by precision",
+                       description="The footprint of one model per block and per layer, totals, exported files beside the "
+                                   "checkpoint, and accuracy when data is given (or for the bundled model).")
+    _ckpt_arg(p)
+    p.add_argument("--data", default=None, help="measure top-1 on this data (default: none, except the bundled model's evaluation set)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+    p.add_argument("--md", type=Path, default=None, help="write the rendered tables (Markdown) here")
+    p.add_argument("--force", action="store_true", help="overwrite --json / --md")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(a) -> int:
+    from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+    from .evaluate import evaluate_checkpoint
+    from .footprint import footprint, render_markdown
+
+    for f in (a.json, a.md):
+        if f is not None and f.exists() and not a.force:
+            raise InputError(f"{f}: exists; pass --force to overwrite")
+        if f is not None and not f.parent.is_dir():
+            raise InputError(f"{f}: folder {f.parent} does not exist")
+    path = _resolve_ckpt(a.ckpt)
+    model, meta = load_checkpoint(path)
+    acc = None
+    if a.data is not None or a.ckpt is None:
+        acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, "auto", 500)
+    fp = footprint(model, meta, path, acc)
+    md = render_markdown(fp)
+    print(md, end="")
+    if a.json:
+        atomic_write_json(a.json, fp)
+    if a.md:
+        atomic_write_bytes(a.md, md.encode())
+    return 0
+
+
+# ---- sweep ---------------------------------------------------------------------------------------------------
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _onoff_list(s: str) -> tuple[bool, ...]:
+    return tuple(_bool(v.strip()) for v in s.split(",") if v.strip())
+
+
+def add_sweep(sub) -> None:
+    from .prune import STRATEGIES
+    from .sweep import SweepConfig
+
+    d = SweepConfig()
+    p = sub.add_parser("sweep", help="the accuracy / size / latency tradeoff across keep fractions and 1-bit weights",
+                       description="For every keep fraction, with and without 1-bit weights: prune (BatchNorm recalibrated), "
+                                   "binarize, export, verify, measure top-1, parameters, MACs, file sizes and onnxruntime "
+                                   "latency. Writes DIR/sweep.json, DIR/sweep.md and DIR/tradeoff.png; finished points are reused.")
+    _ckpt_arg(p)
+    p.add_argument("--keep", type=_floats, default=d.keeps, metavar="1.0,0.9,...", help="keep fractions (default 1.0,0.9,...,0.4)")
+    p.add_argument("--binarize", type=_onoff_list, default=d.binarize, metavar="off,on", help="without and/or with 1-bit weights (default off,on)")
+    p.add_argument("--formats", type=_names, default=d.formats, metavar="onnx,coreml", help="files to export and verify per point")
+    p.add_argument("--strategy", default=d.strategy, choices=list(STRATEGIES))
+    p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="fine-tuning epochs after pruning and binarizing (needs --data)")
+    p.add_argument("--precision", choices=("float16", "float32"), default=d.precision, help="Core ML precision")
+    p.add_argument("--threads", type=_positive_int, default=d.threads, help="onnxruntime threads for every latency figure")
+    p.add_argument("--data", default=None, help="evaluation and calibration data (default: the bundled sets for bundled models)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-sweep)")
+    p.add_argument("--force", action="store_true", help="redo points already measured in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(a) -> int:
+    from .sweep import SweepConfig, run_sweep
+
+    if a.finetune < 0:
+        raise InputError(f"--finetune must be >= 0, got {a.finetune}")
+    cfg = SweepConfig(keeps=a.keep, binarize=a.binarize, formats=a.formats, strategy=a.strategy, finetune=a.finetune,
+                      precision=a.precision, threads=a.threads)
+    path = _resolve_ckpt(a.ckpt)
+    if not path.exists():
+        raise InputError(f"checkpoint {path}: no such file or folder")
+    name = (path if path.is_dir() else path.parent).name
+    out = a.out or OUT_ROOT / f"{name}-sweep"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
+    s = run_sweep(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress, force=a.force)
+    from .sweep import render_markdown
+
+    print(render_markdown(s).split("![tradeoff]")[0].rstrip())
+    print(f"wrote {out}/sweep.json, {out}/sweep.md, {out}/tradeoff.png ({s['reused_points']} of {len(s['points'])} points reused)")
+    return 0
+
+
+# ---- compare -------------------------------------------------------------------------------------------------
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="reports side by side: old -> new with ratios",
+                       description="Any reports sdcompress writes (report, eval, prune, binarize, export, sweep points), "
+                                   "side by side: one row per metric, the first file as the baseline.")
+    p.add_argument("reports", nargs="+", type=Path, help="two or more report JSON files")
+    p.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite --json")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(a) -> int:
+    from .checkpoint import atomic_write_json
+    from .compare import compare, load_report, render
+
+    if len(a.reports) < 2:
+        raise InputError("compare needs at least two reports")
+    if a.json and a.json.exists() and not a.force:
+        raise InputError(f"--json {a.json}: exists; pass --force to overwrite")
+    reports = [load_report(p) for p in a.reports]
+    cmp = compare(reports, [str(p) for p in a.reports])
+    print(render(cmp), end="")
+    if a.json:
+        atomic_write_json(a.json, cmp)
+    return 0
+
+
+COMMANDS = (add_train, add_eval, add_stats, add_prune, add_binarize, add_export, add_report, add_sweep, add_compare)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -11,7 +11,7 @@ from .data import Dataset, ImageSet, Normalize, load_dataset, load_eval_set
 from .errors import InputError
 from .nets import ResNet
 from .train import evaluate
-from .zoo import bundled_calib_set, bundled_eval_set, is_bundled
+from .zoo import bundled_calib_set, bundled_eval_set, same_data_as_bundled
 
 
 @lru_cache(maxsize=2)
@@ -33,7 +33,7 @@ def calibration_images(meta: dict, ckpt, data: str | None, data_dir: str | None)
 
     A bundled model without --data uses the bundled calibration set, drawn from its training split.
     """
-    if data is None and is_bundled(ckpt) and bundled_calib_set() is not None:
+    if data is None and same_data_as_bundled(ckpt, meta) and bundled_calib_set() is not None:
         return load_eval_set(bundled_calib_set()), None, "bundled calibration set"
     try:
         ds = checkpoint_dataset(meta, data, data_dir)
@@ -49,7 +49,7 @@ def eval_data(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | No
     validation split (same seed and size as in training, so never trained on).
     """
     dm = meta["data"]
-    if data is None and is_bundled(ckpt) and bundled_eval_set() is not None:
+    if data is None and same_data_as_bundled(ckpt, meta) and bundled_eval_set() is not None:
         return load_eval_set(bundled_eval_set()), "bundled eval set"
     if data is None:
         data, data_dir = dm.get("source", "digits"), data_dir or meta["stages"][0]["config"].get("data_dir")

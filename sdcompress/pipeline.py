@@ -23,7 +23,8 @@ def _accuracy(model, meta, images, name) -> dict | None:
     return {"top1": acc["top1"], "dataset": name, "n": acc["n"]}
 
 
-def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Callable, data, data_dir, device, progress) -> tuple[dict, dict]:
+def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Callable, data, data_dir, device, progress,
+               measure_before: bool = True) -> tuple[dict, dict]:
     """Load, evaluate, transform, save and report; `transform(model, meta, calib, tune) -> (model, record)`."""
     model, meta = load_checkpoint(ckpt)
     try:
@@ -33,7 +34,7 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
             raise
         images, eval_name = None, None  # the checkpoint's data is not here: report no accuracy
     calib, ds, calib_name = calibration_images(meta, ckpt, data, data_dir) if need_train else (None, None, None)
-    before = model_report(model, meta, resolve(ckpt)[0], _accuracy(model, meta, images, eval_name))
+    before = model_report(model, meta, resolve(ckpt)[0], _accuracy(model, meta, images, eval_name) if measure_before else None)
 
     def tune(m, epochs, lr, survival, seed):
         if ds is None:
@@ -55,14 +56,14 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
     return report, {**new_meta, "spec": new.spec.to_dict()}
 
 
-def run_prune(ckpt, cfg: PruneConfig, out: Path, data=None, data_dir=None, device="auto", progress=True) -> dict:
+def run_prune(ckpt, cfg: PruneConfig, out: Path, data=None, data_dir=None, device="auto", progress=True, measure_before=True) -> dict:
     """Prune a checkpoint into `out` (model.pt, model.json, report.json, report.md, blocks.png)."""
 
     def transform(model, meta, calib, tune):
         return prune_model(model, meta, cfg, calib, lambda m: tune(m, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed))
 
     need = bool(cfg.recalibrate) or cfg.finetune > 0 or cfg.strategy == "sensitivity"
-    report, meta = _run_stage("prune", ckpt, out, cfg, need, transform, data, data_dir, device, progress)
+    report, meta = _run_stage("prune", ckpt, out, cfg, need, transform, data, data_dir, device, progress, measure_before)
     if isinstance(meta.get("survival_stats"), dict):
         plot_stats(meta, out / "blocks.png")
         table = format_stats_table(meta)
@@ -72,7 +73,7 @@ def run_prune(ckpt, cfg: PruneConfig, out: Path, data=None, data_dir=None, devic
     return report
 
 
-def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None, device="auto", progress=True) -> dict:
+def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None, device="auto", progress=True, measure_before=True) -> dict:
     """Binarize a checkpoint into `out` (model.pt with packed sign bits, model.json, report.json, report.md)."""
 
     def transform(model, meta, calib, tune):
@@ -88,7 +89,7 @@ def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None,
         return new, record
 
     need = bool(cfg.recalibrate) or cfg.finetune > 0
-    report, _ = _run_stage("binarize", ckpt, out, cfg, need, transform, data, data_dir, device, progress)
+    report, _ = _run_stage("binarize", ckpt, out, cfg, need, transform, data, data_dir, device, progress, measure_before)
     atomic_write_bytes(out / "report.md", binarize_markdown(report).encode())
     return report
 
@@ -97,50 +98,92 @@ class VerificationFailed(RuntimeError):
     """An exported file does not reproduce the PyTorch model; nothing was written."""
 
 
-def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=None, threads: int = 1, batch: int = 64) -> dict:
+FORMATS = ("onnx", "coreml")
+
+
+def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=None, threads: int = 1, batch: int = 64,
+               precision: str = "float16", coreml_input: str = "image", verbose: bool = False) -> dict:
     """Export a checkpoint, verify each file on real inputs, and report sizes, parity and latency.
 
-    Each file is written to a temporary name, reloaded and checked against PyTorch, and only then renamed into
+    Each file is written under a temporary name, reloaded and checked against PyTorch, and only then renamed into
     place; a file that fails verification is deleted and the command fails.
     """
-    import os
-    import tempfile
-
     import torch
 
-    from .export.onnx import export_onnx, latency_ms, ort_session, verify_onnx
-
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise InputError(f"unknown format {bad[0]!r}; expected a comma-separated list of {', '.join(FORMATS)}")
     model, meta = load_checkpoint(ckpt)
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
     idx = torch.arange(min(batch, len(images)))
-    x = Normalize(meta["data"]["mean"], meta["data"]["std"])(images.images[idx])
     result = {"schema": "sdcompress.report/1", "stage": "export", "formats": {}}
     out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
-        if fmt != "onnx":
-            raise InputError(f"unknown format {fmt!r}; this version exports: onnx")
-        data_bytes, facts = export_onnx(model, meta)
-        fd, tmp = tempfile.mkstemp(prefix=".model.onnx.", suffix=".tmp", dir=out)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data_bytes)
-            session = ort_session(tmp, threads)  # the file as written, reloaded
-            check = verify_onnx(session, model, x)
-            if not check["ok"]:
-                raise VerificationFailed(f"ONNX output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
-                                         f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
-            lat = latency_ms(session, tuple(meta["data"]["input_shape"]))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out / "model.onnx")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        result["formats"]["onnx"] = {"file": "model.onnx", "bytes": os.path.getsize(out / "model.onnx"), **facts,
-                                     "verification": {**check, "dataset": eval_name},
-                                     "latency_ms": {"onnxruntime_cpu_b1": lat, "threads": threads, "runs": 50}}
+        if fmt == "onnx":
+            result["formats"]["onnx"] = _export_onnx(model, meta, out, images.images[idx], eval_name, threads)
+        else:
+            result["formats"]["coreml"] = _export_coreml(model, meta, ckpt, out, images.images[idx], eval_name, precision, coreml_input, verbose)
     rep = model_report(model, meta, resolve(ckpt)[0], None)
-    rep["bytes"]["onnx"] = result["formats"].get("onnx", {}).get("bytes")
+    for fmt in FORMATS:
+        rep["bytes"][fmt] = result["formats"].get(fmt, {}).get("bytes")
     rep["latency_ms"] = {"onnxruntime_cpu_b1": result["formats"]["onnx"]["latency_ms"]["onnxruntime_cpu_b1"]} if "onnx" in result["formats"] else None
     result["model"] = rep
     atomic_write_json(out / "report.json", result)
     return result
+
+
+def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int) -> dict:
+    import os
+    import tempfile
+
+    from .export.onnx import OPSET, export_onnx, latency_ms, ort_session, verify_onnx
+
+    x = Normalize(meta["data"]["mean"], meta["data"]["std"])(images)
+    data_bytes, facts = export_onnx(model, meta)
+    fd, tmp = tempfile.mkstemp(prefix=".model.onnx.", suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data_bytes)
+        session = ort_session(tmp, threads)  # the file as written, reloaded
+        check = verify_onnx(session, model, x)
+        if not check["ok"]:
+            raise VerificationFailed(f"ONNX output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
+                                     f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
+        lat = latency_ms(session, tuple(meta["data"]["input_shape"]))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out / "model.onnx")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    assert facts["opset"] == OPSET
+    return {"file": "model.onnx", "bytes": os.path.getsize(out / "model.onnx"), **facts,
+            "verification": {**check, "dataset": eval_name},
+            "latency_ms": {"onnxruntime_cpu_b1": lat, "threads": threads, "runs": 50}}
+
+
+def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precision: str, input_kind: str, verbose: bool) -> dict:
+    import os
+    import shutil
+    import tempfile
+
+    from .export import coreml
+    from .zoo import card_fields
+
+    try:
+        coreml.import_coremltools(verbose)
+    except ImportError as e:
+        raise InputError(f"--format coreml needs coremltools ({e}); install it with `pip install coremltools==9.0`") from None
+    ml, facts = coreml.convert(model, meta, precision, input_kind, card_fields(ckpt, meta), verbose)
+    tmp = Path(tempfile.mkdtemp(prefix=".model.mlpackage.", suffix=".tmp", dir=out))
+    try:
+        pkg = tmp / "model.mlpackage"
+        coreml.save(ml, pkg, verbose)
+        check = coreml.verify(pkg, model, meta, images, input_kind, precision, verbose)
+        if not check["ok"]:
+            raise VerificationFailed(f"Core ML output differs from PyTorch by {check['max_abs_diff']:.3g} in class probabilities "
+                                     f"(top-1 agreement {check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
+        coreml.replace_dir(pkg, out / "model.mlpackage")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"file": "model.mlpackage", "bytes": coreml.package_bytes(out / "model.mlpackage"), **facts,
+            "verification": {**check, "dataset": eval_name}}

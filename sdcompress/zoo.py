@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 
@@ -53,6 +54,53 @@ def is_bundled(path: str | Path) -> bool:
         return False
 
 
+def same_data_as_bundled(ckpt: str | Path, meta: dict) -> bool:
+    """Whether a checkpoint is bundled, or was trained on the very data and split of a bundled model (a pruned or
+    binarized bundled model, say), so that the bundled evaluation and calibration sets are held out for it."""
+    if is_bundled(ckpt):
+        return True
+    return meta.get("data") is not None and meta["data"] in _bundled_data()
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_data() -> tuple:
+    import json
+
+    root = models_dir()
+    found = []
+    for side in sorted(root.glob("*/model.json")) if root is not None else []:
+        try:
+            found.append(json.loads(side.read_text())["data"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return tuple(found)
+
+
 def bundled_calib_set() -> Path | None:
     """The bundled calibration set (training-split images for BatchNorm recalibration), if installed."""
     return _bundled_file(CALIB_SET)
+
+
+def card_fields(ckpt: str | Path, meta: dict) -> dict:
+    """Description, author and license for an exported file: from a MODEL_CARD.md beside the checkpoint (its
+    title; `| author |` and `| license |` rows), and the compression stages the checkpoint went through."""
+    folder = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
+    fields: dict[str, str] = {}
+    card = folder / "MODEL_CARD.md"
+    if card.is_file():
+        for line in card.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("# ") and "description" not in fields:
+                fields["description"] = line[2:].strip()
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 2 and cells[0] in ("author", "license"):
+                fields[cells[0]] = cells[1]
+    steps = []
+    for st in meta.get("stages", [])[1:]:
+        if st.get("stage") == "prune":
+            steps.append(f"pruned to {len(st.get('kept', []))} residual blocks")
+        elif st.get("stage") == "binarize":
+            steps.append(f"{len(st.get('layers', []))} layers binarized")
+    arch = meta.get("stages", [{}])[0].get("config", {}).get("arch", "ResNet")
+    base = fields.get("description") or f"{arch} image classifier, {len(meta['data']['classes'])} classes ({meta['data'].get('name', '')})"
+    fields["description"] = base + (f"; {', '.join(steps)} by sdcompress" if steps else "")
+    return fields

@@ -25,7 +25,7 @@ def variants(tmp_path_factory):
 @pytest.mark.parametrize("name", ["full", "pruned", "binary", "both"])
 def test_onnx_parity_and_metadata(variants, name, tmp_path):
     out = tmp_path / name
-    assert main(["export", str(variants / name), "--out", str(out)]) == 0
+    assert main(["export", str(variants / name), "--format", "onnx", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     v = rep["formats"]["onnx"]["verification"]
     assert v["ok"] and v["max_abs_diff"] <= 1e-4 and v["top1_agreement"] == 1.0
@@ -51,7 +51,7 @@ def test_onnx_parity_and_metadata(variants, name, tmp_path):
 
 def test_binarized_onnx_stores_bits(variants, tmp_path):
     for name in ("full", "binary"):
-        assert main(["export", str(variants / name), "--out", str(tmp_path / name)]) == 0
+        assert main(["export", str(variants / name), "--format", "onnx", "--out", str(tmp_path / name)]) == 0
     full = (tmp_path / "full" / "model.onnx").stat().st_size
     binary = (tmp_path / "binary" / "model.onnx").stat().st_size
     model, _ = load_checkpoint(variants / "binary")
@@ -94,3 +94,118 @@ def test_export_of_mismatched_weights_fails_with_one_line(variants, tmp_path, ca
     assert len(err.strip().splitlines()) == 1 and "do not match" in err
     assert not (tmp_path / "o").exists()
     assert main(["export", str(variants / "full"), "--format", "tflite", "--out", str(tmp_path / "o")]) == 2
+
+
+# ---- Core ML ---------------------------------------------------------------------------------------------------
+def _coremltools():
+    try:
+        from sdcompress.export.coreml import import_coremltools
+
+        return import_coremltools()
+    except ImportError as e:
+        pytest.skip(f"coremltools is not importable: {e}")
+
+
+def _program(path):
+    from sdcompress.export.coreml import _load_program
+
+    return _load_program(path)
+
+
+@pytest.mark.parametrize("name", ["full", "pruned", "binary", "both"])
+def test_coreml_conversion_and_verification(variants, name, tmp_path):
+    ct = _coremltools()
+    out = tmp_path / name
+    assert main(["export", str(variants / name), "--format", "coreml", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())["formats"]["coreml"]
+    v = rep["verification"]
+    assert v["ok"] and v["top1_agreement"] >= 0.98 and v["max_abs_diff"] <= 1e-2 and v["n"] == 64
+    assert rep["bytes"] == sum(f.stat().st_size for f in (out / "model.mlpackage").rglob("*") if f.is_file())
+    model, meta = load_checkpoint(variants / name)
+    spec = ct.models.MLModel(str(out / "model.mlpackage"), skip_model_load=True).get_spec()
+    assert spec.description.input[0].type.WhichOneof("Type") == "imageType"
+    assert spec.description.predictedFeatureName == "classLabel"
+    assert spec.description.metadata.author and spec.description.metadata.shortDescription
+    prog = _program(out / "model.mlpackage")
+    ops = list(prog.functions["main"].operations)
+    classify = next(op for op in ops if op.op_type == "classify")
+    assert [str(c) for c in classify.classes.val] == [str(c) for c in meta["data"]["classes"]]
+    assert not any("random" in op.op_type for op in ops)
+    luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
+    n_conv_binary = sum(1 for n in model.spec.binarized if n != "fc")
+    assert len(luts) == n_conv_binary
+    for op in luts:  # a 2-entry table per output channel: 1 bit per weight
+        assert op.lut.val.shape[0] == op.outputs[0].shape[0] and op.lut.val.shape[-2] == 2
+    assert rep["deployment_target"] == ("iOS18" if model.spec.binarized else "iOS16")
+    linear = next(op for op in ops if op.op_type == "linear")
+    assert linear.weight.op.op_type == "const"  # the classifier is not palettized
+    # removed blocks have no weights in the package
+    if name in ("pruned", "both"):
+        n_conv = sum(op.op_type == "conv" for op in ops)
+        assert n_conv == 1 + 2 * len(model.block_ids)
+
+
+def test_coreml_binarized_package_is_smaller_by_the_bits(variants, tmp_path):
+    _coremltools()
+    for name in ("full", "binary"):
+        assert main(["export", str(variants / name), "--format", "coreml", "--out", str(tmp_path / name)]) == 0
+    size = {n: json.loads((tmp_path / n / "report.json").read_text())["formats"]["coreml"]["bytes"] for n in ("full", "binary")}
+    model, _ = load_checkpoint(variants / "binary")
+    n_binary = sum(model.get_submodule(n).weight.numel() for n in model.spec.binarized)
+    assert size["full"] - size["binary"] >= (n_binary * 2 - n_binary / 8) * 0.9  # float16 -> 1 bit per weight (plus tables)
+
+
+def test_coreml_tensor_input_float32_dynamic_batch(variants, tmp_path):
+    _coremltools()
+    from sdcompress.data import Normalize
+    from sdcompress.export.coreml import run_program
+
+    out = tmp_path / "t"
+    assert main(["export", str(variants / "both"), "--format", "coreml", "--coreml-input", "tensor", "--precision", "float32", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())["formats"]["coreml"]
+    assert rep["verification"]["max_abs_diff"] <= 1e-4 and rep["verification"]["max_abs_diff_logits"] <= 1e-3
+    model, meta = load_checkpoint(variants / "both")
+    prog = _program(out / "model.mlpackage")
+    x = Normalize(meta["data"]["mean"], meta["data"]["std"])(torch_randint((5, 1, 8, 8)))
+    env = run_program(prog, {"input": x.numpy()})
+    assert env["__probabilities__"].shape == (5, 10)  # another batch size than the one converted with
+
+
+def torch_randint(shape):
+    import torch
+
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_corrupted_coreml_package_is_caught(variants, tmp_path, monkeypatch):
+    _coremltools()
+    import sdcompress.export.coreml as cm
+
+    real = cm.save
+
+    def corrupt(ml, path, verbose=False):
+        real(ml, path, verbose)
+        w = next(path.rglob("weight.bin"))
+        data = bytearray(w.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 4096] = bytes(4096)  # zero a run of weights
+        w.write_bytes(bytes(data))
+
+    monkeypatch.setattr(cm, "save", corrupt)
+    with pytest.raises(VerificationFailed, match="differs from PyTorch"):
+        run_export(variants / "full", ("coreml",), tmp_path / "bad")
+    assert list((tmp_path / "bad").iterdir()) == []  # no package, no temporary folder
+
+
+def test_coremltools_notices_stay_quiet(variants, tmp_path):
+    _coremltools()
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sdcompress", "export", str(variants / "both"), "--format", "coreml", "--out", str(tmp_path / "q")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "", r.stderr
+    assert "model.mlpackage" in r.stdout
+    r = subprocess.run(cmd + ["--force", "--verbose"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and ("coremltools" in r.stderr or "Torch version" in r.stderr or "Converting" in r.stderr)

@@ -63,6 +63,8 @@ def main() -> None:
 
 | | |
 |---|---|
+| author | sdcompress |
+| license | MIT |
 | architecture | {cfg['arch']} (CIFAR ResNet, option-A parameter-free shortcuts), {model.spec.blocks_total} residual blocks |
 | training | {rule} |
 | data | {DATA_SOURCE} |

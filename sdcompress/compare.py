@@ -1,0 +1,110 @@
+"""Reports side by side: one row per metric, the first report as the baseline, `old -> new` with the ratio,
+and the accuracy change in percentage points."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import InputError
+from .report import REPORT_SCHEMA, format_bytes
+
+COMPARE_SCHEMA = "sdcompress.compare/1"
+
+# (key, label, unit); a key is a path into the model-shaped part of a report
+METRICS = (
+    ("params.total", "parameters", "count"),
+    ("memory_bytes.total", "model size (declared precision)", "bytes"),
+    ("float32_equivalent_bytes", "float32 equivalent", "bytes"),
+    ("macs", "MACs", "count"),
+    ("macs_split.binary_weight", "MACs on binary weights", "count"),
+    ("bytes.checkpoint", "model.pt", "bytes"),
+    ("bytes.onnx", "model.onnx", "bytes"),
+    ("bytes.coreml", "model.mlpackage", "bytes"),
+    ("latency_ms.onnxruntime_cpu_b1", "latency, onnxruntime CPU batch 1 (ms)", "ms"),
+    ("accuracy.top1", "top-1", "accuracy"),
+)
+
+
+def load_report(path: str | Path) -> dict:
+    """A report file sdcompress wrote, or an InputError saying why it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot be read as a report ({type(e).__name__}); give a report.json that sdcompress wrote") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise InputError(f"{path}: not JSON; give a report.json that sdcompress wrote") from None
+    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
+        raise InputError(f"{path}: not an sdcompress report (no \"schema\": \"{REPORT_SCHEMA}\")")
+    if model_part(data) is None:
+        raise InputError(f"{path}: an sdcompress report without model figures (params, MACs); nothing to compare")
+    return data
+
+
+def model_part(report: dict) -> dict | None:
+    """The model-shaped figures of any report: the model after a stage, an export's or footprint's model, a point."""
+    for cand in (report.get("after"), report.get("model"), report):
+        if isinstance(cand, dict) and isinstance(cand.get("params"), dict) and "macs" in cand:
+            return cand
+    return None
+
+
+def _get(d: dict, key: str):
+    for k in key.split("."):
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d if isinstance(d, (int, float)) and not isinstance(d, bool) else None
+
+
+def compare(reports: list[dict], names: list[str]) -> dict:
+    """One row per metric: the values, each one's ratio to the first (or change in points, for accuracy)."""
+    parts = [model_part(r) for r in reports]
+    rows = []
+    for key, label, unit in METRICS:
+        values = [_get(p, key) for p in parts]
+        if all(v is None for v in values):
+            continue
+        base = values[0]
+        row = {"metric": key, "label": label, "unit": unit, "values": values}
+        if unit == "accuracy":
+            row["delta_points"] = [None if v is None or base is None else 100 * (v - base) for v in values]
+        else:
+            row["ratio"] = [None if v is None or not base else v / base for v in values]
+        rows.append(row)
+    return {"schema": COMPARE_SCHEMA, "files": names, "baseline": names[0], "rows": rows}
+
+
+def _fmt(v, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "bytes":
+        return format_bytes(int(v))
+    if unit == "accuracy":
+        return f"{100 * v:.2f}%"
+    if unit == "ms":
+        return f"{v:.3f}"
+    return f"{int(v):,}"
+
+
+def render(cmp: dict) -> str:
+    """A Markdown table: metric, baseline, then `old -> new (ratio)` per other file."""
+    names = [Path(f).parent.name + "/" + Path(f).name if Path(f).parent.name else Path(f).name for f in cmp["files"]]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for r in cmp["rows"]:
+        cells = [_fmt(r["values"][0], r["unit"])]
+        old = _fmt(r["values"][0], r["unit"])
+        for i, v in enumerate(r["values"][1:], start=1):
+            if r["unit"] == "accuracy":
+                d = r["delta_points"][i]
+                cells.append(f"{old} -> {_fmt(v, r['unit'])}" + ("" if d is None else f" ({d:+.2f} pts)"))
+            else:
+                q = r["ratio"][i]
+                cells.append(f"{old} -> {_fmt(v, r['unit'])}" + ("" if q is None else f" ({q:.3f}x)"))
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,341 @@
+"""Core ML export: an ML program (.mlpackage) with an image input, a classifier output and 1-bit weights.
+
+The package holds the evaluation-time network (every kept block scaled by p_l, no random ops), converted from
+`torch.export` by coremltools. Binarized convolutions, whose weights (after BatchNorm is folded into them) take
+two values per output channel, are palettized to a 1-bit lookup table per output channel, which is exact for
+such weights; this needs the iOS 18 deployment target. Other models target iOS 16. The classifier stays in
+float: 1-bit palettization of it is lossy.
+
+Verification reloads the written package. On macOS Core ML itself predicts; elsewhere (Core ML prediction is
+macOS-only) the package's own ML program is loaded with coremltools' MIL loader, compressed weights are expanded
+by coremltools' own decompression functions, and the program's ops are evaluated in torch (float32). That
+reference evaluation relies on coremltools internals, which is why coremltools is pinned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..binarize import BinaryConv2d
+from ..nets import ResNet
+from .onnx import _plain_copy
+
+PRECISIONS = ("float16", "float32")
+INPUTS = ("image", "tensor")
+DEBUG_FILES = ("executorch_debug_handle_mapping.json",)  # debugging aid coremltools writes; not part of the model
+
+
+@contextlib.contextmanager
+def quiet(verbose: bool = False):
+    """Keep coremltools' import notices (untested torch version, scikit-learn, missing macOS libraries) and its
+    conversion progress bars from reaching the user, unless verbose."""
+    if verbose:
+        yield
+        return
+    log = logging.getLogger("coremltools")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def import_coremltools(verbose: bool = False):
+    with quiet(verbose):
+        import coremltools as ct
+    return ct
+
+
+class _Deployable(nn.Module):
+    """What the package computes: optional per-channel normalization, the network, softmax."""
+
+    def __init__(self, net: nn.Module, inv_std: list[float] | None):
+        super().__init__()
+        self.net = net
+        self.register_buffer("scale", None if inv_std is None else torch.tensor(inv_std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        if self.scale is not None:
+            x = x * self.scale
+        return torch.softmax(self.net(x), dim=1)
+
+
+def _image_input(ct, dm: dict):
+    """The ImageType and the in-graph per-channel factor (None when one scale expresses the normalization).
+
+    Core ML applies `scale * pixel + bias[c]` to an image input. (pixel / 255 - mean_c) / std_c is that form when
+    every channel has the same std; otherwise the image input yields pixel / 255 - mean_c and the graph's first op
+    multiplies by 1 / std_c.
+    """
+    c, h, w = dm["input_shape"]
+    mean, std = [float(m) for m in dm["mean"]], [float(s) for s in dm["std"]]
+    layout = ct.colorlayout.GRAYSCALE if c == 1 else ct.colorlayout.RGB
+    if c not in (1, 3):
+        raise ValueError(f"an image input needs 1 or 3 channels, this model takes {c}; use --coreml-input tensor")
+    if max(std) - min(std) <= 1e-6 * max(std):
+        s = std[0]
+        bias = [-m / s for m in mean]
+        return ct.ImageType(name="image", shape=(1, c, h, w), scale=1 / (255 * s), bias=bias if c == 3 else bias[0], color_layout=layout), None
+    bias = [-m for m in mean]
+    return ct.ImageType(name="image", shape=(1, c, h, w), scale=1 / 255, bias=bias if c == 3 else bias[0], color_layout=layout), [1 / s for s in std]
+
+
+def _binary_conv_ops(prog) -> list[str]:
+    """Names of conv ops whose constant weight takes at most two values per output channel (binarized layers)."""
+    names = []
+    for op in prog.functions["main"].operations:
+        if op.op_type != "conv" or op.weight.val is None:
+            continue
+        w = np.asarray(op.weight.val).reshape(op.weight.shape[0], -1)
+        if w.shape[1] > 2 and all(np.unique(row).size <= 2 for row in w):
+            names.append(op.name)
+    return names
+
+
+def convert(model: ResNet, meta: dict, precision: str = "float16", input_kind: str = "image", card: dict | None = None, verbose: bool = False):
+    """The converted (in-memory) MLModel and facts about it."""
+    ct = import_coremltools(verbose)
+    from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    plain, binary_names = _plain_copy(model)
+    dm = meta["data"]
+    c, h, w = dm["input_shape"]
+    if input_kind == "image":
+        inp, inv_std = _image_input(ct, dm)
+        dyn = None
+        example = torch.rand(1, c, h, w) * 255
+    else:
+        inp = ct.TensorType(name="input", shape=(ct.RangeDim(1, 1024, 1), c, h, w), dtype=np.float32)
+        inv_std, dyn = None, {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+        example = torch.randn(2, c, h, w)
+    wrapped = _Deployable(plain, inv_std).eval()
+    target = ct.target.iOS18 if binary_names else ct.target.iOS16
+    with quiet(verbose):
+        ep = torch.export.export(wrapped, (example,), dynamic_shapes=dyn).run_decompositions({})
+        ml = ct.convert(ep, inputs=[inp], classifier_config=ct.ClassifierConfig([str(k) for k in dm["classes"]]),
+                        convert_to="mlprogram", minimum_deployment_target=target,
+                        compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32)
+        palettized = _binary_conv_ops(ml._mil_program) if binary_names else []
+        if palettized:
+            one_bit = OpPalettizerConfig(mode="kmeans", nbits=1, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
+            ml = palettize_weights(ml, OptimizationConfig(global_config=None, op_name_configs={n: one_bit for n in palettized}))
+    n_conv = sum(isinstance(model.get_submodule(n), BinaryConv2d) for n in binary_names)
+    if len(palettized) != n_conv:
+        raise RuntimeError(f"{len(palettized)} convolutions palettized to 1 bit, but the model has {n_conv} binarized ones")
+    card = card or {}
+    ml.short_description = card.get("description") or f"{model.spec.arch} image classifier ({len(dm['classes'])} classes), compressed by sdcompress"
+    ml.author = card.get("author") or "sdcompress"
+    ml.license = card.get("license") or "unspecified"
+    ml.version = card.get("version") or ""
+    if input_kind == "image":
+        ml.input_description["image"] = f"{'RGB' if c == 3 else 'grayscale'} image, {w}x{h} pixels; normalization is built in"
+    else:
+        ml.input_description["input"] = f"NCHW float32 batch of shape (N, {c}, {h}, {w}): pixel / 255, then (x - mean) / std per channel, mean {dm['mean']}, std {dm['std']}"
+    ml.output_description["classLabel"] = "most likely class"
+    ml.output_description["classLabel_probs"] = "probability of each class"
+    ml.user_defined_metadata.update({"sdcompress_spec": __import__("json").dumps(model.spec.to_dict()),
+                                     "mean": str(dm["mean"]), "std": str(dm["std"])})
+    facts = {"deployment_target": "iOS18" if binary_names else "iOS16", "precision": precision, "input": input_kind,
+             "binary_layers_palettized": len(palettized)}
+    return ml, facts
+
+
+def save(ml, path: Path, verbose: bool = False) -> None:
+    with quiet(verbose):
+        ml.save(str(path))
+    for name in DEBUG_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path / name)
+
+
+def package_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ---- verification --------------------------------------------------------------------------------------------
+def _load_program(path: Path, verbose: bool = False):
+    ct = import_coremltools(verbose)
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    with quiet(verbose):
+        m = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = m.get_spec()
+        return load(spec, spec.specificationVersion, m.weights_dir)
+
+
+def _const(op) -> np.ndarray:
+    """A constant op's value; compressed constants expanded by coremltools' own decompression."""
+    if op.op_type == "const":
+        return op.outputs[0].val
+    if op.op_type == "constexpr_lut_to_dense":
+        if "shape" in op.inputs:  # iOS 16 form
+            return type(op).decompress(op.lut.val, op.indices.val, op.shape.val)
+        return type(op).decompress(op.indices.val, op.lut.val, None if op.vector_axis is None else op.vector_axis.val)
+    if op.op_type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale", "constexpr_cast"):
+        return op.materialized_val_inference() if hasattr(op, "materialized_val_inference") else op.value_inference()
+    raise NotImplementedError(op.op_type)
+
+
+def _t(v) -> torch.Tensor:
+    a = np.asarray(v)
+    return torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64))
+
+
+def run_program(prog, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Evaluate an ML program's ops in torch (float32); every intermediate, by name."""
+    import torch.nn.functional as F
+
+    env: dict[str, torch.Tensor] = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in inputs.items()}
+    f = prog.functions["main"]
+
+    def val(var):
+        if var.name in env:
+            return env[var.name]
+        if var.val is not None:
+            return _t(var.val)
+        raise KeyError(var.name)
+
+    def arg(op, k, default=None):
+        v = op.inputs.get(k)
+        return default if v is None else val(v)
+
+    for op in f.operations:
+        t = op.op_type
+        if t == "const" or t.startswith("constexpr_"):
+            v = np.asarray(_const(op))
+            if v.dtype.kind in "fiub":  # strings (pad_type, dtype names) stay attributes, read from the op
+                env[op.outputs[0].name] = _t(v)
+            continue
+        x = arg(op, "x")
+        if t == "conv":
+            wt, b = arg(op, "weight"), arg(op, "bias")
+            pad = [int(p) for p in arg(op, "pad", torch.zeros(4)).tolist()]
+            if op.pad_type.val not in ("custom", "valid"):
+                raise NotImplementedError(f"conv pad_type {op.pad_type.val}")
+            x = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
+            y = F.conv2d(x, wt, b, stride=tuple(arg(op, "strides").tolist()), dilation=tuple(arg(op, "dilations").tolist()), groups=int(arg(op, "groups")))
+        elif t == "linear":
+            y = F.linear(x, arg(op, "weight"), arg(op, "bias"))
+        elif t == "relu":
+            y = torch.relu(x)
+        elif t in ("add", "sub", "mul", "real_div"):
+            a, b = x, arg(op, "y")
+            y = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "real_div": torch.div}[t](a, b)
+        elif t == "cast":
+            y = x.float() if op.dtype.val.startswith("fp") else x.long()
+        elif t == "slice_by_index":
+            y = x
+            begin, end, stride = arg(op, "begin").tolist(), arg(op, "end").tolist(), arg(op, "stride").tolist()
+            bm = op.begin_mask.val if op.begin_mask is not None else [False] * x.dim()
+            em = op.end_mask.val if op.end_mask is not None else [False] * x.dim()
+            idx = tuple(slice(None if bm[d] else begin[d], None if em[d] else end[d], stride[d]) for d in range(x.dim()))
+            y = x[idx]
+        elif t == "pad":
+            p = arg(op, "pad").tolist()
+            if op.mode.val != "constant":
+                raise NotImplementedError(f"pad mode {op.mode.val}")
+            torch_pad = []
+            for d in reversed(range(len(p) // 2)):
+                torch_pad += [int(p[2 * d]), int(p[2 * d + 1])]
+            y = F.pad(x, torch_pad, value=float(op.constant_val.val))
+        elif t == "reduce_mean":
+            y = x.mean(dim=tuple(int(a) for a in arg(op, "axes").tolist()), keepdim=bool(op.keep_dims.val))
+        elif t == "reshape":
+            y = x.reshape([int(s) for s in arg(op, "shape").tolist()])
+        elif t == "softmax":
+            y = torch.softmax(x, dim=int(op.axis.val))
+        elif t == "classify":
+            env["__probabilities__"] = val(op.probabilities)
+            continue
+        else:
+            raise NotImplementedError(f"reference evaluation has no op {t!r}")
+        env[op.outputs[0].name] = y
+    return env
+
+
+def _reference_outputs(path: Path, inputs: np.ndarray, input_name: str, verbose: bool):
+    prog = _load_program(path, verbose)
+    softmax = [op for op in prog.functions["main"].operations if op.op_type == "softmax"][-1]
+    shape = prog.functions["main"].inputs[input_name].shape
+    chunks = [inputs[i:i + 1] for i in range(len(inputs))] if isinstance(shape[0], int) else [inputs]  # an image input is one image
+    logits, probs = [], []
+    for x in chunks:
+        env = run_program(prog, {input_name: x})
+        logits.append(env[softmax.x.name].numpy())
+        probs.append(env["__probabilities__"].numpy())
+    return np.concatenate(logits), np.concatenate(probs)
+
+
+def _macos_outputs(path: Path, inputs: np.ndarray, input_kind: str, classes: list, verbose: bool):
+    ct = import_coremltools(verbose)
+    from PIL import Image
+
+    ml = ct.models.MLModel(str(path))
+    probs = []
+    for x in inputs:
+        if input_kind == "image":
+            arr = x.astype(np.uint8)
+            img = Image.fromarray(arr[0], "L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+            out = ml.predict({"image": img})
+        else:
+            out = ml.predict({"input": x[None].astype(np.float32)})
+        d = out["classLabel_probs"]
+        probs.append([d[str(k)] for k in classes])
+    return None, np.asarray(probs, np.float32)
+
+
+TOLERANCE = {"float32": {"atol": 1e-4, "agree": 1.0}, "float16": {"atol": 1e-2, "agree": 0.98}}
+
+
+def verify(path: Path, model: ResNet, meta: dict, images_uint8: torch.Tensor, input_kind: str, precision: str, verbose: bool = False) -> dict:
+    """Reload the written package, run it on real images and compare with PyTorch (probabilities and logits)."""
+    from ..data import Normalize
+
+    dm = meta["data"]
+    x = Normalize(dm["mean"], dm["std"])(images_uint8)
+    with torch.no_grad():
+        ref_logits = model.cpu().eval()(x)
+    ref_probs = torch.softmax(ref_logits, 1).numpy()
+    feed = images_uint8.float().numpy() if input_kind == "image" else x.numpy()
+    if sys.platform == "darwin":
+        logits, probs = _macos_outputs(path, feed, input_kind, dm["classes"], verbose)
+        how = "Core ML prediction (macOS)"
+    else:
+        logits, probs = _reference_outputs(path, feed, "image" if input_kind == "image" else "input", verbose)
+        how = "reference evaluation of the package's ML program (coremltools loader, torch ops)"
+    ok_shape = probs.shape == ref_probs.shape
+    diff = float(np.abs(probs - ref_probs).max()) if ok_shape else math.inf
+    ldiff = float(np.abs(logits - ref_logits.numpy()).max()) if logits is not None and logits.shape == ref_logits.shape else None
+    agree = float((probs.argmax(1) == ref_probs.argmax(1)).mean()) if ok_shape else 0.0
+    tol = TOLERANCE[precision]
+    ok = ok_shape and diff <= tol["atol"] and agree >= tol["agree"]
+    return {"max_abs_diff": diff, "max_abs_diff_logits": ldiff, "top1_agreement": agree, "n": int(len(feed)),
+            "compared": "class probabilities", "atol": tol["atol"], "min_top1_agreement": tol["agree"], "method": how, "ok": ok}
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move a finished package into place; an existing one is swapped out only once the new one is complete."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

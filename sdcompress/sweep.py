@@ -1,0 +1,303 @@
+"""The accuracy / size / latency tradeoff: prune at several keep fractions, with and without 1-bit weights,
+export and verify every point, and measure them all the same way.
+
+Each point lives in `DIR/points/LABEL/` (its checkpoint, export and `point.json`); `point.json` is written last
+and atomically, so a point that has one is complete and a rerun skips it. Latency is measured after all points
+exist, for all of them in the same run (interleaved rounds, one thread count), so that resumed sweeps still
+compare latencies measured side by side on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .binarize import BinarizeConfig
+from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, resolve
+from .errors import InputError
+from .evaluate import evaluate_checkpoint
+from .prune import STRATEGIES, PruneConfig
+from .report import REPORT_SCHEMA, format_bytes, model_report
+
+SWEEP_SCHEMA = "sdcompress.sweep/1"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    keeps: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+    binarize: tuple[bool, ...] = (False, True)
+    formats: tuple[str, ...] = ("onnx", "coreml")
+    strategy: str = "stats"
+    finetune: int = 0  # epochs after pruning and after binarizing (needs training data)
+    precision: str = "float16"  # Core ML
+    threads: int = 1  # onnxruntime threads for every latency figure
+    latency_rounds: int = 5  # interleaved rounds over all points
+    latency_runs: int = 20  # timed runs per point per round (after warm-up)
+
+    def __post_init__(self):
+        if not self.keeps or any(not (0.0 < k <= 1.0) or math.isnan(k) for k in self.keeps):
+            raise InputError(f"--keep: every fraction must be in (0, 1], got {list(self.keeps)}")
+        if len(set(self.keeps)) != len(self.keeps) or len(set(self.binarize)) != len(self.binarize):
+            raise InputError("--keep / --binarize: a value is repeated")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        bad = [f for f in self.formats if f not in ("onnx", "coreml")]
+        if bad:
+            raise InputError(f"unknown format {bad[0]!r}; --formats takes a comma-separated list of onnx, coreml")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def label(keep: float, binary: bool) -> str:
+    return f"keep{keep:.2f}" + ("-bin" if binary else "")
+
+
+def _settings(cfg: SweepConfig, ckpt, data) -> dict:
+    """What must match for finished points to be reused."""
+    d = cfg.to_dict()
+    for k in ("keeps", "binarize", "threads", "latency_rounds", "latency_runs"):
+        d.pop(k)  # adding points or re-timing does not invalidate finished points
+    return {**d, "checkpoint": str(Path(ckpt).resolve()), "data": data}
+
+
+def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, data, data_dir, device) -> dict:
+    from .pipeline import run_binarize, run_export, run_prune
+
+    pdir = out / "points" / label(keep, binary)
+    src = ckpt
+    if keep < 1.0:
+        pruned = out / "points" / label(keep, False)
+        if not (pruned / "report.json").exists():  # written after the checkpoint: its presence means the stage finished
+            run_prune(ckpt, PruneConfig(keep=keep, strategy=cfg.strategy, finetune=cfg.finetune), pruned, data, data_dir,
+                      device, progress=False, measure_before=False)
+        src = pruned
+    if binary:
+        run_binarize(src, BinarizeConfig(finetune=cfg.finetune), pdir, data, data_dir, device, progress=False, measure_before=False)
+        src = pdir
+    model, meta = load_checkpoint(src)
+    exp = run_export(src, cfg.formats, pdir / "export", data, data_dir, cfg.threads, precision=cfg.precision)
+    acc = evaluate_checkpoint(model, meta, src, data, data_dir)
+    rep = model_report(model, meta, resolve(src)[0], {"top1": acc["top1"], "dataset": acc["dataset"], "n": acc["n"]})
+    for fmt in ("onnx", "coreml"):
+        rep["bytes"][fmt] = exp["formats"].get(fmt, {}).get("bytes")
+    point = {
+        "schema": REPORT_SCHEMA, "stage": "sweep-point", "label": label(keep, binary), "keep": keep, "binarized": binary,
+        "checkpoint": str(resolve(src)[0]), "files": {f: str(pdir / "export" / e["file"]) for f, e in exp["formats"].items()},
+        "verification": {f: {k: e["verification"][k] for k in ("max_abs_diff", "top1_agreement", "n", "ok")} for f, e in exp["formats"].items()},
+        "model": rep,
+    }
+    pdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(pdir / "point.json", point)
+    return point
+
+
+def _latency(points: list[dict], input_shape: tuple[int, ...], cfg: SweepConfig, onnx_bytes: dict[str, bytes]) -> dict[str, float]:
+    """Median batch-1 onnxruntime latency of every point, measured in interleaved rounds in this one run."""
+    from .export.onnx import ort_session
+
+    x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
+    sessions = {p["label"]: ort_session(onnx_bytes[p["label"]], cfg.threads) for p in points}
+    name = next(iter(sessions.values())).get_inputs()[0].name
+    for s in sessions.values():  # warm-up
+        for _ in range(10):
+            s.run(None, {name: x})
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(cfg.latency_rounds):
+        for k, s in sessions.items():
+            for _ in range(cfg.latency_runs):
+                t0 = time.perf_counter()
+                s.run(None, {name: x})
+                times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
+
+
+def pareto(points: list[dict], x_key) -> set[str]:
+    """Labels of points no other point beats: at most the cost and at least the top-1, one strictly."""
+    front = set()
+    for p in points:
+        px, pa = x_key(p), p["model"]["accuracy"]["top1"]
+        if px is None:
+            continue
+        dominated = any(
+            (qx := x_key(q)) is not None and qx <= px and q["model"]["accuracy"]["top1"] >= pa
+            and (qx < px or q["model"]["accuracy"]["top1"] > pa)
+            for q in points if q is not p
+        )
+        if not dominated:
+            front.add(p["label"])
+    return front
+
+
+def file_bytes(p: dict) -> int | None:
+    b = p["model"]["bytes"]
+    return b.get("onnx") or b.get("coreml") or b.get("checkpoint")
+
+
+def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, device="auto", progress=True, force=False) -> dict:
+    from tqdm import tqdm
+
+    from .export.onnx import export_onnx
+
+    ckpt = Path(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = json.loads(json.dumps(_settings(cfg, ckpt, data)))  # as it reads back from the file
+    sfile = out / "sweep-settings.json"
+    if sfile.exists() and not force:
+        try:
+            old = json.loads(sfile.read_text())
+        except ValueError:
+            old = None
+        if old != settings:
+            raise InputError(f"--out {out}: holds a sweep with other settings (checkpoint, strategy, formats, fine-tuning or data); "
+                             "pass --force to redo its points, or another --out")
+    atomic_write_json(sfile, settings)
+    todo = [(k, b) for k in cfg.keeps for b in cfg.binarize]
+    points, reused = [], 0
+    bar = tqdm(todo, desc="sweep", unit="point", disable=not progress)
+    for keep, binary in bar:
+        bar.set_postfix_str(label(keep, binary))
+        pj = out / "points" / label(keep, binary) / "point.json"
+        if pj.exists() and not force:
+            points.append(json.loads(pj.read_text()))
+            reused += 1
+            continue
+        if force and pj.exists():
+            pj.unlink()
+        points.append(_point(ckpt, keep, binary, cfg, out, data, data_dir, device))
+    bar.close()
+    # every point timed in this run, same threads, interleaved
+    onnx_bytes = {}
+    for p in points:
+        f = p["files"].get("onnx")
+        if f:
+            onnx_bytes[p["label"]] = Path(f).read_bytes()
+        else:
+            m, meta = load_checkpoint(p["checkpoint"])
+            onnx_bytes[p["label"]] = export_onnx(m, meta)[0]
+    _, meta = load_checkpoint(ckpt)
+    lat = _latency(points, tuple(meta["data"]["input_shape"]), cfg, onnx_bytes)
+    for p in points:
+        p["model"]["latency_ms"] = {"onnxruntime_cpu_b1": lat[p["label"]], "threads": cfg.threads,
+                                    "runs": cfg.latency_rounds * cfg.latency_runs}
+        atomic_write_json(out / "points" / p["label"] / "point.json", p)
+    sweep = summarize(points, cfg, ckpt)
+    sweep["reused_points"] = reused
+    atomic_write_json(out / "sweep.json", sweep)
+    atomic_write_bytes(out / "sweep.md", render_markdown(sweep).encode())
+    plot_tradeoff(sweep, out / "tradeoff.png")
+    return sweep
+
+
+def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
+    """Ratios against the full float model, the Pareto fronts and the goals, as data."""
+    by = {(p["keep"], p["binarized"]): p for p in points}
+    full = by.get((1.0, False))
+    rows = []
+    for p in points:
+        m = p["model"]
+        r = {"label": p["label"], "keep": p["keep"], "binarized": p["binarized"], "blocks": len(m["model"]["blocks_kept"]),
+             "params": m["params"]["total"], "macs": m["macs"], "top1": m["accuracy"]["top1"],
+             "bytes": m["bytes"], "latency_ms": m["latency_ms"]["onnxruntime_cpu_b1"], "verification": p["verification"]}
+        if full is not None:
+            fm = full["model"]
+            r["macs_ratio"] = m["macs"] / fm["macs"]
+            r["latency_ratio"] = r["latency_ms"] / fm["latency_ms"]["onnxruntime_cpu_b1"]
+            f32 = fm["bytes"].get("onnx")
+            r["fraction_of_full_onnx"] = {f: (m["bytes"][f] / f32 if f32 and m["bytes"].get(f) else None) for f in ("onnx", "coreml")}
+        float_twin = by.get((p["keep"], False))
+        if p["binarized"] and float_twin is not None:
+            r["latency_vs_float"] = r["latency_ms"] / float_twin["model"]["latency_ms"]["onnxruntime_cpu_b1"]
+        rows.append(r)
+    front_size = pareto(points, file_bytes)
+    front_lat = pareto(points, lambda p: p["model"]["latency_ms"]["onnxruntime_cpu_b1"])
+    for r in rows:
+        r["pareto_size"] = r["label"] in front_size
+        r["pareto_latency"] = r["label"] in front_lat
+    goals = {}
+    lr = [abs(r["latency_ratio"] - r["macs_ratio"]) for r in rows if "latency_ratio" in r and not r["binarized"]]
+    if lr:
+        goals["latency_tracks_macs"] = {"max_gap": max(lr), "met": max(lr) <= 0.05}
+    lb = [r["latency_vs_float"] for r in rows if "latency_vs_float" in r]
+    if lb:
+        goals["binary_costs_no_latency"] = {"max_ratio": max(lb), "met": max(lb) <= 1.05}
+    k6 = next((r for r in rows if r["binarized"] and abs(r["keep"] - 0.6) < 1e-9 and "fraction_of_full_onnx" in r), None)
+    if k6 is not None:
+        fr = {f: v for f, v in k6["fraction_of_full_onnx"].items() if v is not None}
+        goals["keep0.6_binary_at_most_1_25"] = {"fractions": fr, "met": bool(fr) and all(v <= 1 / 25 for v in fr.values())}
+    return {"schema": SWEEP_SCHEMA, "checkpoint": str(ckpt), "config": cfg.to_dict(), "points": rows, "goals": goals,
+            "dataset": points[0]["model"]["accuracy"]["dataset"] if points else None}
+
+
+def render_markdown(sweep: dict) -> str:
+    fmts = sweep["config"]["formats"]
+    head = ["point", "blocks", "params", "MACs (M)", "top-1", "model.pt"] + [f"model.{'onnx' if f == 'onnx' else 'mlpackage'}" for f in fmts]
+    head += ["latency (ms)", "MACs ratio", "latency ratio", "Pareto (size / latency)"]
+    lines = [f"# Sweep: {Path(sweep['checkpoint']).name}", "",
+             f"Top-1 on {sweep['dataset']}; latency: onnxruntime CPU, batch 1, {sweep['config']['threads']} thread(s), median of "
+             f"{sweep['config']['latency_rounds'] * sweep['config']['latency_runs']} runs per point, all points timed in one run. "
+             "Ratios are against keep 1.00 in float.", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in sweep["points"]:
+        cells = [r["label"], str(r["blocks"]), f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}", f"{100 * r['top1']:.2f}%",
+                 format_bytes(r["bytes"]["checkpoint"])]
+        cells += [format_bytes(r["bytes"].get(f)) for f in fmts]
+        cells += [f"{r['latency_ms']:.3f}", f"{r.get('macs_ratio', float('nan')):.3f}", f"{r.get('latency_ratio', float('nan')):.3f}",
+                  ("yes" if r["pareto_size"] else "-") + " / " + ("yes" if r["pareto_latency"] else "-")]
+        lines.append("| " + " | ".join(cells) + " |")
+    g = sweep["goals"]
+    lines.append("")
+    if "latency_tracks_macs" in g:
+        x = g["latency_tracks_macs"]
+        lines.append(f"- latency ratio within 0.05 of the MACs ratio at every keep (float points): largest gap {x['max_gap']:.3f}, "
+                     f"{'met' if x['met'] else 'not met'}")
+    if "binary_costs_no_latency" in g:
+        x = g["binary_costs_no_latency"]
+        lines.append(f"- binarized latency against the float file at the same keep: at most {x['max_ratio']:.3f}x, {'met' if x['met'] else 'not met'} (goal 1.05)")
+    if "keep0.6_binary_at_most_1_25" in g:
+        x = g["keep0.6_binary_at_most_1_25"]
+        fr = ", ".join(f"{f} 1/{1 / v:.1f}" for f, v in x["fractions"].items())
+        lines.append(f"- keep 0.6 binarized against the full float32 ONNX file: {fr}, {'met' if x['met'] else 'not met'} (goal 1/25)")
+    lines += ["", "![tradeoff](tradeoff.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_tradeoff(sweep: dict, path: Path) -> None:
+    """Top-1 against file size (log axis) and against latency, Pareto fronts drawn, every point labelled."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sweep["points"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    size_of = lambda r: r["bytes"].get("onnx") or r["bytes"].get("coreml") or r["bytes"]["checkpoint"]  # noqa: E731
+    which = "model.onnx" if pts and pts[0]["bytes"].get("onnx") else ("model.mlpackage" if pts and pts[0]["bytes"].get("coreml") else "model.pt")
+    for ax, xf, xl, fk in ((axes[0], lambda r: size_of(r) / 1024, f"{which} size (KiB, log scale)", "pareto_size"),
+                           (axes[1], lambda r: r["latency_ms"], "onnxruntime CPU latency, batch 1 (ms)", "pareto_latency")):
+        for binary, marker, color, name in ((False, "o", "#4c72b0", "float"), (True, "s", "#c44e52", "1-bit weights")):
+            sel = [r for r in pts if r["binarized"] == binary]
+            ax.scatter([xf(r) for r in sel], [100 * r["top1"] for r in sel], marker=marker, color=color, label=name, zorder=3)
+        front = sorted((r for r in pts if r[fk]), key=xf)
+        ax.step([xf(r) for r in front], [100 * r["top1"] for r in front], where="post", color="k", lw=1, ls="--", label="Pareto front", zorder=2)
+        for r in pts:
+            ax.annotate(f"{r['keep']:.1f}{' b' if r['binarized'] else ''}", (xf(r), 100 * r["top1"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(f"top-1 (%) on {sweep['dataset']}")
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{Path(sweep['checkpoint']).name}: accuracy against size and latency (labels: keep, b = binarized)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
