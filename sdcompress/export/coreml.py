@@ -107,6 +107,14 @@ def _binary_conv_ops(prog) -> list[str]:
     return names
 
 
+def _two_value_lut(w: np.ndarray):
+    """The exact 1-bit table of one output channel whose weights take two values (+-alpha after BatchNorm folding):
+    the two values, and which one each weight is. Found directly; k-means would find the same table, slower."""
+    flat = np.asarray(w).reshape(-1)
+    lo, hi = flat.min(), flat.max()
+    return np.array([lo, hi], dtype=flat.dtype), (flat == hi).astype(np.uint8)
+
+
 def convert(model: ResNet, meta: dict, precision: str = "float16", input_kind: str = "image", card: dict | None = None, verbose: bool = False):
     """The converted (in-memory) MLModel and facts about it."""
     ct = import_coremltools(verbose)
@@ -134,7 +142,8 @@ def convert(model: ResNet, meta: dict, precision: str = "float16", input_kind: s
                         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32)
         palettized = _binary_conv_ops(ml._mil_program) if binary_names else []
         if palettized:
-            one_bit = OpPalettizerConfig(mode="kmeans", nbits=1, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
+            one_bit = OpPalettizerConfig(mode="custom", lut_function=_two_value_lut, granularity="per_grouped_channel", group_size=1,
+                                         weight_threshold=0)
             ml = palettize_weights(ml, OptimizationConfig(global_config=None, op_name_configs={n: one_bit for n in palettized}))
     n_conv = sum(isinstance(model.get_submodule(n), BinaryConv2d) for n in binary_names)
     if len(palettized) != n_conv:
@@ -157,12 +166,43 @@ def convert(model: ResNet, meta: dict, precision: str = "float16", input_kind: s
     return ml, facts
 
 
+def _short_names(spec) -> None:
+    """Rename the program's internal values and ops to short names (v12, op7). The converter's names
+    (`_native_batch_norm_legit_no_training_3_cast_fp16`, ...) take a third of a small model's package and mean
+    nothing to an app; the inputs and outputs keep theirs."""
+    for fn in spec.mlProgram.functions.values():
+        keep = {i.name for i in fn.inputs}
+        for block in fn.block_specializations.values():
+            keep |= set(block.outputs)
+            mapping: dict[str, str] = {}
+            for k, op in enumerate(block.operations):
+                for arg in op.inputs.values():
+                    for b in arg.arguments:
+                        if b.WhichOneof("binding") == "name" and b.name in mapping:
+                            b.name = mapping[b.name]
+                for o in op.outputs:
+                    if o.name not in keep:
+                        mapping[o.name] = f"v{len(mapping)}"
+                        o.name = mapping[o.name]
+                if "name" in op.attributes:
+                    op.attributes["name"].immediateValue.tensor.strings.values[0] = f"op{k}"
+            if any(len(op.blocks) for op in block.operations):
+                raise RuntimeError("nested blocks are not expected in an exported ResNet")
+
+
 def save(ml, path: Path, verbose: bool = False) -> None:
+    """Write the package with short internal names and without coremltools' debugging files."""
+    ct = import_coremltools(verbose)
+    spec = ml.get_spec()
+    _short_names(spec)
     with quiet(verbose):
-        ml.save(str(path))
+        slim = ct.models.MLModel(spec, weights_dir=ml.weights_dir, skip_model_load=True)
+        slim.save(str(path))
     for name in DEBUG_FILES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path / name)
+    for f in [path, *path.rglob("*")]:
+        os.chmod(f, 0o755 if f.is_dir() else 0o644)
 
 
 def package_bytes(path: Path) -> int:

@@ -59,6 +59,17 @@ def _export_proto(model: nn.Module, input_shape: tuple[int, ...]):
     return prog.model_proto
 
 
+SHARED = {  # constants every unpacking subgraph uses, stored once per file
+    "unpack_shifts": np.arange(8, dtype=np.uint8).reshape(1, 1, 8),
+    "unpack_one": np.array(1, dtype=np.uint8),
+    "unpack_start": np.array([0], dtype=np.int64),
+    "unpack_axis": np.array([1], dtype=np.int64),
+    "unpack_last_axis": np.array([2], dtype=np.int64),
+    "unpack_two": np.array(2.0, dtype=np.float32),
+    "unpack_unit": np.array(1.0, dtype=np.float32),
+}
+
+
 def _pack_initializer(graph, init, prefix: str) -> bool:
     """Replace a +-scale-per-channel float initializer by packed sign bits + scales + an unpacking subgraph."""
     from onnx import helper, numpy_helper, TensorProto
@@ -72,36 +83,33 @@ def _pack_initializer(graph, init, prefix: str) -> bool:
     bits = np.packbits(flat >= 0, axis=1, bitorder="little")
     name = init.name
     nb = bits.shape[1]
+    p = prefix
     consts = {
-        f"{prefix}_bits": bits.astype(np.uint8),
-        f"{prefix}_scale": scale.astype(np.float32).reshape(-1, *([1] * (w.ndim - 1))),
-        f"{prefix}_shifts": np.arange(8, dtype=np.uint8).reshape(1, 1, 8),
-        f"{prefix}_one": np.array(1, dtype=np.uint8),
-        f"{prefix}_flat": np.array([w.shape[0], nb * 8], dtype=np.int64),
-        f"{prefix}_start": np.array([0], dtype=np.int64),
-        f"{prefix}_end": np.array([n], dtype=np.int64),
-        f"{prefix}_axis": np.array([1], dtype=np.int64),
-        f"{prefix}_two": np.array(2.0, dtype=np.float32),
-        f"{prefix}_unit": np.array(1.0, dtype=np.float32),
-        f"{prefix}_shape": np.array(w.shape, dtype=np.int64),
+        f"{p}_bits": bits.astype(np.uint8),
+        f"{p}_scale": scale.astype(np.float32).reshape(-1, *([1] * (w.ndim - 1))),
+        f"{p}_flat": np.array([w.shape[0], nb * 8], dtype=np.int64),
+        f"{p}_end": np.array([n], dtype=np.int64),
+        f"{p}_shape": np.array(w.shape, dtype=np.int64),
     }
     graph.initializer.remove(init)
+    have = {i.name for i in graph.initializer}
+    for k, v in SHARED.items():
+        if k not in have:
+            graph.initializer.append(numpy_helper.from_array(v, k))
     for k, v in consts.items():
         graph.initializer.append(numpy_helper.from_array(v, k))
-    p = prefix
     nodes = [
-        helper.make_node("Unsqueeze", [f"{p}_bits", f"{p}_end_axis"], [f"{p}_u"]),
-        helper.make_node("BitShift", [f"{p}_u", f"{p}_shifts"], [f"{p}_shifted"], direction="RIGHT"),
-        helper.make_node("BitwiseAnd", [f"{p}_shifted", f"{p}_one"], [f"{p}_bit"]),
+        helper.make_node("Unsqueeze", [f"{p}_bits", "unpack_last_axis"], [f"{p}_u"]),
+        helper.make_node("BitShift", [f"{p}_u", "unpack_shifts"], [f"{p}_shifted"], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [f"{p}_shifted", "unpack_one"], [f"{p}_bit"]),
         helper.make_node("Reshape", [f"{p}_bit", f"{p}_flat"], [f"{p}_bitflat"]),
-        helper.make_node("Slice", [f"{p}_bitflat", f"{p}_start", f"{p}_end", f"{p}_axis"], [f"{p}_bitn"]),
+        helper.make_node("Slice", [f"{p}_bitflat", "unpack_start", f"{p}_end", "unpack_axis"], [f"{p}_bitn"]),
         helper.make_node("Cast", [f"{p}_bitn"], [f"{p}_f"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [f"{p}_f", f"{p}_two"], [f"{p}_f2"]),
-        helper.make_node("Sub", [f"{p}_f2", f"{p}_unit"], [f"{p}_sign"]),
+        helper.make_node("Mul", [f"{p}_f", "unpack_two"], [f"{p}_f2"]),
+        helper.make_node("Sub", [f"{p}_f2", "unpack_unit"], [f"{p}_sign"]),
         helper.make_node("Reshape", [f"{p}_sign", f"{p}_shape"], [f"{p}_signw"]),
         helper.make_node("Mul", [f"{p}_signw", f"{p}_scale"], [name]),
     ]
-    graph.initializer.append(numpy_helper.from_array(np.array([2], dtype=np.int64), f"{p}_end_axis"))
     for i, node in enumerate(nodes):
         graph.node.insert(i, node)
     return True
@@ -116,6 +124,8 @@ def export_onnx(model: ResNet, meta: dict) -> tuple[bytes, dict]:
     graph = proto.graph
     for node in graph.node:  # per-node debugging metadata: tens of KB, no use to an app
         del node.metadata_props[:]
+        node.doc_string = ""
+    del graph.value_info[:]  # intermediate shapes: onnxruntime infers them at load time
     packed = 0
     binary_weights = {f"{n}.weight" for n in binary_names}
     for i, init in enumerate(list(graph.initializer)):
