@@ -77,6 +77,7 @@ def add_train(sub) -> None:
     p.add_argument("--channels-last", type=_bool, default=d.channels_last, metavar="on|off")
     p.add_argument("--stats-window", type=_positive_int, default=d.stats_window)
     p.add_argument("--contrib-every", type=int, default=d.contrib_every)
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm over the global batch (default: per-process BN)")
     p.add_argument("--out", type=Path, default=None, help="checkpoint folder (default sdcompress-out/ARCH-DATA-train)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete epoch")
     p.add_argument("--force", action="store_true", help="overwrite a checkpoint in --out")
@@ -100,7 +101,18 @@ def cmd_train(a) -> int:
         tqdm.write(f"epoch {r.epoch:>3}/{cfg.epochs}  loss {r.train_loss:.4f}  train top-1 {r.train_top1:.4f}{val}  "
               f"{r.images_per_s:.0f} img/s  {r.epoch_s:.1f} s")
 
-    _, meta = train(cfg, out, resume=a.resume, progress=not a.no_progress, on_epoch=on_epoch)
+    from .distributed import launched_by_torchrun, teardown
+
+    try:
+        _, meta = train(cfg, out, resume=a.resume, progress=not a.no_progress, on_epoch=on_epoch)
+    finally:
+        teardown()
+    d = meta.get("distributed", {})
+    if launched_by_torchrun() and int(__import__("os").environ["RANK"]) != 0:
+        return 0  # rank 0 reports
+    if d.get("world_size", 1) > 1:
+        print(f"trained on {d['world_size']} processes ({d['backend']}), global batch {d['global_batch']} "
+              f"({d['per_process_batch']} per process){', SyncBatchNorm' if d['sync_bn'] else ''}")
     m = meta["metrics"]
     val = f"val top-1 {m['val_top1']:.4f}" if m.get("val_top1") is not None else "no validation split"
     print(f"wrote {out}/model.pt  {val}  epochs {m['epochs']}  wall {m['wall_s']} s  device {m['device']}")

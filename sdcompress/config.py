@@ -31,6 +31,7 @@ class TrainConfig:
     channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
     stats_window: int = 2000  # recent steps used by the drop-effect regression
     contrib_every: int = 4  # measure ||f(x)|| / ||x|| every this many steps (the norms cost a little)
+    sync_bn: bool = False  # under torchrun: SyncBatchNorm (statistics over the global batch) instead of per-process BN
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,11 +11,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import atomic_torch_save, save_checkpoint
 from .config import TrainConfig
 from .data import Dataset, ImageSet, Normalize, augment, load_dataset
+from .distributed import Dist, setup
 from .errors import InputError
 from .nets import NetSpec, ResNet, build_model
 from .survival import SurvivalStats, draw_keep_mask
@@ -28,6 +30,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda:"):  # a torchrun rank's own GPU
+        return torch.device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -133,6 +137,7 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     dataset: Dataset | None = None,
+    on_step: Callable[[int, list[bool]], None] | None = None,
 ) -> tuple[ResNet, dict]:
     """Train a stochastic-depth ResNet; write a checkpoint to `out_dir` after every epoch.
 
@@ -143,6 +148,10 @@ def train(
         progress: show a tqdm bar.
         on_epoch: called with each epoch's record (the CLI prints it).
         dataset: an already loaded dataset (else loaded from cfg).
+        on_step: called with the global step number and the drop draw of every step.
+
+    Under torchrun (see `distributed.py`) every process runs this with its shard of each global batch of
+    `cfg.batch_size` images; only rank 0 writes, logs and shows progress.
 
     Returns:
         The trained model and its sidecar.
@@ -150,7 +159,14 @@ def train(
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.stats_window < 10 or not 0 <= cfg.warmup_epochs < cfg.epochs:
         raise InputError("--epochs and --batch-size must be >= 1, --lr > 0, --stats-window >= 10, 0 <= --warmup-epochs < --epochs")
     out = Path(out_dir)
-    device = resolve_device(cfg.device)
+    dd, device_name = setup(cfg.device)
+    if dd.world > 1 and cfg.batch_size % dd.world:
+        raise InputError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the {dd.world} processes")
+    if cfg.sync_bn and not dd.enabled:
+        raise InputError("--sync-bn needs several processes: launch with torchrun --nproc_per_node N")
+    device = resolve_device(device_name)
+    if cfg.sync_bn and device.type != "cuda":
+        raise InputError("--sync-bn needs CUDA devices (SyncBatchNorm runs only on GPUs); drop it to keep per-process BatchNorm")
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.val_size, cfg.split_seed)
     if len(ds.train) < cfg.batch_size:
         raise InputError(f"the training split has {len(ds.train)} images, fewer than --batch-size {cfg.batch_size}")
@@ -162,13 +178,25 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+    net = model  # what the training step calls: the model, or its DDP wrapper
+    if dd.enabled:
+        if cfg.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Every rank draws the same blocks to drop at every step (drop_gen is seeded alike everywhere), so all
+        # ranks run the same graph. The parameters of dropped blocks then get no gradient on any rank; DDP must
+        # be told (find_unused_parameters) or it would wait forever for their all-reduce. Parameters unused on
+        # every rank keep grad None (nothing is averaged in for them), so SGD leaves their weights and momentum
+        # alone, exactly as in a single process.
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                        find_unused_parameters=any(p < 1 for p in spec.probs()))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
+    local_batch = cfg.batch_size // dd.world
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
     drop_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 3)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 3 + 1000 * dd.rank)  # each rank its own crops
     probs = spec.probs()
     probs_t = torch.tensor(probs)
     stats = SurvivalStats(probs, cfg.stats_window)
@@ -182,6 +210,8 @@ def train(
         if not state_path.exists():
             raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
         st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st.get("world_size", 1) != dd.world:
+            raise InputError(f"--resume: the run in {out} used {st.get('world_size', 1)} processes; resume it with as many")
         if st["config"] != cfg.to_dict():
             changed = sorted(k for k in st["config"] if st["config"][k] != cfg.to_dict().get(k))
             raise InputError(f"--resume: the run in {out} used a different config ({', '.join(changed)}); use the same flags")
@@ -190,7 +220,7 @@ def train(
         sched.load_state_dict(st["scheduler"])
         shuffle_gen.set_state(st["shuffle_gen"])
         drop_gen.set_state(st["drop_gen"])
-        aug_gen.set_state(st["aug_gen"].to(aug_gen.get_state().device))
+        aug_gen.set_state(st.get("aug_gen_ranks", [st["aug_gen"]])[dd.rank].to(aug_gen.get_state().device))
         torch.set_rng_state(st["torch_rng"])
         stats.load_state_dict(st["stats"])
         history = list(st["history"])
@@ -200,16 +230,23 @@ def train(
     train_y = ds.train.labels.to(device)
     meta = {"data": data_meta(ds, cfg), "stages": [{"stage": "train", "config": cfg.to_dict()}], "binarized": False}
     t_start = time.perf_counter()
-    bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not progress, unit="step", dynamic_ncols=True)
+    meta["distributed"] = {"world_size": dd.world, "global_batch": cfg.batch_size, "per_process_batch": local_batch,
+                           "backend": ("nccl" if cuda else "gloo") if dd.enabled else None, "sync_bn": cfg.sync_bn}
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not (progress and dd.main), unit="step", dynamic_ncols=True)
     block_ids = model.block_ids
     blocks = {b: model.blocks[str(b)] for b in block_ids}
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(len(train_y), generator=shuffle_gen).to(device)
+        if dd.enabled:  # this rank's shard, reshuffled every epoch
+            sampler = DistributedSampler(range(len(train_y)), dd.world, dd.rank, shuffle=True, seed=cfg.seed + 1, drop_last=True)
+            sampler.set_epoch(epoch)
+            perm = torch.tensor(list(sampler), dtype=torch.long).to(device)
+        else:
+            perm = torch.randperm(len(train_y), generator=shuffle_gen).to(device)
         losses, correct, keeps, contribs = [], [], [], []
         for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            idx = perm[i * local_batch : (i + 1) * local_batch]
             xb = normalize(augment(train_x[idx], pad, flip, aug_gen))
             yb = train_y[idx]
             if cuda and cfg.channels_last:
@@ -217,7 +254,9 @@ def train(
             keep = draw_keep_mask(probs_t, drop_gen)
             record = cfg.contrib_every > 0 and i % cfg.contrib_every == 0
             model.set_record_contribution(record)
-            loss, logits = train_step(model, opt, xb, yb, dict(zip(block_ids, keep.tolist())), cuda and cfg.amp)
+            if on_step:
+                on_step(epoch * steps_per_epoch + i, keep.tolist())
+            loss, logits = train_step(net, opt, xb, yb, dict(zip(block_ids, keep.tolist())), cuda and cfg.amp)
             sched.step()
             losses.append(loss.detach())
             correct.append((logits.argmax(1) == yb).sum())
@@ -227,7 +266,7 @@ def train(
             else:
                 contribs.append(None)
             if (i + 1) % 25 == 0 or i + 1 == steps_per_epoch:
-                recent = torch.stack(losses[-25:]).float()
+                recent = dd.all_mean(torch.stack(losses[-25:]).float())  # every rank stops together
                 if not torch.isfinite(recent).all():
                     bar.close()
                     raise TrainingDiverged(
@@ -237,17 +276,21 @@ def train(
                 bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{recent.mean().item():.3f}",
                                 img_s=f"{done / (time.perf_counter() - t0):.0f}")
             bar.update(1)
-        loss_arr = torch.stack(losses).float().cpu().numpy()
+        # the drop-effect regression uses the loss of the global batch: the mean over ranks, step by step
+        loss_arr = dd.all_mean(torch.stack(losses).float()).cpu().numpy()
         measured = [c for c in contribs if c is not None]
-        measured = iter(torch.stack(measured).float().cpu().tolist()) if measured else iter(())
+        measured = iter(dd.all_mean(torch.stack(measured).float()).cpu().tolist()) if measured else iter(())
         for k, l, c in zip(keeps, loss_arr, contribs):
             # a block's contribution counts only on steps it ran
             ran = dict(zip(block_ids, next(measured))) if c is not None else {}
             stats.record(k, float(l), {b: v for b, v in ran.items() if k[b]})
         stats.refresh()
         train_s = time.perf_counter() - t0
-        train_top1 = torch.stack(correct).sum().item() / (steps_per_epoch * cfg.batch_size)
-        val = evaluate(model, ds.val, normalize) if ds.val is not None else None
+        train_top1 = dd.all_sum(torch.stack(correct).sum()).item() / (steps_per_epoch * cfg.batch_size)
+        if dd.enabled:  # BatchNorm running statistics of rank 0 everywhere: the model that is saved and validated
+            for b in model.buffers():
+                torch.distributed.broadcast(b, 0)
+        val = _validate(model, ds.val, normalize, dd) if ds.val is not None else None
         rec = EpochRecord(epoch + 1, float(loss_arr.mean()), train_top1, val and val["top1"], val and val["loss"],
                           sched.get_last_lr()[0], train_s, steps_per_epoch * cfg.batch_size / train_s)
         history.append(rec.to_dict())
@@ -263,6 +306,10 @@ def train(
             "torch": torch.__version__,
         }
         meta.update(metrics=metrics, history=history, survival_stats=stats.to_dict())
+        aug_states = dd.gather_objects(aug_gen.get_state().cpu())
+        if not dd.main:
+            dd.barrier()
+            continue
         atomic_torch_save(
             {
                 "epoch": epoch + 1,
@@ -274,6 +321,8 @@ def train(
                 "shuffle_gen": shuffle_gen.get_state(),
                 "drop_gen": drop_gen.get_state(),
                 "aug_gen": aug_gen.get_state().cpu(),
+                "aug_gen_ranks": aug_states,
+                "world_size": dd.world,
                 "torch_rng": torch.get_rng_state(),
                 "stats": stats.state_dict(),
                 "history": history,
@@ -283,6 +332,7 @@ def train(
         save_checkpoint(out, model, meta)
         if on_epoch:
             on_epoch(rec)
+        dd.barrier()
     bar.close()
     model.set_record_contribution(False)
     model.eval()
@@ -291,6 +341,19 @@ def train(
 
         meta = read_sidecar(out / "model.json")
     return model, meta
+
+
+def _validate(model: ResNet, val: ImageSet, normalize: Normalize, dd: Dist) -> dict:
+    """Validation top-1 and loss; under torchrun each rank scores its shard and the sums are reduced."""
+    if not dd.enabled:
+        return evaluate(model, val, normalize)
+    shard = ImageSet(val.images[dd.rank :: dd.world], val.labels[dd.rank :: dd.world])
+    r = evaluate(model, shard, normalize)
+    dev = next(model.parameters()).device
+    tot = dd.all_sum(torch.tensor([r["top1"] * r["n"] if r["n"] else 0.0, r["loss"] * r["n"] if r["n"] else 0.0, float(r["n"])],
+                                  dtype=torch.float64, device=dev))
+    n = int(tot[2].item())
+    return {"top1": tot[0].item() / n, "loss": tot[1].item() / n, "n": n}
 
 
 def _or_nan(v: torch.Tensor | None, device: torch.device) -> torch.Tensor:
