@@ -113,14 +113,19 @@ def save_checkpoint(out_dir: str | Path, model: ResNet, meta: dict) -> Path:
     return out / WEIGHTS
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return (lines[0] if lines else type(e).__name__)[:120]
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise InputError(f"{path}: refused to load: it holds more than tensors ({str(e).splitlines()[0][:120]})") from None
+        raise InputError(f"{path}: refused to load: it holds more than tensors ({_first_line(e)})") from None
     except Exception as e:  # truncated or not a torch file
-        raise InputError(f"{path}: corrupt or not a PyTorch state_dict ({str(e).splitlines()[0][:120]})") from None
+        raise InputError(f"{path}: corrupt or not a PyTorch state_dict ({_first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path}: not a state_dict of tensors")
     return state
@@ -130,7 +135,10 @@ def load_checkpoint(path: str | Path) -> tuple[ResNet, dict]:
     """Rebuild a model from its sidecar, load its weights and check they match. Returns (model, sidecar)."""
     weights, side = resolve(path)
     meta = read_sidecar(side)
-    model = build_model(NetSpec.from_dict(meta["spec"]))
+    try:
+        model = build_model(NetSpec.from_dict(meta["spec"]))
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        raise InputError(f"{side}: the sidecar's spec does not describe a network this sdcompress builds ({_first_line(e)})") from None
     state = load_state_dict(weights)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

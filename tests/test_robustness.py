@@ -1,0 +1,333 @@
+"""Bad input everywhere gets one line and exit code 2, and changes no file; untrusted files run no code."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdcompress.cli import main
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def _copy_ckpt(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("model.pt", "model.json"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    return dst
+
+
+def _npz(path: Path, **arrays) -> str:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return str(path)
+
+
+def _setup_cases(ck: Path, w: Path) -> list[tuple[str, list[str]]]:
+    """(name, argv); files the bad inputs need are made here, under w."""
+    w.mkdir(exist_ok=True)
+    out = str(w / "out")
+    (w / "afile").write_text("x")
+    (w / "notzip.npz").write_text("not a zip")
+    bad2d = _npz(w / "bad2d.npz", images=np.zeros((20, 8, 8), np.uint8), labels=np.zeros(20, np.int64))
+    badlab = _npz(w / "badlab.npz", images=np.zeros((20, 1, 8, 8), np.uint8), labels=np.full(20, -3, np.int64))
+    badtype = _npz(w / "badtype.npz", images=np.zeros((20, 1, 8, 8), np.float32), labels=np.zeros(20, np.int64))
+    rgb = _npz(w / "rgb.npz", images=np.zeros((20, 3, 8, 8), np.uint8), labels=np.zeros(20, np.int64))
+    nolabels = _npz(w / "nolabels.npz", images=np.zeros((20, 1, 8, 8), np.uint8))
+    no_side = w / "no_sidecar"
+    no_side.mkdir()
+    (no_side / "model.pt").write_bytes((ck / "model.pt").read_bytes())
+    corrupt = _copy_ckpt(ck, w / "corrupt_sidecar")
+    (corrupt / "model.json").write_text("{not json")
+    newer = _copy_ckpt(ck, w / "newer_schema")
+    meta = json.loads((ck / "model.json").read_text())
+    (newer / "model.json").write_text(json.dumps({**meta, "schema": "sdcompress.checkpoint/9"}))
+    wrong_arch = _copy_ckpt(ck, w / "wrong_arch")
+    (wrong_arch / "model.json").write_text(json.dumps({**meta, "spec": {**meta["spec"], "arch": "resnet7"}}))
+    mismatch = _copy_ckpt(ck, w / "mismatch")
+    (mismatch / "model.json").write_text(json.dumps({**meta, "spec": {**meta["spec"], "arch": "resnet32"}}))
+    garbage = _copy_ckpt(ck, w / "garbage_weights")
+    (garbage / "model.pt").write_bytes(os.urandom(3000))
+    truncated = _copy_ckpt(ck, w / "truncated")
+    (truncated / "model.pt").write_bytes((ck / "model.pt").read_bytes()[:5000])
+    (w / "full").mkdir()
+    (w / "full" / "model.pt").write_text("old")  # an existing output, not to be overwritten without --force
+    (w / "notreport.json").write_text(json.dumps({"hello": 1}))
+    c = str(ck)
+    T = ["train", "--arch", "resnet20", "--data", "digits", "--epochs", "1", "--out", out]
+    return [
+        ("train unknown arch", ["train", "--arch", "resnet7", "--out", out]),
+        ("train missing npz", ["train", "--data", str(w / "missing.npz"), "--out", out]),
+        ("train missing folder", ["train", "--data", str(w / "nofolder") + "/", "--out", out]),
+        ("train epochs 0", [*T, "--epochs", "0"]),
+        ("train batch 0", [*T, "--batch-size", "0"]),
+        ("train negative lr", [*T, "--lr", "-1"]),
+        ("train p_last > 1", [*T, "--p-last", "1.5"]),
+        ("train unknown rule", [*T, "--survival-rule", "sometimes"]),
+        ("train batch > images", [*T, "--batch-size", "100000"]),
+        ("train 2-D images", [*T, "--data", bad2d]),
+        ("train negative labels", [*T, "--data", badlab]),
+        ("train float images", [*T, "--data", badtype]),
+        ("train not a zip", [*T, "--data", str(w / "notzip.npz")]),
+        ("train npz without labels", [*T, "--data", nolabels]),
+        ("train out is a file", [*T[:-1], str(w / "afile")]),
+        ("train existing output", [*T[:-1], str(w / "full")]),
+        ("train resume nothing", [*T, "--resume"]),
+        ("train unknown device", [*T, "--device", "tpu"]),
+        ("train warmup too long", [*T, "--warmup-epochs", "5"]),
+        ("train sync-bn on cpu", [*T, "--sync-bn"]),
+        ("eval missing checkpoint", ["eval", str(w / "nothing")]),
+        ("eval missing sidecar", ["eval", str(no_side)]),
+        ("eval corrupt sidecar", ["eval", str(corrupt)]),
+        ("eval newer schema", ["eval", str(newer)]),
+        ("eval unknown arch in sidecar", ["eval", str(wrong_arch)]),
+        ("eval weights disagree with sidecar", ["eval", str(mismatch)]),
+        ("eval garbage weights", ["eval", str(garbage)]),
+        ("eval truncated weights", ["eval", str(truncated)]),
+        ("eval wrong channels", ["eval", c, "--data", rgb]),
+        ("eval batch 0", ["eval", c, "--batch-size", "0"]),
+        ("stats missing checkpoint", ["stats", str(w / "nothing")]),
+        ("prune keep 0", ["prune", c, "--keep", "0", "--out", out]),
+        ("prune keep > 1", ["prune", c, "--keep", "1.5", "--out", out]),
+        ("prune keep text", ["prune", c, "--keep", "abc", "--out", out]),
+        ("prune unknown strategy", ["prune", c, "--strategy", "random", "--out", out]),
+        ("prune block out of range", ["prune", c, "--blocks-to-keep", "0,99", "--out", out]),
+        ("prune two budgets", ["prune", c, "--max-size", "100KB", "--max-params", "1000", "--out", out]),
+        ("prune size unit", ["prune", c, "--max-size", "12 parsecs", "--out", out]),
+        ("prune existing output", ["prune", c, "--out", str(w / "full")]),
+        ("binarize unknown layer", ["binarize", c, "--full-precision", "blocks.99.conv1", "--out", out]),
+        ("binarize negative finetune", ["binarize", c, "--finetune", "-1", "--out", out]),
+        ("export unknown format", ["export", c, "--format", "tflite", "--out", out]),
+        ("export threads 0", ["export", c, "--threads", "0", "--out", out]),
+        ("export out is a file", ["export", c, "--out", str(w / "afile")]),
+        ("export unknown precision", ["export", c, "--precision", "float8", "--out", out]),
+        ("export corrupt sidecar", ["export", str(corrupt), "--out", out]),
+        ("report missing checkpoint", ["report", str(w / "nothing")]),
+        ("report json folder missing", ["report", c, "--json", str(w / "nofolder" / "r.json")]),
+        ("compare not a report", ["compare", str(w / "notreport.json"), str(w / "notreport.json")]),
+        ("compare one file", ["compare", str(w / "notreport.json")]),
+        ("compare missing file", ["compare", str(w / "nothing.json"), str(w / "nothing2.json")]),
+        ("sweep keep 0", ["sweep", c, "--keep", "0,0.5", "--out", out]),
+        ("sweep unknown format", ["sweep", c, "--formats", "tflite", "--out", out]),
+        ("sweep threads 0", ["sweep", c, "--threads", "0", "--out", out]),
+        ("sweep binarize maybe", ["sweep", c, "--binarize", "maybe", "--out", out]),
+        ("unknown command", ["shrink", c]),
+    ]
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(digits_run, tmp_path, capsys):
+    cases = _setup_cases(digits_run, tmp_path / "w")
+    assert len(cases) >= 40
+    failures = []
+    for name, argv in cases:
+        before = _tree(tmp_path)
+        capsys.readouterr()
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse usage errors
+            rc = e.code
+        err = capsys.readouterr().err
+        lines = [l for l in err.splitlines() if l.strip()]
+        problems = []
+        if rc != 2:
+            problems.append(f"exit {rc}")
+        if len(lines) != 1:
+            problems.append(f"{len(lines)} lines: {err[:300]!r}")
+        if "Traceback" in err:
+            problems.append("traceback")
+        if _tree(tmp_path) != before:
+            problems.append("files changed")
+        if problems:
+            failures.append(f"{name}: {'; '.join(problems)} | {err.strip()[:200]}")
+    assert not failures, "\n".join(failures)
+
+
+class _Evil:
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_malicious_checkpoint_is_refused_and_runs_nothing(digits_run, tmp_path, capsys):
+    bad = _copy_ckpt(digits_run, tmp_path / "evil")
+    marker = tmp_path / "pwned"
+    import torch
+
+    torch.save({"stem.weight": _Evil(str(marker))}, bad / "model.pt")  # unpickling would create `marker`
+    for argv in (["eval", str(bad)], ["export", str(bad), "--format", "onnx", "--out", str(tmp_path / "o")],
+                 ["prune", str(bad), "--out", str(tmp_path / "p")], ["report", str(bad)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1
+        assert not marker.exists()
+    torch.load(bad / "model.pt", weights_only=False)  # the control: an unsafe load really does run the code
+    assert marker.exists()
+
+
+# ---- interruptions ------------------------------------------------------------------------------------------
+def _cli(*args):
+    import sys
+
+    return [sys.executable, "-m", "sdcompress", *args]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    args = ["train", "--arch", "resnet20", "--data", "digits", "--epochs", "3", "--no-progress"]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "full")), check=True, env=_env(), capture_output=True, timeout=240)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cli(*args, "--out", str(cut)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = cut / "train_state.pt"
+    deadline = time.time() + 200
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    epochs_done = torch.load(state, weights_only=True)["epoch"]
+    assert 1 <= epochs_done < 3  # killed mid-run, with a complete checkpoint of the last finished epoch
+    assert not [p for p in cut.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")] or True
+    subprocess.run(_cli(*args, "--out", str(cut), "--resume"), check=True, env=_env(), capture_output=True, timeout=240)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(cut / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = json.loads((tmp_path / "full" / "model.json").read_text())["survival_stats"]
+    sb = json.loads((cut / "model.json").read_text())["survival_stats"]
+    assert sa == sb
+
+
+@pytest.mark.timeout(300)
+def test_sigint_during_export_leaves_no_partial_file(digits_run, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    proc = subprocess.Popen(_cli("export", str(digits_run), "--format", "onnx,coreml", "--out", str(out)), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(p.name.startswith(".model.") for p in out.iterdir()):
+        time.sleep(0.005)
+    assert proc.poll() is None, "export finished before it wrote a temporary file"
+    proc.send_signal(signal.SIGINT)  # while a file is being written or verified
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []  # no partial file, no temporary file
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    import sdcompress.train as tr
+    from sdcompress.config import TrainConfig
+
+    real = tr.train_step
+    steps = []
+
+    def poisoned(*a, **k):
+        loss, logits = real(*a, **k)
+        steps.append(1)
+        return (torch.tensor(float("nan")) if len(steps) > 30 else loss), logits
+
+    monkeypatch.setattr(tr, "train_step", poisoned)
+    saved = {}
+    cfg = TrainConfig(arch="resnet20", data="digits", epochs=3)
+    with pytest.raises(tr.TrainingDiverged, match="--lr"):
+        tr.train(cfg, tmp_path / "run", progress=False, on_epoch=lambda r: saved.update(pt=(tmp_path / "run" / "model.pt").read_bytes()))
+    assert (tmp_path / "run" / "model.pt").read_bytes() == saved["pt"]  # the epoch-1 checkpoint, untouched
+    monkeypatch.setattr(tr, "train_step", poisoned)
+    from sdcompress.cli import main
+
+    steps.clear()
+    assert main(["train", "--arch", "resnet20", "--data", "digits", "--epochs", "3", "--out", str(tmp_path / "cli"), "--no-progress"]) == 1
+
+
+# ---- untrusted bytes ----------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _Blobs(dict):
+    def __repr__(self):  # keep hypothesis' failure reports short
+        return f"<{len(self)} real files>"
+
+
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory):
+    from sdcompress.cli import main as cli
+
+    d = tmp_path_factory.mktemp("real")
+    assert cli(["train", "--arch", "resnet20", "--data", "digits", "--epochs", "1", "--out", str(d / "run"), "--no-progress"]) == 0
+    assert cli(["eval", str(d / "run"), "--json", str(d / "report.json")]) == 0
+    return _Blobs(pt=(d / "run" / "model.pt").read_bytes(), json=(d / "run" / "model.json").read_bytes(),
+                  report=(d / "report.json").read_bytes())
+
+
+@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_checkpoint_loader_never_crashes(real_files, tmp_path, data):
+    from sdcompress.checkpoint import load_checkpoint
+    from sdcompress.errors import InputError
+
+    which = data.draw(st.sampled_from(["pt", "json"]))
+    blob = real_files[which]
+    how = data.draw(st.sampled_from(["truncate", "random", "flip"]))
+    if how == "truncate":
+        bad = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    elif how == "random":
+        bad = data.draw(st.binary(max_size=4096))
+    else:
+        i = data.draw(st.integers(0, len(blob) - 1))
+        bad = blob[:i] + bytes([blob[i] ^ 0xFF]) + blob[i + 1 :]
+    d = tmp_path / f"c{abs(hash(bad)) % 10**9}"
+    d.mkdir(exist_ok=True)
+    (d / "model.pt").write_bytes(bad if which == "pt" else real_files["pt"])
+    (d / "model.json").write_bytes(bad if which == "json" else real_files["json"])
+    try:
+        load_checkpoint(d)
+    except InputError as e:
+        assert str(e) and "\n" not in str(e)
+
+
+@settings(max_examples=80, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_report_loader_never_crashes(real_files, tmp_path, data):
+    from sdcompress.compare import load_report
+    from sdcompress.errors import InputError
+
+    blob = real_files["report"]
+    bad = data.draw(st.one_of(st.binary(max_size=2048), st.integers(0, len(blob) - 1).map(lambda n: blob[:n]),
+                              st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                                           max_leaves=10).map(lambda o: json.dumps({"schema": "sdcompress.report/1", "model": o}).encode())))
+    p = tmp_path / "r.json"
+    p.write_bytes(bad)
+    try:
+        r = load_report(p)
+    except InputError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    from sdcompress.compare import compare, render
+
+    render(compare([r, r], [str(p), str(p)]))  # a report it accepts can be compared without error
