@@ -15,7 +15,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, logs: str, sync_bn: bool) -> None:
+class _Stop(Exception):
+    pass
+
+
+def _worker(rank: int, world: int, port: int, out: str, logs: str, sync_bn: bool, stop_at: int = -1, resume: bool = False) -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -28,17 +32,26 @@ def _worker(rank: int, world: int, port: int, out: str, logs: str, sync_bn: bool
     real_save = tr.save_checkpoint
     tr.save_checkpoint = lambda *a, **k: (writes.append(rank), real_save(*a, **k))[1]
     masks = []
+
+    def on_step(step, keep):
+        if step == stop_at:
+            raise _Stop  # every rank stops at the same step, mid-epoch, as if the job were killed
+        masks.append(keep)
+
     cfg = TrainConfig(arch="resnet20", data="digits", epochs=2, batch_size=64, lr=0.1, device="cpu", p_last=0.5,
                       contrib_every=2, sync_bn=sync_bn)
     try:
-        model, meta = tr.train(cfg, out, progress=False, on_step=lambda step, keep: masks.append(keep))
+        try:
+            model, meta = tr.train(cfg, out, progress=False, on_step=on_step, resume=resume)
+        except _Stop:
+            return
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(logs) / f"state{rank}.pt")
         (Path(logs) / f"rank{rank}.json").write_text(json.dumps({"masks": masks, "writes": writes, "history": meta.get("history")}))
     finally:
         teardown()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_two_process_gloo_training(tmp_path):
     sync_bn = False
     out, logs = tmp_path / "run", tmp_path / "logs"
@@ -64,6 +77,15 @@ def test_two_process_gloo_training(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, s0[k]), k
     assert meta["survival_stats"]["steps"] == len(r0["masks"])
+
+    # --resume under torchrun: stopped mid-epoch 2 on both ranks, resumed, the same weights as the run above
+    cut = tmp_path / "cut"
+    mp.spawn(_worker, args=(2, _free_port(), str(cut), str(logs), False, 30), nprocs=2, join=True)
+    assert torch.load(cut / "train_state.pt", weights_only=True)["epoch"] == 1
+    mp.spawn(_worker, args=(2, _free_port(), str(cut), str(logs), False, -1, True), nprocs=2, join=True)
+    b = torch.load(cut / "model.pt", weights_only=True)
+    assert all(torch.equal(s0[k], b[k]) for k in b)
+    assert json.loads((out / "model.json").read_text())["survival_stats"] == json.loads((cut / "model.json").read_text())["survival_stats"]
 
 
 def test_sync_bn_needs_several_cuda_processes(tmp_path, capsys):

@@ -112,11 +112,20 @@ def _program(path):
     return _load_program(path)
 
 
+@pytest.fixture(scope="module")
+def coreml_out(variants, tmp_path_factory):
+    """Each variant exported to Core ML once, for the tests below."""
+    _coremltools()
+    root = tmp_path_factory.mktemp("coreml")
+    for name in ("full", "pruned", "binary", "both"):
+        assert main(["export", str(variants / name), "--format", "coreml", "--out", str(root / name)]) == 0
+    return root
+
+
 @pytest.mark.parametrize("name", ["full", "pruned", "binary", "both"])
-def test_coreml_conversion_and_verification(variants, name, tmp_path):
+def test_coreml_conversion_and_verification(variants, coreml_out, name):
     ct = _coremltools()
-    out = tmp_path / name
-    assert main(["export", str(variants / name), "--format", "coreml", "--out", str(out)]) == 0
+    out = coreml_out / name
     rep = json.loads((out / "report.json").read_text())["formats"]["coreml"]
     v = rep["verification"]
     assert v["ok"] and v["top1_agreement"] >= 0.98 and v["max_abs_diff"] <= 1e-2 and v["n"] == 64
@@ -145,11 +154,8 @@ def test_coreml_conversion_and_verification(variants, name, tmp_path):
         assert n_conv == 1 + 2 * len(model.block_ids)
 
 
-def test_coreml_binarized_package_is_smaller_by_the_bits(variants, tmp_path):
-    _coremltools()
-    for name in ("full", "binary"):
-        assert main(["export", str(variants / name), "--format", "coreml", "--out", str(tmp_path / name)]) == 0
-    size = {n: json.loads((tmp_path / n / "report.json").read_text())["formats"]["coreml"]["bytes"] for n in ("full", "binary")}
+def test_coreml_binarized_package_is_smaller_by_the_bits(variants, coreml_out):
+    size = {n: json.loads((coreml_out / n / "report.json").read_text())["formats"]["coreml"]["bytes"] for n in ("full", "binary")}
     model, _ = load_checkpoint(variants / "binary")
     n_binary = sum(model.get_submodule(n).weight.numel() for n in model.spec.binarized)
     assert size["full"] - size["binary"] >= (n_binary * 2 - n_binary / 8) * 0.9  # float16 -> 1 bit per weight (plus tables)
