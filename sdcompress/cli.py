@@ -355,7 +355,7 @@ def cmd_export(a) -> int:
     for fmt in a.format:
         _fresh_out(out, a.force, {"onnx": "model.onnx", "coreml": "model.mlpackage"}[fmt])
     r = run_export(path, a.format, out, a.data, a.data_dir, a.threads, precision=a.precision, coreml_input=a.coreml_input, verbose=a.verbose)
-    print(f"checkpoint {format_bytes(r['model']['bytes']['checkpoint'])}")
+    print(f"checkpoint {format_bytes(r['bytes']['checkpoint'])}")
     if "onnx" in r["formats"]:
         o = r["formats"]["onnx"]
         v = o["verification"]
@@ -369,7 +369,7 @@ def cmd_export(a) -> int:
               f"{c['binary_layers_palettized']} layers as 1-bit tables, max |Core ML - torch| {v['max_abs_diff']:.2g} (probabilities), "
               f"top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images ({v['method']})")
     files = ", ".join(f"{out}/{f['file']}" for f in r["formats"].values())
-    print(f"wrote {files}, {out}/report.json")
+    print(f"wrote {files}, {out}/report.json, {out}/report.md")
     return 0
 
 

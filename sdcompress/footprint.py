@@ -15,7 +15,7 @@ from torch import nn
 
 from .binarize import bits_per_value
 from .nets import ResNet, count_macs
-from .report import REPORT_SCHEMA, model_report
+from .report import model_report
 
 EXPORTED = ("model.pt", "model.onnx", "model.mlpackage")
 
@@ -132,8 +132,8 @@ def footprint(model: ResNet, meta: dict, ckpt: str | Path | None = None, accurac
     rep = model_report(model, meta, ckpt_file, accuracy)
     rep["bytes"]["onnx"] = files.get("model.onnx")
     rep["bytes"]["coreml"] = files.get("model.mlpackage")
-    return {
-        "schema": REPORT_SCHEMA,
+    return {  # the shape every sdcompress report has (DESIGN.md), then the footprint's own detail
+        **rep,
         "stage": "report",
         "checkpoint": str(ckpt) if ckpt is not None else None,
         "input_shape": list(shape),
@@ -148,8 +148,6 @@ def footprint(model: ResNet, meta: dict, ckpt: str | Path | None = None, accurac
             "binary_mac_share": macs_b / (macs_b + macs_f) if macs_b + macs_f else 0.0,
         },
         "files": files,
-        "accuracy": accuracy,
-        "model": rep,
     }
 
 
@@ -167,7 +165,7 @@ def _m(v: int) -> str:
 
 def render_markdown(fp: dict) -> str:
     """The footprint as Markdown: blocks, layers, totals, files, accuracy."""
-    m = fp["model"]["model"]
+    m = fp["model"]
     t = fp["totals"]
     head = "| {} | output | params 32-bit | params 1-bit | KiB 32-bit | KiB 1-bit | KiB scales | MACs binary (M) | MACs full (M) |"
     rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|"

@@ -12,7 +12,7 @@ from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError
 from .prune import PruneConfig, prune_model, recalibrate_bn
-from .report import binarize_markdown, format_stats_table, model_report, plot_stats, prune_markdown
+from .report import binarize_markdown, export_markdown, format_stats_table, model_report, plot_stats, prune_markdown
 from .train import evaluate, finetune, train_augmentation
 
 
@@ -116,19 +116,20 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     model, meta = load_checkpoint(ckpt)
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
     idx = torch.arange(min(batch, len(images)))
-    result = {"schema": "sdcompress.report/1", "stage": "export", "formats": {}}
+    files: dict[str, dict] = {}
     out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
         if fmt == "onnx":
-            result["formats"]["onnx"] = _export_onnx(model, meta, out, images.images[idx], eval_name, threads)
+            files["onnx"] = _export_onnx(model, meta, out, images.images[idx], eval_name, threads)
         else:
-            result["formats"]["coreml"] = _export_coreml(model, meta, ckpt, out, images.images[idx], eval_name, precision, coreml_input, verbose)
+            files["coreml"] = _export_coreml(model, meta, ckpt, out, images.images[idx], eval_name, precision, coreml_input, verbose)
     rep = model_report(model, meta, resolve(ckpt)[0], None)
     for fmt in FORMATS:
-        rep["bytes"][fmt] = result["formats"].get(fmt, {}).get("bytes")
-    rep["latency_ms"] = {"onnxruntime_cpu_b1": result["formats"]["onnx"]["latency_ms"]["onnxruntime_cpu_b1"]} if "onnx" in result["formats"] else None
-    result["model"] = rep
+        rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
+    rep["latency_ms"] = {"onnxruntime_cpu_b1": files["onnx"]["latency_ms"]["onnxruntime_cpu_b1"]} if "onnx" in files else None
+    result = {**rep, "stage": "export", "formats": files}
     atomic_write_json(out / "report.json", result)
+    atomic_write_bytes(out / "report.md", export_markdown(result).encode())
     return result
 
 

@@ -215,3 +215,19 @@ def binarize_markdown(report: dict) -> str:
         precision_table(report["before"], report["after"]),
         "",
     ])
+
+
+def export_markdown(report: dict) -> str:
+    """report.md of the export stage: one row per file with its size, verification and latency."""
+    m = report["model"]
+    lines = [f"# Export: {m['arch']}, {len(m['blocks_kept'])} of {m['blocks_total']} blocks{', binarized' if m['binarized'] else ''}", "",
+             f"model.pt: {format_bytes(report['bytes']['checkpoint'])}", "",
+             "| file | size | format | verified on | max abs diff | top-1 agreement | latency (batch 1) |", "|---|---:|---|---|---:|---:|---|"]
+    for f in report["formats"].values():
+        v = f["verification"]
+        kind = (f"opset {f['opset']}" if "opset" in f else f"{f['precision']}, {f['input']} input, {f['deployment_target']}")
+        lat = f.get("latency_ms")
+        lat_s = f"{lat['onnxruntime_cpu_b1']:.3f} ms (onnxruntime CPU, {lat['threads']} thread)" if lat else "-"
+        lines.append(f"| {f['file']} | {format_bytes(f['bytes'])} | {kind} | {v['n']} images of {v['dataset']} | {v['max_abs_diff']:.2g} | "
+                     f"{100 * v['top1_agreement']:.1f}% | {lat_s} |")
+    return "\n".join(lines) + "\n"

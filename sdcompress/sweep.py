@@ -22,7 +22,7 @@ from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, 
 from .errors import InputError
 from .evaluate import evaluate_checkpoint
 from .prune import STRATEGIES, PruneConfig
-from .report import REPORT_SCHEMA, format_bytes, model_report
+from .report import format_bytes, model_report
 
 SWEEP_SCHEMA = "sdcompress.sweep/1"
 
@@ -86,11 +86,10 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
     rep = model_report(model, meta, resolve(src)[0], {"top1": acc["top1"], "dataset": acc["dataset"], "n": acc["n"]})
     for fmt in ("onnx", "coreml"):
         rep["bytes"][fmt] = exp["formats"].get(fmt, {}).get("bytes")
-    point = {
-        "schema": REPORT_SCHEMA, "stage": "sweep-point", "label": label(keep, binary), "keep": keep, "binarized": binary,
+    point = {  # a report in the shape every sdcompress report has, plus where the point came from
+        **rep, "stage": "sweep-point", "label": label(keep, binary), "keep": keep, "binarized": binary,
         "checkpoint": str(resolve(src)[0]), "files": {f: str(pdir / "export" / e["file"]) for f, e in exp["formats"].items()},
         "verification": {f: {k: e["verification"][k] for k in ("max_abs_diff", "top1_agreement", "n", "ok")} for f, e in exp["formats"].items()},
-        "model": rep,
     }
     pdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(pdir / "point.json", point)
@@ -121,12 +120,12 @@ def pareto(points: list[dict], x_key) -> set[str]:
     """Labels of points no other point beats: at most the cost and at least the top-1, one strictly."""
     front = set()
     for p in points:
-        px, pa = x_key(p), p["model"]["accuracy"]["top1"]
+        px, pa = x_key(p), p["accuracy"]["top1"]
         if px is None:
             continue
         dominated = any(
-            (qx := x_key(q)) is not None and qx <= px and q["model"]["accuracy"]["top1"] >= pa
-            and (qx < px or q["model"]["accuracy"]["top1"] > pa)
+            (qx := x_key(q)) is not None and qx <= px and q["accuracy"]["top1"] >= pa
+            and (qx < px or q["accuracy"]["top1"] > pa)
             for q in points if q is not p
         )
         if not dominated:
@@ -135,7 +134,7 @@ def pareto(points: list[dict], x_key) -> set[str]:
 
 
 def file_bytes(p: dict) -> int | None:
-    b = p["model"]["bytes"]
+    b = p["bytes"]
     return b.get("onnx") or b.get("coreml") or b.get("checkpoint")
 
 
@@ -183,7 +182,7 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
     _, meta = load_checkpoint(ckpt)
     lat = _latency(points, tuple(meta["data"]["input_shape"]), cfg, onnx_bytes)
     for p in points:
-        p["model"]["latency_ms"] = {"onnxruntime_cpu_b1": lat[p["label"]], "threads": cfg.threads,
+        p["latency_ms"] = {"onnxruntime_cpu_b1": lat[p["label"]], "threads": cfg.threads,
                                     "runs": cfg.latency_rounds * cfg.latency_runs}
         atomic_write_json(out / "points" / p["label"] / "point.json", p)
     sweep = summarize(points, cfg, ckpt)
@@ -200,22 +199,22 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
     full = by.get((1.0, False))
     rows = []
     for p in points:
-        m = p["model"]
+        m = p
         r = {"label": p["label"], "keep": p["keep"], "binarized": p["binarized"], "blocks": len(m["model"]["blocks_kept"]),
              "params": m["params"]["total"], "macs": m["macs"], "top1": m["accuracy"]["top1"],
              "bytes": m["bytes"], "latency_ms": m["latency_ms"]["onnxruntime_cpu_b1"], "verification": p["verification"]}
         if full is not None:
-            fm = full["model"]
+            fm = full
             r["macs_ratio"] = m["macs"] / fm["macs"]
             r["latency_ratio"] = r["latency_ms"] / fm["latency_ms"]["onnxruntime_cpu_b1"]
             f32 = fm["bytes"].get("onnx")
             r["fraction_of_full_onnx"] = {f: (m["bytes"][f] / f32 if f32 and m["bytes"].get(f) else None) for f in ("onnx", "coreml")}
         float_twin = by.get((p["keep"], False))
         if p["binarized"] and float_twin is not None:
-            r["latency_vs_float"] = r["latency_ms"] / float_twin["model"]["latency_ms"]["onnxruntime_cpu_b1"]
+            r["latency_vs_float"] = r["latency_ms"] / float_twin["latency_ms"]["onnxruntime_cpu_b1"]
         rows.append(r)
     front_size = pareto(points, file_bytes)
-    front_lat = pareto(points, lambda p: p["model"]["latency_ms"]["onnxruntime_cpu_b1"])
+    front_lat = pareto(points, lambda p: p["latency_ms"]["onnxruntime_cpu_b1"])
     for r in rows:
         r["pareto_size"] = r["label"] in front_size
         r["pareto_latency"] = r["label"] in front_lat
@@ -231,7 +230,7 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
         fr = {f: v for f, v in k6["fraction_of_full_onnx"].items() if v is not None}
         goals["keep0.6_binary_at_most_1_25"] = {"fractions": fr, "met": bool(fr) and all(v <= 1 / 25 for v in fr.values())}
     return {"schema": SWEEP_SCHEMA, "checkpoint": str(ckpt), "config": cfg.to_dict(), "points": rows, "goals": goals,
-            "dataset": points[0]["model"]["accuracy"]["dataset"] if points else None}
+            "dataset": points[0]["accuracy"]["dataset"] if points else None}
 
 
 def render_markdown(sweep: dict) -> str:

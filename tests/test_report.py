@@ -71,7 +71,8 @@ def test_report_command_file_sizes_and_accuracy(digits_run, tmp_path, capsys):
     fp = json.loads((tmp_path / "r.json").read_text())
     assert fp["files"]["model.onnx"] == (out / "model.onnx").stat().st_size
     assert fp["files"]["model.pt"] == (out / "model.pt").stat().st_size
-    assert fp["model"]["bytes"]["onnx"] == fp["files"]["model.onnx"]
+    assert fp["bytes"]["onnx"] == fp["files"]["model.onnx"]
+    assert fp["params"]["total"] == fp["totals"]["params"]["total"]  # the shape every report has
     assert 0.0 < fp["accuracy"]["top1"] <= 1.0 and fp["accuracy"]["n"] > 0
     assert (tmp_path / "r.md").read_text() == printed
     assert main(["report", str(out), "--json", str(tmp_path / "r.json")]) == 2  # exists, no --force
