@@ -7,14 +7,10 @@ float32 scale per output channel), MACs from the shapes (see `nets.count_macs`),
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from .binarize import bits_per_value
-from .nets import ResNet, count_macs
+from .nets import ResNet, count_macs, forward_with_hooks
 from .report import model_report
 
 EXPORTED = ("model.pt", "model.onnx", "model.mlpackage")
@@ -49,17 +45,7 @@ def layer_rows(model: ResNet, input_shape: tuple[int, ...]) -> list[dict]:
         return fn
 
     owners = {n: m for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
-    handles = [m.register_forward_hook(hook(n)) for n, m in owners.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            p = next(model.parameters())
-            model(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, input_shape, {n: hook(n) for n in owners})
     rows = []
     for name in order:
         m = owners[name]
@@ -92,14 +78,7 @@ def block_rows(layers: list[dict], model: ResNet, input_shape: tuple[int, ...]) 
 
         return fn
 
-    handles = [m.register_forward_hook(hook(f"block {b}")) for b, m in model.blocks.items()]
-    try:
-        with torch.no_grad():
-            p = next(model.parameters())
-            model.eval()(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, input_shape, {f"blocks.{b}": hook(f"block {b}") for b in model.blocks})
     groups: dict[str, dict] = {}
     for r in layers:
         g = groups.setdefault(r["group"], {"group": r["group"], "output_shape": r["output_shape"], "layers": 0,

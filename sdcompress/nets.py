@@ -220,6 +220,22 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def forward_with_hooks(model: nn.Module, input_shape: tuple[int, ...], hooks: dict) -> None:
+    """One evaluation-time forward pass of a zero image with forward hooks on the named modules, then removed."""
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(fn) for n, fn in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def count_macs(model: ResNet, input_shape: tuple[int, int, int]) -> dict:
     """Multiply-accumulate count of the evaluation-time network on one image, in total and per block.
 
@@ -238,17 +254,7 @@ def count_macs(model: ResNet, input_shape: tuple[int, int, int]) -> dict:
 
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            p = next(model.parameters())
-            model(torch.zeros(1, *input_shape, dtype=p.dtype, device=p.device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_with_hooks(model, input_shape, {n: hook(n) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))})
     per_block: dict[int, int] = {}
     for name, v in macs.items():
         if name.startswith("blocks."):

@@ -73,8 +73,6 @@ def plot_stats(meta: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write_bytes
-
     rows = stats_rows(meta)
     blocks = [r["block"] for r in rows]
     nan = float("nan")
@@ -108,9 +106,18 @@ def plot_stats(meta: dict, path: str | Path) -> None:
     removed = len(rows) - sum(kept)
     extra = f"; grey: {removed} removed blocks" if removed else ""
     fig.suptitle(f"{sp['arch']} survival statistics (rule {sp['survival_rule']}, p_L {sp['p_last']}){extra}")
-    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """A matplotlib figure as PNG, written atomically; the figure is closed."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write_bytes
+
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -22,7 +22,7 @@ from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, 
 from .errors import InputError
 from .evaluate import evaluate_checkpoint
 from .prune import STRATEGIES, PruneConfig
-from .report import format_bytes, model_report
+from .report import format_bytes, model_report, save_figure
 
 SWEEP_SCHEMA = "sdcompress.sweep/1"
 
@@ -268,8 +268,6 @@ def render_markdown(sweep: dict) -> str:
 
 def plot_tradeoff(sweep: dict, path: Path) -> None:
     """Top-1 against file size (log axis) and against latency, Pareto fronts drawn, every point labelled."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,8 +293,4 @@ def plot_tradeoff(sweep: dict, path: Path) -> None:
     axes[0].set_xscale("log")
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{Path(sweep['checkpoint']).name}: accuracy against size and latency (labels: keep, b = binarized)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
