@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, check_interrupt
 from .nets import NetSpec, ResNet, build_model
 
 SCHEMA = "sdcompress.checkpoint/1"
@@ -40,6 +40,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+        check_interrupt()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

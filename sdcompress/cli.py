@@ -12,7 +12,7 @@ import traceback
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, Terminated, signal_received
 
 OUT_ROOT = Path("sdcompress-out")
 
@@ -525,7 +525,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     a = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm)
+    restore = _handle_signals()
+    try:
+        return _run(a)
+    finally:
+        restore()
+
+
+def _handle_signals():
+    """Ctrl-C and SIGTERM raise (KeyboardInterrupt, Terminated) and are remembered, so that a library that swallows
+    the exception cannot make the command carry on and commit its outputs. Returns what puts the old handlers back."""
+    import threading
+
+    from . import errors
+
+    errors._pending.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal_received(Terminated))
+    signal.signal(signal.SIGINT, lambda signum, frame: signal_received(KeyboardInterrupt))
+    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+
+def _run(a) -> int:
     try:
         return a.func(a)
     except InputError as e:
@@ -536,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sdcompress {a.command}: interrupted; outputs already written are complete, nothing was half-written", file=sys.stderr)
         return 130
-    except _Terminated:
+    except Terminated:
         print(f"sdcompress {a.command}: terminated; outputs already written are complete, nothing was half-written", file=sys.stderr)
         return 143
     except Exception as e:  # noqa: BLE001 - one line for the user, the traceback with --debug
@@ -545,14 +568,6 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"sdcompress {a.command}: error: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-
-
-class _Terminated(BaseException):
-    pass
-
-
-def _sigterm(signum, frame):
-    raise _Terminated()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from .binarize import BinarizeConfig, binarize_model
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, resolve, save_checkpoint
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
-from .errors import InputError
+from .errors import InputError, check_interrupt
 from .prune import PruneConfig, prune_model, recalibrate_bn
 from .report import binarize_markdown, export_markdown, format_stats_table, model_report, plot_stats, prune_markdown
 from .train import evaluate, finetune, train_augmentation
@@ -119,6 +119,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     files: dict[str, dict] = {}
     out.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
+        check_interrupt()
         if fmt == "onnx":
             files["onnx"] = _export_onnx(model, meta, out, images.images[idx], eval_name, threads)
         else:
@@ -152,6 +153,7 @@ def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int) -
                                      f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
         lat = latency_ms(session, tuple(meta["data"]["input_shape"]))
         os.chmod(tmp, 0o644)
+        check_interrupt()
         os.replace(tmp, out / "model.onnx")
     finally:
         if os.path.exists(tmp):

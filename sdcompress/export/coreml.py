@@ -372,6 +372,9 @@ def verify(path: Path, model: ResNet, meta: dict, images_uint8: torch.Tensor, in
 
 def replace_dir(tmp: Path, dest: Path) -> None:
     """Move a finished package into place; an existing one is swapped out only once the new one is complete."""
+    from ..errors import check_interrupt
+
+    check_interrupt()  # a Ctrl-C that coremltools swallowed during conversion still stops here
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
