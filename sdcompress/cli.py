@@ -541,16 +541,29 @@ def _handle_signals():
 
     errors._pending.clear()
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return errors._pending.clear
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, lambda signum, frame: signal_received(Terminated))
     signal.signal(signal.SIGINT, lambda signum, frame: signal_received(KeyboardInterrupt))
-    return lambda: [signal.signal(s, h) for s, h in old.items()]
+
+    def restore():
+        for s, h in old.items():
+            signal.signal(s, h)
+        errors._pending.clear()  # a signal belongs to the command it interrupted
+
+    return restore
 
 
 def _run(a) -> int:
+    from . import errors
+
     try:
-        return a.func(a)
+        try:
+            return a.func(a)
+        except Exception:
+            # a signal raised inside a library's C++ code can come out as that library's own error
+            errors.check_interrupt()
+            raise
     except InputError as e:
         if a.debug:
             traceback.print_exc()

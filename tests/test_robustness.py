@@ -259,11 +259,15 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_before_commit(digits_run, tmp
         return real(*a, **k)
 
     monkeypatch.setattr(cm, "convert", swallowing)
+    before = signal.getsignal(signal.SIGINT)
     out = tmp_path / "exp"
     assert main(["export", str(digits_run), "--format", "onnx,coreml", "--out", str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert {p.name for p in out.iterdir()} == {"model.onnx"}  # written before the signal, complete; nothing else
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back after the command
+    assert signal.getsignal(signal.SIGINT) == before  # handlers put back after the command
+    from sdcompress import errors
+
+    errors.check_interrupt()  # and the signal is forgotten: it belonged to that command
 
 
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
