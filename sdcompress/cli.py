@@ -107,12 +107,8 @@ def cmd_train(a) -> int:
         _, meta = train(cfg, out, resume=a.resume, progress=not a.no_progress, on_epoch=on_epoch)
     finally:
         teardown()
-    d = meta.get("distributed", {})
     if launched_by_torchrun() and int(__import__("os").environ["RANK"]) != 0:
         return 0  # rank 0 reports
-    if d.get("world_size", 1) > 1:
-        print(f"trained on {d['world_size']} processes ({d['backend']}), global batch {d['global_batch']} "
-              f"({d['per_process_batch']} per process){', SyncBatchNorm' if d['sync_bn'] else ''}")
     m = meta["metrics"]
     val = f"val top-1 {m['val_top1']:.4f}" if m.get("val_top1") is not None else "no validation split"
     print(f"wrote {out}/model.pt  {val}  epochs {m['epochs']}  wall {m['wall_s']} s  device {m['device']}")

@@ -193,6 +193,9 @@ def train(
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
     local_batch = cfg.batch_size // dd.world
+    if dd.enabled and dd.main:
+        tqdm.write(f"distributed: {dd.world} processes ({'nccl' if cuda else 'gloo'}), global batch {cfg.batch_size} "
+                   f"({local_batch} per process){', SyncBatchNorm' if cfg.sync_bn else ''}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
     drop_gen = torch.Generator().manual_seed(cfg.seed + 2)
