@@ -124,3 +124,12 @@ def test_bad_input_as_a_user_sees_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sdcompress", "eval", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "no such file" in proc.stderr
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, capsys):
+    for argv in (["--debug", "eval", str(tmp_path / "none")], ["eval", str(tmp_path / "none"), "--debug"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.strip().splitlines()[-1].startswith("sdcompress eval: error:")
+    assert main(["eval", str(tmp_path / "none")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
