@@ -9,11 +9,13 @@ folder and renamed into place, so a reader sees the old file or the complete new
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,23 +31,64 @@ WEIGHTS = "model.pt"
 SIDECAR = "model.json"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+@contextlib.contextmanager
+def staged(path: str | Path, folder: bool = False):
+    """Stage an output under a temporary name beside `path`; put it in place only if the block completes.
+
+    Yields the temporary path to write (a file, or with `folder` a folder path that does not exist yet, for
+    writers that create their own folder, like a .mlpackage). On success, a signal that a library swallowed
+    meanwhile is raised instead of committing (see errors.check_interrupt); otherwise the output replaces any old
+    one by a rename (a folder: the old one is moved aside first and removed after). On failure nothing is left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if folder:
+        box = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = box / path.name
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        box = tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+        yield tmp
         check_interrupt()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        if folder:
+            old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
+            if old is not None:
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+            os.replace(tmp, path)
+    finally:
+        if box.is_dir():
+            shutil.rmtree(box, ignore_errors=True)
+        elif box.exists():
+            box.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """The folder a checkpoint (given as its folder or one of its files) lives in."""
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def path_bytes(path: str | Path) -> int:
+    """Size of a file, or of every file under a folder (a .mlpackage)."""
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -6,13 +6,14 @@ Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 anything
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import traceback
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import InputError, Terminated, signal_received
+from .errors import InputError, Terminated, check_interrupt, clear_pending, signal_received
 
 OUT_ROOT = Path("sdcompress-out")
 
@@ -107,7 +108,7 @@ def cmd_train(a) -> int:
         _, meta = train(cfg, out, resume=a.resume, progress=not a.no_progress, on_epoch=on_epoch)
     finally:
         teardown()
-    if launched_by_torchrun() and int(__import__("os").environ["RANK"]) != 0:
+    if launched_by_torchrun() and os.environ["RANK"] != "0":
         return 0  # rank 0 reports
     m = meta["metrics"]
     val = f"val top-1 {m['val_top1']:.4f}" if m.get("val_top1") is not None else "no validation split"
@@ -118,6 +119,13 @@ def cmd_train(a) -> int:
 # ---- eval ----------------------------------------------------------------------------------------------------
 def _ckpt_arg(p) -> None:
     p.add_argument("ckpt", nargs="?", default=None, help="checkpoint file or folder (default: the bundled model)")
+
+
+def _model_name(path: Path) -> str:
+    """The name output folders are called after: the checkpoint's folder."""
+    from .checkpoint import checkpoint_folder
+
+    return checkpoint_folder(path).name
 
 
 def _resolve_ckpt(ckpt):
@@ -267,7 +275,7 @@ def cmd_prune(a) -> int:
                       sensitivity_batches=a.sensitivity_batches, finetune=a.finetune, finetune_lr=a.finetune_lr,
                       finetune_survival=a.finetune_survival, seed=a.seed)
     path = _resolve_ckpt(a.ckpt)
-    name = (path if path.is_dir() else path.parent).name
+    name = _model_name(path)
     tag = f"keep{a.keep}" if cfg.keep is not None else "budget" if cfg.blocks_to_keep is None else "blocks"
     out = _fresh_out(a.out or OUT_ROOT / f"{name}-prune-{tag}", a.force)
     report = run_prune(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress)
@@ -308,7 +316,7 @@ def cmd_binarize(a) -> int:
     cfg = BinarizeConfig(a.binarize_stem, a.binarize_head, a.full_precision, a.recalibrate, a.finetune, a.finetune_lr,
                          a.finetune_survival, a.seed)
     path = _resolve_ckpt(a.ckpt)
-    name = (path if path.is_dir() else path.parent).name
+    name = _model_name(path)
     out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force)
     r = run_binarize(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress)
     b, f = r["before"], r["after"]
@@ -339,14 +347,12 @@ def add_export(sub) -> None:
 
 
 def cmd_export(a) -> int:
-    from .pipeline import FORMATS, run_export
+    from .pipeline import check_formats, run_export
     from .report import format_bytes
 
-    bad = [f for f in a.format if f not in FORMATS]
-    if bad:
-        raise InputError(f"unknown format {bad[0]!r}; --format takes a comma-separated list of {', '.join(FORMATS)}")
+    check_formats(a.format)
     path = _resolve_ckpt(a.ckpt)
-    name = (path if path.is_dir() else path.parent).name
+    name = _model_name(path)
     out = a.out or OUT_ROOT / f"{name}-export"
     for fmt in a.format:
         _fresh_out(out, a.force, {"onnx": "model.onnx", "coreml": "model.mlpackage"}[fmt])
@@ -456,7 +462,7 @@ def cmd_sweep(a) -> int:
     path = _resolve_ckpt(a.ckpt)
     if not path.exists():
         raise InputError(f"checkpoint {path}: no such file or folder")
-    name = (path if path.is_dir() else path.parent).name
+    name = _model_name(path)
     out = a.out or OUT_ROOT / f"{name}-sweep"
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
@@ -535,11 +541,9 @@ def _handle_signals():
     the exception cannot make the command carry on and commit its outputs. Returns what puts the old handlers back."""
     import threading
 
-    from . import errors
-
-    errors._pending.clear()
+    clear_pending()
     if threading.current_thread() is not threading.main_thread():
-        return errors._pending.clear
+        return clear_pending
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, lambda signum, frame: signal_received(Terminated))
     signal.signal(signal.SIGINT, lambda signum, frame: signal_received(KeyboardInterrupt))
@@ -547,20 +551,18 @@ def _handle_signals():
     def restore():
         for s, h in old.items():
             signal.signal(s, h)
-        errors._pending.clear()  # a signal belongs to the command it interrupted
+        clear_pending()  # a signal belongs to the command it interrupted
 
     return restore
 
 
 def _run(a) -> int:
-    from . import errors
-
     try:
         try:
             return a.func(a)
         except Exception:
             # a signal raised inside a library's C++ code can come out as that library's own error
-            errors.check_interrupt()
+            check_interrupt()
             raise
     except InputError as e:
         if a.debug:

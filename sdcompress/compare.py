@@ -97,8 +97,8 @@ def render(cmp: dict) -> str:
     names = [Path(f).parent.name + "/" + Path(f).name if Path(f).parent.name else Path(f).name for f in cmp["files"]]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for r in cmp["rows"]:
-        cells = [_fmt(r["values"][0], r["unit"])]
         old = _fmt(r["values"][0], r["unit"])
+        cells = [old]
         for i, v in enumerate(r["values"][1:], start=1):
             if r["unit"] == "accuracy":
                 d = r["delta_points"][i]

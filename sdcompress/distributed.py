@@ -18,7 +18,7 @@ import torch.distributed as dist
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
+    backend: str | None = None  # nccl | gloo under torchrun
 
     @property
     def enabled(self) -> bool:
@@ -30,11 +30,7 @@ class Dist:
         return self.rank == 0
 
     def all_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return t
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t / self.world
+        return self.all_sum(t) / self.world if self.enabled else t
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -66,12 +62,12 @@ def setup(device_name: str) -> tuple[Dist, str]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend=backend)
     if cuda:
         torch.cuda.set_device(local)
-        return Dist(rank, world, local), f"cuda:{local}"
-    return Dist(rank, world, local), "cpu"
+    return Dist(rank, world, backend), f"cuda:{local}" if cuda else "cpu"
 
 
 def teardown() -> None:

@@ -23,3 +23,8 @@ def check_interrupt() -> None:
     """Raise the interruption a library may have swallowed, if one came; call before committing an output."""
     if _pending:
         raise _pending[0]()
+
+
+def clear_pending() -> None:
+    """Forget received signals: each command starts and ends with none."""
+    _pending.clear()

@@ -3,6 +3,8 @@
 Every figure is derived from the model itself: output shapes from one forward pass, parameters from the
 tensors, memory from each layer's declared precision (bits / 8 per weight; a binary layer also stores one
 float32 scale per output channel), MACs from the shapes (see `nets.count_macs`), file sizes from the files.
+The rows are counted per module here; the totals come from `binarize.precision_profile`, as in every report,
+and a test checks that the rows add up to them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .binarize import bits_per_value
+from .checkpoint import checkpoint_folder, path_bytes
 from .nets import ResNet, count_macs, forward_with_hooks
 from .report import model_report
 
@@ -22,36 +25,28 @@ def _group(name: str) -> str:
     return "stem" if name.startswith("stem") or name.startswith("bn") else "head"
 
 
-def path_bytes(p: Path) -> int:
-    """Size of a file, or of every file under a folder (a .mlpackage)."""
-    p = Path(p)
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return p.stat().st_size
-
-
-def layer_rows(model: ResNet, input_shape: tuple[int, ...]) -> list[dict]:
-    """One row per module holding parameters (conv, BatchNorm, linear), in forward order."""
-    macs = count_macs(model, input_shape)["per_layer"]
+def _output_shapes(model: ResNet, input_shape: tuple[int, ...], names: list[str]) -> dict[str, list[int]]:
+    """Per-image output shape of the named modules, from one forward pass."""
     shapes: dict[str, list[int]] = {}
-    order: list[str] = []
 
     def hook(name):
         def fn(mod, inp, out):
-            if name not in shapes:
-                order.append(name)
             shapes[name] = list(out.shape[1:])
 
         return fn
 
-    owners = {n: m for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
-    forward_with_hooks(model, input_shape, {n: hook(n) for n in owners})
+    forward_with_hooks(model, input_shape, {n: hook(n) for n in names})
+    return shapes
+
+
+def layer_rows(model: ResNet, shapes: dict[str, list[int]], macs: dict[str, int]) -> list[dict]:
+    """One row per module holding parameters (conv, BatchNorm, linear) that ran, in module order."""
     rows = []
-    for name in order:
-        m = owners[name]
+    for name, m in model.named_modules():
+        if name not in shapes or not any(True for _ in m.parameters(recurse=False)):
+            continue
         bits = bits_per_value(m)
-        params_32 = params_1 = 0
-        scales = 0
+        params_32 = params_1 = scales = 0
         for pname, p in m.named_parameters(recurse=False):
             if pname == "weight" and bits == 1:
                 params_1 += p.numel()
@@ -68,24 +63,15 @@ def layer_rows(model: ResNet, input_shape: tuple[int, ...]) -> list[dict]:
     return rows
 
 
-def block_rows(layers: list[dict], model: ResNet, input_shape: tuple[int, ...]) -> list[dict]:
-    """Layers summed per group (stem, each kept block, head); a block's output shape is its own output's."""
-    out_shapes: dict[str, list[int]] = {}
-
-    def hook(name):
-        def fn(mod, inp, out):
-            out_shapes[name] = list(out.shape[1:])
-
-        return fn
-
-    forward_with_hooks(model, input_shape, {f"blocks.{b}": hook(f"block {b}") for b in model.blocks})
+def block_rows(layers: list[dict], shapes: dict[str, list[int]]) -> list[dict]:
+    """Layers summed per group (stem, each kept block, head); a block's output shape is the block's own."""
     groups: dict[str, dict] = {}
     for r in layers:
         g = groups.setdefault(r["group"], {"group": r["group"], "output_shape": r["output_shape"], "layers": 0,
                                            "params": {"32": 0, "1": 0}, "memory_bytes": {"32": 0, "1": 0.0, "scales": 0},
                                            "macs": {"binary_weight": 0, "full_precision": 0}})
         g["layers"] += 1
-        g["output_shape"] = out_shapes.get(r["group"], r["output_shape"])
+        g["output_shape"] = shapes.get("blocks." + r["group"][len("block "):], r["output_shape"])
         for k in ("params", "memory_bytes", "macs"):
             for kk, v in r[k].items():
                 g[k][kk] += v
@@ -95,22 +81,20 @@ def block_rows(layers: list[dict], model: ResNet, input_shape: tuple[int, ...]) 
 def footprint(model: ResNet, meta: dict, ckpt: str | Path | None = None, accuracy: dict | None = None) -> dict:
     """The footprint report of a model as data (what `sdcompress report` renders)."""
     shape = tuple(meta["data"]["input_shape"])
-    layers = layer_rows(model, shape)
-    blocks = block_rows(layers, model, shape)
-    params_32 = sum(r["params"]["32"] for r in layers)
-    params_1 = sum(r["params"]["1"] for r in layers)
-    mem = {k: sum(r["memory_bytes"][k] for r in layers) for k in ("32", "1", "scales")}
-    size = mem["32"] + mem["1"] + mem["scales"]
-    macs_b = sum(r["macs"]["binary_weight"] for r in layers)
-    macs_f = sum(r["macs"]["full_precision"] for r in layers)
-    folder = None
-    if ckpt is not None:
-        folder = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
+    owners = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    shapes = _output_shapes(model, shape, owners + [f"blocks.{b}" for b in model.blocks])
+    macs = count_macs(model, shape)
+    layers = layer_rows(model, shapes, macs["per_layer"])
+    blocks = block_rows(layers, shapes)
+    folder = checkpoint_folder(ckpt) if ckpt is not None else None
     files = {f: path_bytes(folder / f) for f in EXPORTED if folder is not None and (folder / f).exists()}
-    ckpt_file = (folder / "model.pt") if folder is not None and (folder / "model.pt").exists() else None
-    rep = model_report(model, meta, ckpt_file, accuracy)
+    rep = model_report(model, meta, folder / "model.pt" if "model.pt" in files else None, accuracy, macs)
     rep["bytes"]["onnx"] = files.get("model.onnx")
     rep["bytes"]["coreml"] = files.get("model.mlpackage")
+    # totals in the footprint's terms, from the same precision profile as every report's
+    mem, split = rep["memory_bytes"], rep["macs_split"]
+    macs_total = split["binary_weight"] + split["full_precision"]
+    by_bits = rep["params"]["by_bits"]
     return {  # the shape every sdcompress report has (DESIGN.md), then the footprint's own detail
         **rep,
         "stage": "report",
@@ -119,12 +103,12 @@ def footprint(model: ResNet, meta: dict, ckpt: str | Path | None = None, accurac
         "layers": layers,
         "blocks": blocks,
         "totals": {
-            "params": {"32": params_32, "1": params_1, "total": params_32 + params_1},
-            "memory_bytes": {**mem, "total": size},
-            "float32_equivalent_bytes": 4 * (params_32 + params_1),
-            "compression_ratio": 4 * (params_32 + params_1) / size if size else None,
-            "macs": {"binary_weight": macs_b, "full_precision": macs_f, "total": macs_b + macs_f},
-            "binary_mac_share": macs_b / (macs_b + macs_f) if macs_b + macs_f else 0.0,
+            "params": {"32": by_bits.get("32", 0), "1": by_bits.get("1", 0), "total": rep["params"]["total"]},
+            "memory_bytes": {"32": mem.get("32", 0), "1": mem.get("1", 0), "scales": mem["scales"], "total": mem["total"]},
+            "float32_equivalent_bytes": rep["float32_equivalent_bytes"],
+            "compression_ratio": rep["float32_equivalent_bytes"] / mem["total"] if mem["total"] else None,
+            "macs": {**split, "total": macs_total},
+            "binary_mac_share": split["binary_weight"] / macs_total if macs_total else 0.0,
         },
         "files": files,
     }

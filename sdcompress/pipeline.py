@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from .binarize import BinarizeConfig, binarize_model
-from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, resolve, save_checkpoint
+from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, path_bytes, resolve, save_checkpoint, staged
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt
@@ -101,6 +101,12 @@ class VerificationFailed(RuntimeError):
 FORMATS = ("onnx", "coreml")
 
 
+def check_formats(formats) -> None:
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise InputError(f"unknown format {bad[0]!r}; formats are a comma-separated list of {', '.join(FORMATS)}")
+
+
 def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=None, threads: int = 1, batch: int = 64,
                precision: str = "float16", coreml_input: str = "image", verbose: bool = False) -> dict:
     """Export a checkpoint, verify each file on real inputs, and report sizes, parity and latency.
@@ -110,9 +116,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     """
     import torch
 
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise InputError(f"unknown format {bad[0]!r}; expected a comma-separated list of {', '.join(FORMATS)}")
+    check_formats(formats)
     model, meta = load_checkpoint(ckpt)
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
     idx = torch.arange(min(batch, len(images)))
@@ -135,40 +139,24 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
 
 
 def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int) -> dict:
-    import os
-    import tempfile
-
-    from .export.onnx import OPSET, export_onnx, latency_ms, ort_session, verify_onnx
+    from .export.onnx import export_onnx, latency_ms, ort_session, verify_onnx
 
     x = Normalize(meta["data"]["mean"], meta["data"]["std"])(images)
     data_bytes, facts = export_onnx(model, meta)
-    fd, tmp = tempfile.mkstemp(prefix=".model.onnx.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data_bytes)
-        session = ort_session(tmp, threads)  # the file as written, reloaded
+    with staged(out / "model.onnx") as tmp:
+        tmp.write_bytes(data_bytes)
+        session = ort_session(str(tmp), threads)  # the file as written, reloaded
         check = verify_onnx(session, model, x)
         if not check["ok"]:
             raise VerificationFailed(f"ONNX output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
                                      f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
         lat = latency_ms(session, tuple(meta["data"]["input_shape"]))
-        os.chmod(tmp, 0o644)
-        check_interrupt()
-        os.replace(tmp, out / "model.onnx")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    assert facts["opset"] == OPSET
-    return {"file": "model.onnx", "bytes": os.path.getsize(out / "model.onnx"), **facts,
+    return {"file": "model.onnx", "bytes": path_bytes(out / "model.onnx"), **facts,
             "verification": {**check, "dataset": eval_name},
             "latency_ms": {"onnxruntime_cpu_b1": lat, "threads": threads, "runs": 50}}
 
 
 def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precision: str, input_kind: str, verbose: bool) -> dict:
-    import os
-    import shutil
-    import tempfile
-
     from .export import coreml
     from .zoo import card_fields
 
@@ -177,16 +165,11 @@ def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precisi
     except ImportError as e:
         raise InputError(f"--format coreml needs coremltools ({e}); install it with `pip install coremltools==9.0`") from None
     ml, facts = coreml.convert(model, meta, precision, input_kind, card_fields(ckpt, meta), verbose)
-    tmp = Path(tempfile.mkdtemp(prefix=".model.mlpackage.", suffix=".tmp", dir=out))
-    try:
-        pkg = tmp / "model.mlpackage"
+    with staged(out / "model.mlpackage", folder=True) as pkg:
         coreml.save(ml, pkg, verbose)
         check = coreml.verify(pkg, model, meta, images, input_kind, precision, verbose)
         if not check["ok"]:
             raise VerificationFailed(f"Core ML output differs from PyTorch by {check['max_abs_diff']:.3g} in class probabilities "
                                      f"(top-1 agreement {check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
-        coreml.replace_dir(pkg, out / "model.mlpackage")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {"file": "model.mlpackage", "bytes": coreml.package_bytes(out / "model.mlpackage"), **facts,
+    return {"file": "model.mlpackage", "bytes": path_bytes(out / "model.mlpackage"), **facts,
             "verification": {**check, "dataset": eval_name}}

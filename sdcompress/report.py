@@ -10,13 +10,15 @@ from .nets import ResNet, block_layout, count_macs, count_params
 REPORT_SCHEMA = "sdcompress.report/1"
 
 
-def model_report(model: ResNet, meta: dict, checkpoint: str | Path | None = None, accuracy: dict | None = None) -> dict:
-    """The report of one model in the shape DESIGN.md fixes (params, MACs, bytes, accuracy)."""
+def model_report(model: ResNet, meta: dict, checkpoint: str | Path | None = None, accuracy: dict | None = None,
+                 macs: dict | None = None) -> dict:
+    """The report of one model in the shape DESIGN.md fixes (params, MACs, bytes, accuracy); `macs` is
+    `count_macs`' result when the caller has it already."""
     from .binarize import precision_profile
 
     spec = model.spec
     params = count_params(model)
-    macs = count_macs(model, tuple(meta["data"]["input_shape"]))
+    macs = macs or count_macs(model, tuple(meta["data"]["input_shape"]))
     prof = precision_profile(model, macs["per_layer"])
     return {
         "schema": REPORT_SCHEMA,

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .binarize import BinarizeConfig
-from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, resolve
+from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, read_sidecar, resolve
 from .errors import InputError
 from .evaluate import evaluate_checkpoint
+from .pipeline import check_formats, run_binarize, run_export, run_prune
 from .prune import STRATEGIES, PruneConfig
-from .report import format_bytes, model_report, save_figure
+from .report import format_bytes, save_figure
 
 SWEEP_SCHEMA = "sdcompress.sweep/1"
 
@@ -46,9 +47,7 @@ class SweepConfig:
             raise InputError("--keep / --binarize: a value is repeated")
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        bad = [f for f in self.formats if f not in ("onnx", "coreml")]
-        if bad:
-            raise InputError(f"unknown format {bad[0]!r}; --formats takes a comma-separated list of onnx, coreml")
+        check_formats(self.formats)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,32 +65,31 @@ def _settings(cfg: SweepConfig, ckpt, data) -> dict:
     return {**d, "checkpoint": str(Path(ckpt).resolve()), "data": data}
 
 
-def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, data, data_dir, device) -> dict:
-    from .pipeline import run_binarize, run_export, run_prune
-
+def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, data, data_dir, device, reprune: bool) -> dict:
+    """Prune (unless a finished pruning at this keep can be reused), binarize, export, measure; write point.json."""
     pdir = out / "points" / label(keep, binary)
-    src = ckpt
+    src, acc = ckpt, None
     if keep < 1.0:
         pruned = out / "points" / label(keep, False)
-        if not (pruned / "report.json").exists():  # written after the checkpoint: its presence means the stage finished
-            run_prune(ckpt, PruneConfig(keep=keep, strategy=cfg.strategy, finetune=cfg.finetune), pruned, data, data_dir,
-                      device, progress=False, measure_before=False)
+        if reprune or not (pruned / "report.json").exists():  # written after the checkpoint: the stage finished
+            acc = run_prune(ckpt, PruneConfig(keep=keep, strategy=cfg.strategy, finetune=cfg.finetune), pruned, data, data_dir,
+                            device, progress=False, measure_before=False)["after"]["accuracy"]
         src = pruned
     if binary:
-        run_binarize(src, BinarizeConfig(finetune=cfg.finetune), pdir, data, data_dir, device, progress=False, measure_before=False)
+        acc = run_binarize(src, BinarizeConfig(finetune=cfg.finetune), pdir, data, data_dir, device, progress=False,
+                           measure_before=False)["after"]["accuracy"]
         src = pdir
-    model, meta = load_checkpoint(src)
     exp = run_export(src, cfg.formats, pdir / "export", data, data_dir, cfg.threads, precision=cfg.precision)
-    acc = evaluate_checkpoint(model, meta, src, data, data_dir)
-    rep = model_report(model, meta, resolve(src)[0], {"top1": acc["top1"], "dataset": acc["dataset"], "n": acc["n"]})
-    for fmt in ("onnx", "coreml"):
-        rep["bytes"][fmt] = exp["formats"].get(fmt, {}).get("bytes")
-    point = {  # a report in the shape every sdcompress report has, plus where the point came from
-        **rep, "stage": "sweep-point", "label": label(keep, binary), "keep": keep, "binarized": binary,
+    if acc is None:  # no stage ran here (or it found no evaluation data, which raises below with the reason)
+        model, meta = load_checkpoint(src)
+        r = evaluate_checkpoint(model, meta, src, data, data_dir)
+        acc = {"top1": r["top1"], "dataset": r["dataset"], "n": r["n"]}
+    point = {  # the export's report (the shape every sdcompress report has), its accuracy, and where it came from
+        **{k: v for k, v in exp.items() if k != "formats"}, "accuracy": acc,
+        "stage": "sweep-point", "label": label(keep, binary), "keep": keep, "binarized": binary,
         "checkpoint": str(resolve(src)[0]), "files": {f: str(pdir / "export" / e["file"]) for f, e in exp["formats"].items()},
         "verification": {f: {k: e["verification"][k] for k in ("max_abs_diff", "top1_agreement", "n", "ok")} for f, e in exp["formats"].items()},
     }
-    pdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(pdir / "point.json", point)
     return point
 
@@ -134,6 +132,7 @@ def pareto(points: list[dict], x_key) -> set[str]:
 
 
 def file_bytes(p: dict) -> int | None:
+    """The size a point is plotted and ranked by: its ONNX file, else its Core ML package, else model.pt."""
     b = p["bytes"]
     return b.get("onnx") or b.get("coreml") or b.get("checkpoint")
 
@@ -157,7 +156,7 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
                              "pass --force to redo its points, or another --out")
     atomic_write_json(sfile, settings)
     todo = [(k, b) for k in cfg.keeps for b in cfg.binarize]
-    points, reused = [], 0
+    points, reused, repruned = [], 0, set()
     bar = tqdm(todo, desc="sweep", unit="point", disable=not progress)
     for keep, binary in bar:
         bar.set_postfix_str(label(keep, binary))
@@ -168,7 +167,9 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
             continue
         if force and pj.exists():
             pj.unlink()
-        points.append(_point(ckpt, keep, binary, cfg, out, data, data_dir, device))
+        # with --force, each keep is pruned again once in this run (the settings may have changed)
+        points.append(_point(ckpt, keep, binary, cfg, out, data, data_dir, device, force and keep not in repruned))
+        repruned.add(keep)
     bar.close()
     # every point timed in this run, same threads, interleaved
     onnx_bytes = {}
@@ -179,11 +180,10 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
         else:
             m, meta = load_checkpoint(p["checkpoint"])
             onnx_bytes[p["label"]] = export_onnx(m, meta)[0]
-    _, meta = load_checkpoint(ckpt)
-    lat = _latency(points, tuple(meta["data"]["input_shape"]), cfg, onnx_bytes)
+    input_shape = tuple(read_sidecar(resolve(ckpt)[1])["data"]["input_shape"])
+    lat = _latency(points, input_shape, cfg, onnx_bytes)
     for p in points:
-        p["latency_ms"] = {"onnxruntime_cpu_b1": lat[p["label"]], "threads": cfg.threads,
-                                    "runs": cfg.latency_rounds * cfg.latency_runs}
+        p["latency_ms"] = {"onnxruntime_cpu_b1": lat[p["label"]], "threads": cfg.threads, "runs": cfg.latency_rounds * cfg.latency_runs}
         atomic_write_json(out / "points" / p["label"] / "point.json", p)
     sweep = summarize(points, cfg, ckpt)
     sweep["reused_points"] = reused
@@ -199,16 +199,14 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
     full = by.get((1.0, False))
     rows = []
     for p in points:
-        m = p
-        r = {"label": p["label"], "keep": p["keep"], "binarized": p["binarized"], "blocks": len(m["model"]["blocks_kept"]),
-             "params": m["params"]["total"], "macs": m["macs"], "top1": m["accuracy"]["top1"],
-             "bytes": m["bytes"], "latency_ms": m["latency_ms"]["onnxruntime_cpu_b1"], "verification": p["verification"]}
+        r = {"label": p["label"], "keep": p["keep"], "binarized": p["binarized"], "blocks": len(p["model"]["blocks_kept"]),
+             "params": p["params"]["total"], "macs": p["macs"], "top1": p["accuracy"]["top1"],
+             "bytes": p["bytes"], "latency_ms": p["latency_ms"]["onnxruntime_cpu_b1"], "verification": p["verification"]}
         if full is not None:
-            fm = full
-            r["macs_ratio"] = m["macs"] / fm["macs"]
-            r["latency_ratio"] = r["latency_ms"] / fm["latency_ms"]["onnxruntime_cpu_b1"]
-            f32 = fm["bytes"].get("onnx")
-            r["fraction_of_full_onnx"] = {f: (m["bytes"][f] / f32 if f32 and m["bytes"].get(f) else None) for f in ("onnx", "coreml")}
+            r["macs_ratio"] = p["macs"] / full["macs"]
+            r["latency_ratio"] = r["latency_ms"] / full["latency_ms"]["onnxruntime_cpu_b1"]
+            f32 = full["bytes"].get("onnx")
+            r["fraction_of_full_onnx"] = {f: (p["bytes"][f] / f32 if f32 and p["bytes"].get(f) else None) for f in ("onnx", "coreml")}
         float_twin = by.get((p["keep"], False))
         if p["binarized"] and float_twin is not None:
             r["latency_vs_float"] = r["latency_ms"] / float_twin["latency_ms"]["onnxruntime_cpu_b1"]
@@ -275,9 +273,8 @@ def plot_tradeoff(sweep: dict, path: Path) -> None:
 
     pts = sweep["points"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    size_of = lambda r: r["bytes"].get("onnx") or r["bytes"].get("coreml") or r["bytes"]["checkpoint"]  # noqa: E731
     which = "model.onnx" if pts and pts[0]["bytes"].get("onnx") else ("model.mlpackage" if pts and pts[0]["bytes"].get("coreml") else "model.pt")
-    for ax, xf, xl, fk in ((axes[0], lambda r: size_of(r) / 1024, f"{which} size (KiB, log scale)", "pareto_size"),
+    for ax, xf, xl, fk in ((axes[0], lambda r: file_bytes(r) / 1024, f"{which} size (KiB, log scale)", "pareto_size"),
                            (axes[1], lambda r: r["latency_ms"], "onnxruntime CPU latency, batch 1 (ms)", "pareto_latency")):
         for binary, marker, color, name in ((False, "o", "#4c72b0", "float"), (True, "s", "#c44e52", "1-bit weights")):
             sel = [r for r in pts if r["binarized"] == binary]

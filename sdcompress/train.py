@@ -194,7 +194,7 @@ def train(
     steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
     local_batch = cfg.batch_size // dd.world
     if dd.enabled and dd.main:
-        tqdm.write(f"distributed: {dd.world} processes ({'nccl' if cuda else 'gloo'}), global batch {cfg.batch_size} "
+        tqdm.write(f"distributed: {dd.world} processes ({dd.backend}), global batch {cfg.batch_size} "
                    f"({local_batch} per process){', SyncBatchNorm' if cfg.sync_bn else ''}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -223,7 +223,7 @@ def train(
         sched.load_state_dict(st["scheduler"])
         shuffle_gen.set_state(st["shuffle_gen"])
         drop_gen.set_state(st["drop_gen"])
-        aug_gen.set_state(st.get("aug_gen_ranks", [st["aug_gen"]])[dd.rank].to(aug_gen.get_state().device))
+        aug_gen.set_state((st["aug_gen_ranks"] if "aug_gen_ranks" in st else [st["aug_gen"]])[dd.rank].to(aug_gen.get_state().device))
         torch.set_rng_state(st["torch_rng"])
         stats.load_state_dict(st["stats"])
         history = list(st["history"])
@@ -234,7 +234,7 @@ def train(
     meta = {"data": data_meta(ds, cfg), "stages": [{"stage": "train", "config": cfg.to_dict()}], "binarized": False}
     t_start = time.perf_counter()
     meta["distributed"] = {"world_size": dd.world, "global_batch": cfg.batch_size, "per_process_batch": local_batch,
-                           "backend": ("nccl" if cuda else "gloo") if dd.enabled else None, "sync_bn": cfg.sync_bn}
+                           "backend": dd.backend, "sync_bn": cfg.sync_bn}
     bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not (progress and dd.main), unit="step", dynamic_ncols=True)
     block_ids = model.block_ids
     blocks = {b: model.blocks[str(b)] for b in block_ids}
@@ -323,8 +323,7 @@ def train(
                 "scheduler": sched.state_dict(),
                 "shuffle_gen": shuffle_gen.get_state(),
                 "drop_gen": drop_gen.get_state(),
-                "aug_gen": aug_gen.get_state().cpu(),
-                "aug_gen_ranks": aug_states,
+                "aug_gen_ranks": aug_states,  # one augmentation generator per rank (older runs saved one "aug_gen")
                 "world_size": dd.world,
                 "torch_rng": torch.get_rng_state(),
                 "stats": stats.state_dict(),

@@ -83,10 +83,12 @@ def bundled_calib_set() -> Path | None:
 
 def card_fields(ckpt: str | Path, meta: dict) -> dict:
     """Description, author and license for an exported file: from a MODEL_CARD.md beside the checkpoint (its
-    title; `| author |` and `| license |` rows), and the compression stages the checkpoint went through."""
-    folder = Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent
-    fields: dict[str, str] = {}
-    card = folder / "MODEL_CARD.md"
+    title; `| author |` and `| license |` rows), and the compression stages the checkpoint went through.
+    Without a card: a description from the sidecar, author sdcompress, license unspecified."""
+    from .checkpoint import checkpoint_folder
+
+    fields = {"author": "sdcompress", "license": "unspecified"}
+    card = checkpoint_folder(ckpt) / "MODEL_CARD.md"
     if card.is_file():
         for line in card.read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("# ") and "description" not in fields:

@@ -48,6 +48,12 @@ def test_footprint_figures_recomputed_another_way():
     assert blocks["block 3"]["output_shape"] == [32, 4, 4] and blocks["block 7"]["output_shape"] == [64, 2, 2]
     assert blocks["block 4"]["macs"]["full_precision"] == b45 and blocks["block 4"]["macs"]["binary_weight"] == 0
     assert sum(b["params"]["32"] + b["params"]["1"] for b in fp["blocks"]) == t["params"]["total"]
+    # the per-layer rows (counted per module) add up to the totals (from the precision profile every report uses)
+    assert sum(r["params"]["32"] for r in fp["layers"]) == t["params"]["32"]
+    for k in ("32", "1", "scales"):
+        assert sum(r["memory_bytes"][k] for r in fp["layers"]) == t["memory_bytes"][k]
+    for k in ("binary_weight", "full_precision"):
+        assert sum(r["macs"][k] for r in fp["layers"]) == t["macs"][k]
 
 
 def test_footprint_golden_table():

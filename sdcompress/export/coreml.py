@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -115,13 +115,14 @@ def _two_value_lut(w: np.ndarray):
     return np.array([lo, hi], dtype=flat.dtype), (flat == hi).astype(np.uint8)
 
 
-def convert(model: ResNet, meta: dict, precision: str = "float16", input_kind: str = "image", card: dict | None = None, verbose: bool = False):
-    """The converted (in-memory) MLModel and facts about it."""
+def convert(model: ResNet, meta: dict, precision: str, input_kind: str, card: dict, verbose: bool = False):
+    """The converted (in-memory) MLModel and facts about it; `card` is `zoo.card_fields` (description, author,
+    license)."""
     ct = import_coremltools(verbose)
     from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS or input_kind not in INPUTS:
+        raise ValueError(f"precision {precision!r} / input {input_kind!r}: expected one of {PRECISIONS} / {INPUTS}")
     plain, binary_names = _plain_copy(model)
     dm = meta["data"]
     c, h, w = dm["input_shape"]
@@ -148,18 +149,14 @@ def convert(model: ResNet, meta: dict, precision: str = "float16", input_kind: s
     n_conv = sum(isinstance(model.get_submodule(n), BinaryConv2d) for n in binary_names)
     if len(palettized) != n_conv:
         raise RuntimeError(f"{len(palettized)} convolutions palettized to 1 bit, but the model has {n_conv} binarized ones")
-    card = card or {}
-    ml.short_description = card.get("description") or f"{model.spec.arch} image classifier ({len(dm['classes'])} classes), compressed by sdcompress"
-    ml.author = card.get("author") or "sdcompress"
-    ml.license = card.get("license") or "unspecified"
-    ml.version = card.get("version") or ""
+    ml.short_description, ml.author, ml.license = card["description"], card["author"], card["license"]
     if input_kind == "image":
         ml.input_description["image"] = f"{'RGB' if c == 3 else 'grayscale'} image, {w}x{h} pixels; normalization is built in"
     else:
         ml.input_description["input"] = f"NCHW float32 batch of shape (N, {c}, {h}, {w}): pixel / 255, then (x - mean) / std per channel, mean {dm['mean']}, std {dm['std']}"
     ml.output_description["classLabel"] = "most likely class"
     ml.output_description["classLabel_probs"] = "probability of each class"
-    ml.user_defined_metadata.update({"sdcompress_spec": __import__("json").dumps(model.spec.to_dict()),
+    ml.user_defined_metadata.update({"sdcompress_spec": json.dumps(model.spec.to_dict()),
                                      "mean": str(dm["mean"]), "std": str(dm["std"])})
     facts = {"deployment_target": "iOS18" if binary_names else "iOS16", "precision": precision, "input": input_kind,
              "binary_layers_palettized": len(palettized)}
@@ -168,8 +165,8 @@ def convert(model: ResNet, meta: dict, precision: str = "float16", input_kind: s
 
 def _short_names(spec) -> None:
     """Rename the program's internal values and ops to short names (v12, op7). The converter's names
-    (`_native_batch_norm_legit_no_training_3_cast_fp16`, ...) take a third of a small model's package and mean
-    nothing to an app; the inputs and outputs keep theirs."""
+    (`_native_batch_norm_legit_no_training_3_cast_fp16`, ...) mean nothing to an app and weigh: model.mlmodel of
+    the pruned, binarized ResNet-56 went from 64,522 to 46,786 bytes. The inputs and outputs keep theirs."""
     for fn in spec.mlProgram.functions.values():
         keep = {i.name for i in fn.inputs}
         for block in fn.block_specializations.values():
@@ -203,10 +200,6 @@ def save(ml, path: Path, verbose: bool = False) -> None:
             os.unlink(path / name)
     for f in [path, *path.rglob("*")]:
         os.chmod(f, 0o755 if f.is_dir() else 0o644)
-
-
-def package_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 # ---- verification --------------------------------------------------------------------------------------------
@@ -281,7 +274,6 @@ def run_program(prog, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         elif t == "cast":
             y = x.float() if op.dtype.val.startswith("fp") else x.long()
         elif t == "slice_by_index":
-            y = x
             begin, end, stride = arg(op, "begin").tolist(), arg(op, "end").tolist(), arg(op, "stride").tolist()
             bm = op.begin_mask.val if op.begin_mask is not None else [False] * x.dim()
             em = op.end_mask.val if op.end_mask is not None else [False] * x.dim()
@@ -368,17 +360,3 @@ def verify(path: Path, model: ResNet, meta: dict, images_uint8: torch.Tensor, in
     ok = ok_shape and diff <= tol["atol"] and agree >= tol["agree"]
     return {"max_abs_diff": diff, "max_abs_diff_logits": ldiff, "top1_agreement": agree, "n": int(len(feed)),
             "compared": "class probabilities", "atol": tol["atol"], "min_top1_agreement": tol["agree"], "method": how, "ok": ok}
-
-
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Move a finished package into place; an existing one is swapped out only once the new one is complete."""
-    from ..errors import check_interrupt
-
-    check_interrupt()  # a Ctrl-C that coremltools swallowed during conversion still stops here
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
