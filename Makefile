@@ -5,16 +5,22 @@ BIN    := $(VENV)/bin
 
 .PHONY: install install-dev demo test bench clean
 
+# pip -qq: errors only (a failed install still says why); no wall of build notices on a new user's first screen.
+PIP    := $(BIN)/python -m pip -qq
+
 $(BIN)/python:
+	@if [ -L $(VENV) ] || { [ -e $(VENV) ] && [ ! -d $(VENV) ]; }; then \
+		echo "$(VENV) is a link or a file, not a virtual environment; remove it (rm $(VENV)) and rerun"; exit 2; fi
+	@echo "creating $(VENV) and installing the pinned dependencies (a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) install --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	$(PIP) install -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP) install -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -140,11 +140,15 @@ def add_eval(sub) -> None:
     p.add_argument("--data", default=None, help="default: the bundled evaluation set for bundled models, else the training data")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="auto", choices=["auto", "val", "test", "train", "all"],
-                   help="auto: test if the data has one, else the validation split recorded in the checkpoint")
+                   help="auto: the test split if the data has one; else, on the checkpoint's own training data, the validation "
+                        "split held out in training, and on any other data every image")
     p.add_argument("--batch-size", type=_positive_int, default=500)
     p.add_argument("--json", type=Path, default=None, help="write a report.json here")
     p.add_argument("--force", action="store_true", help="overwrite --json")
     p.set_defaults(func=cmd_eval)
+
+
+_SPLITS = {"all": "every image", "test": "test split", "val": "validation split held out in training", "train": "training split"}
 
 
 def cmd_eval(a) -> int:
@@ -158,7 +162,7 @@ def cmd_eval(a) -> int:
     model, meta = load_checkpoint(path)
     acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, a.split, a.batch_size)
     print(f"{meta['spec']['arch']}  blocks {len(model.block_ids)}/{model.spec.blocks_total}  "
-          f"top-1 {acc['top1']:.4f}  loss {acc['loss']:.4f}  on {acc['dataset']} (n={acc['n']})")
+          f"top-1 {acc['top1']:.4f}  loss {acc['loss']:.4f}  on {acc['dataset']} ({_SPLITS.get(acc['split'], 'bundled set')}, n={acc['n']})")
     if a.json:
         atomic_write_json(a.json, model_report(model, meta, resolve(path)[0], acc))
         print(f"wrote {a.json}")

@@ -24,7 +24,7 @@ def checkpoint_dataset(meta: dict, data: str | None, data_dir: str | None) -> Da
     dm = meta["data"]
     if data is None:
         data, data_dir = dm.get("source", "digits"), data_dir or meta["stages"][0]["config"].get("data_dir")
-    sp = dm.get("split", {}) if data == dm.get("source") else {}
+    sp = dm.get("split", {}) if is_training_data(meta, data) else {}
     return _load(data, data_dir, sp.get("val_size"), sp.get("seed", 0))
 
 
@@ -42,36 +42,59 @@ def calibration_images(meta: dict, ckpt, data: str | None, data_dir: str | None)
     return ds.train, ds, f"{ds.name}-train"
 
 
+def is_training_data(meta: dict, data: str) -> bool:
+    """Whether `data` names the very data the checkpoint was trained on (same name, or the same file or folder)."""
+    source = meta["data"].get("source")
+    if source is None:
+        return False
+    if data == source:
+        return True
+    a, b = Path(data), Path(source)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
 def eval_data(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str]:
-    """The images to evaluate a checkpoint on, and a name for them.
+    """The images to evaluate a checkpoint on, and a name for them (`DATA-SPLIT`); see `eval_split`."""
+    images, name, split = eval_split(meta, ckpt, data, data_dir, split)
+    return images, name if split is None else f"{name}-{split}"
+
+
+def eval_split(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str, str | None]:
+    """The images to evaluate a checkpoint on, the data's name and the split taken (None: a bundled set).
 
     With no `data`: a bundled model uses the bundled evaluation set; any other model its training data's
-    validation split (same seed and size as in training, so never trained on).
+    validation split (same seed and size as in training, so never trained on). `split="auto"` on the
+    checkpoint's own training data takes its test split, else the recorded validation split; on any other data
+    it takes the test split if the data has one, else every image (nothing of it was trained on).
     """
     dm = meta["data"]
     if data is None and same_data_as_bundled(ckpt, meta) and bundled_eval_set() is not None:
-        return load_eval_set(bundled_eval_set()), "bundled eval set"
+        return load_eval_set(bundled_eval_set()), "bundled eval set", None
     if data is None:
         data, data_dir = dm.get("source", "digits"), data_dir or meta["stages"][0]["config"].get("data_dir")
-    same = data == dm.get("source")
-    if data.endswith(".npz") and not same and split in ("auto", "all"):
-        return load_eval_set(data), Path(data).name  # a held-out evaluation file: all of it
+    own = is_training_data(meta, data)
+    if data.endswith(".npz") and not own and split in ("auto", "all"):
+        return load_eval_set(data), Path(data).name, "all"  # a held-out evaluation file: all of it
+    if not own and split == "auto":
+        ds = _load(data, data_dir, 0, 0)  # foreign data: no validation split held out
+        return (ds.test, ds.name, "test") if ds.test is not None else (ds.train, ds.name, "all")
     ds = checkpoint_dataset(meta, data, data_dir)
     if split == "auto":
         split = "test" if ds.test is not None else ("val" if ds.val is not None else "all")
     if split == "test" and ds.test is None:
-        raise InputError(f"{data}: has no test split; use --split val")
+        raise InputError(f"{data}: has no test split; use --split val or all")
     if split == "val" and ds.val is None:
         raise InputError(f"{data}: has no validation split (val size 0)")
     if split == "all":
         parts = [s for s in (ds.train, ds.val) if s is not None]
-        return ImageSet(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts])), f"{ds.name}-all"
-    return {"test": ds.test, "val": ds.val, "train": ds.train}[split], f"{ds.name}-{split}"
+        return ImageSet(torch.cat([s.images for s in parts]), torch.cat([s.labels for s in parts])), ds.name, "all"
+    return {"test": ds.test, "val": ds.val, "train": ds.train}[split], ds.name, split
 
 
 def evaluate_checkpoint(model: ResNet, meta: dict, ckpt, data=None, data_dir=None, split="auto", batch_size=500) -> dict:
     """Top-1 and loss of a loaded checkpoint; checks the data fits the model first."""
-    images, name = eval_data(meta, ckpt, data, data_dir, split)
+    images, data_name, split = eval_split(meta, ckpt, data, data_dir, split)
+    name = data_name if split is None else f"{data_name}-{split}"
     dm = meta["data"]
     shape = tuple(images.images.shape[1:])
     if shape[0] != model.spec.in_channels:
@@ -81,4 +104,4 @@ def evaluate_checkpoint(model: ResNet, meta: dict, ckpt, data=None, data_dir=Non
     if len(images) == 0:
         raise InputError(f"{name}: no images")
     res = evaluate(model, images, Normalize(dm["mean"], dm["std"]), batch_size)
-    return {**res, "dataset": name}
+    return {**res, "dataset": name, "split": split}

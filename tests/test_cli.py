@@ -133,3 +133,26 @@ def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, capsys)
         assert "Traceback" in err and err.strip().splitlines()[-1].startswith("sdcompress eval: error:")
     assert main(["eval", str(tmp_path / "none")]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_eval_on_a_folder_of_other_images_scores_every_image(digits_run, tmp_path, capsys):
+    """Data other than the checkpoint's training data is evaluated whole; its own data keeps the recorded split."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    folder = tmp_path / "test"  # a folder of images named like a test split, no train/ inside
+    n = 0
+    for i in range(0, 1797, 6):
+        cls = folder / str(d.target[i])
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 255 / 16).round().astype("uint8")).save(cls / f"{i}.png")
+        n += 1
+    assert main(["eval", str(digits_run), "--data", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"n={n})" in out and "every image" in out, out
+    assert main(["eval", str(digits_run), "--data", "digits"]) == 0  # the training data: its validation split
+    out = capsys.readouterr().out
+    assert "n=180)" in out and "validation split" in out, out
+    assert main(["eval", str(digits_run), "--data", str(folder), "--split", "val"]) == 0  # asked for: a 10% split
+    assert f"n={round(0.1 * n)})" in capsys.readouterr().out

@@ -1,0 +1,106 @@
+"""The repository holds nothing that only works on the machine that made it.
+
+A tracked symbolic link, a file whose content is an absolute path of some machine, or a virtual environment
+works where it was made and breaks every fresh clone (`make demo` cannot create `.venv` over a dangling link).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Absolute paths that only exist on one machine: home folders, temporary folders, build and work roots.
+MACHINE_PATH = re.compile(r"(?<![\w.~])(/tmp/|/var/folders/|/home/\w|/root/|/Users/\w|/work/|/private/var/|[A-Za-z]:\\\\Users\\\\)")
+VENV_MARKERS = ("pyvenv.cfg", "site-packages/", "bin/activate", "conda-meta/")
+# A bundled model's sidecar records the training run's own flags, --data-dir included: provenance, never read back
+# for a bundled model (it uses the bundled evaluation and calibration sets).
+PROVENANCE = re.compile(r'^models/[^/]+/model\.json$'), re.compile(r'^\s*"data_dir": ')
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout
+
+
+def _tracked() -> list[tuple[str, str]]:
+    """(mode, path) of every tracked file, as the index has them."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout (an installed copy): nothing is tracked here")
+    rows = []
+    for line in _git("ls-files", "-s", "-z").split("\0"):
+        if line:
+            meta, path = line.split("\t", 1)
+            rows.append((meta.split()[0], path))
+    return rows
+
+
+def machine_specific(tracked: list[tuple[str, str]], read) -> list[str]:
+    """Why each offending tracked path would break a fresh clone; `read(path)` gives a file's bytes."""
+    problems = []
+    for mode, path in tracked:
+        if mode == "120000":
+            problems.append(f"{path}: a symbolic link (to {read(path).decode(errors='replace')!r})")
+            continue
+        if mode == "160000":
+            continue  # a submodule: its own repository
+        if any(m in path for m in VENV_MARKERS) or path.split("/")[0] in (".venv", "venv", "env", ".env"):
+            problems.append(f"{path}: part of a virtual environment")
+            continue
+        data = read(path)
+        if b"\0" in data[:8000]:
+            continue  # binary (weights, images): no paths to read
+        text = data.decode("utf-8", errors="replace")
+        stripped = text.strip()
+        if stripped.startswith("/") and "\n" not in stripped and " " not in stripped:
+            problems.append(f"{path}: its whole content is the absolute path {stripped!r}")
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if PROVENANCE[0].match(path) and PROVENANCE[1].match(line):
+                continue
+            if MACHINE_PATH.search(line):
+                problems.append(f"{path}:{n}: an absolute path of one machine ({line.strip()[:80]!r})")
+                break
+    return problems
+
+
+def test_no_links_machine_paths_or_virtual_environments_are_tracked():
+    tracked = _tracked()
+    assert len(tracked) > 20  # the listing worked
+    problems = machine_specific(tracked, lambda p: _git_blob(p))
+    assert not problems, "tracked files that only work on the machine that made them:\n" + "\n".join(problems)
+
+
+def _git_blob(path: str) -> bytes:
+    return subprocess.run(["git", "-C", str(ROOT), "show", f":{path}"], check=True, capture_output=True).stdout
+
+
+def test_the_check_catches_each_kind():
+    """The check itself, on a made-up index: each kind of offender is named, clean files pass."""
+    files = {
+        "README.md": b"Run `make demo`. Paths in prose like ../shared/data are relative.\n",
+        "models/model.pt": b"PK\x03\x04\0\0binary /tmp/ inside a zip is not text",
+        ".venv": b"/tmp/probe-venv",
+        "notes/where.txt": b"/opt/build/sdcompress\n",
+        "tools/run.sh": b"#!/bin/sh\npython /home/alice/sdcompress/tools/x.py\n",
+        "venv/pyvenv.cfg": b"home = /usr/bin\n",
+        "cfg.json": b'{"data_dir": "/work/main/../shared/data"}\n',
+        "models/m/model.json": b'{\n  "data_dir": "/tmp/data/cifar10"\n}\n',
+        "models/m/MODEL_CARD.md": b"trained from /tmp/data/cifar10\n",
+    }
+    tracked = [("120000" if p == ".venv" else "100644", p) for p in files]
+    problems = machine_specific(tracked, files.__getitem__)
+    named = {p.split(":")[0] for p in problems}
+    assert named == {".venv", "notes/where.txt", "tools/run.sh", "venv/pyvenv.cfg", "cfg.json", "models/m/MODEL_CARD.md"}, problems
+
+
+def test_venv_is_ignored_as_a_folder_or_a_link():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in (".venv", ".venv/bin/python"):
+        r = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", name])
+        assert r.returncode == 0, f"{name} is not ignored by .gitignore"
