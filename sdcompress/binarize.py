@@ -186,6 +186,13 @@ class BinarizeConfig:
     finetune_survival: bool = True  # stochastic depth on while fine-tuning (the network was trained with it)
     seed: int = 0
 
+    def __post_init__(self):
+        from .config import check_lr, check_number
+
+        check_number("--recalibrate", self.recalibrate, 0, 100_000)
+        check_number("--finetune", self.finetune, 0, 10_000)
+        check_lr("--finetune-lr", self.finetune_lr)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

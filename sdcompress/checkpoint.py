@@ -15,16 +15,25 @@ import json
 import math
 import os
 import pickle
+import secrets
 import shutil
+import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import errors
 from .errors import InputError, check_interrupt
-from .nets import NetSpec, ResNet, build_model
+from .nets import MAX_CLASSES, NetSpec, ResNet, build_model
 
 SCHEMA = "sdcompress.checkpoint/1"
+# Limits on untrusted files, checked before a byte is read: a sidecar or report is a few hundred KiB (training
+# history included), weights of the largest registered network (resnet1202, 19.4 M parameters) about 75 MiB.
+MAX_JSON_BYTES = 32 * 1024**2
+MAX_WEIGHTS_BYTES = 2 * 1024**3
+MAX_JSON_DEPTH = 64
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 WEIGHTS = "model.pt"
@@ -69,6 +78,112 @@ def staged(path: str | Path, folder: bool = False):
             box.unlink()
 
 
+# Names sdcompress writes into an output folder. A folder is written and replaced as one unit, so a folder holding
+# anything else is never used as an output (replacing it would delete the user's files).
+OUTPUT_NAMES = frozenset({
+    WEIGHTS, SIDECAR, "train_state.pt", "report.json", "report.md", "blocks.png", "stats.png", "stats.json", "model.onnx",
+    "model.mlpackage", "export", "point.json", "points", "sweep.json", "sweep.md", "tradeoff.png", "settings.json",
+})
+
+
+def _is_ours(name: str) -> bool:
+    return name in OUTPUT_NAMES or (name.startswith(".") and (".tmp" in name or ".old-" in name))  # leftovers of a kill
+
+
+def check_output_folder(out: str | Path, force: bool, inputs: tuple = (), flag: str = "--out") -> Path:
+    """Check, before any work, that `out` can become this command's output folder.
+
+    It must be a folder or not exist, not be the folder of an input (it is replaced as a whole), hold nothing but
+    sdcompress outputs, hold none at all unless `force`, and lie where this user can write.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {out}: exists and is not a folder")
+    for src in inputs:
+        if src is not None and out.exists() and checkpoint_folder(src).resolve() == out.resolve():
+            raise InputError(f"{flag} {out}: is the folder of the input checkpoint; write to another folder")
+    if out.is_dir():
+        names = sorted(p.name for p in out.iterdir())
+        foreign = [n for n in names if not _is_ours(n)]
+        if foreign:
+            raise InputError(f"{flag} {out}: holds files sdcompress did not write ({', '.join(foreign[:3])}); the output folder "
+                             f"is replaced as a whole, so give an empty or new folder")
+        if names and not force:
+            raise InputError(f"{flag} {out}: already holds {', '.join(n for n in names if not n.startswith('.'))[:80]}; "
+                             f"pass --force to replace it, or another {flag}")
+    base = out.absolute().parent  # the temporary folder is made, and renamed, here
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {out}: cannot write in {base} (not a writable folder)")
+    return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    return False  # EINVAL (a filesystem without exchange), ENOSYS: fall back
+
+
+@contextlib.contextmanager
+def output_folder(out: str | Path):
+    """Write a command's whole output folder as one unit.
+
+    Yields a new temporary folder beside `out`. When the block completes (and no signal was swallowed meanwhile,
+    see errors.check_interrupt) it takes the place of `out` in one step (an atomic exchange of the two folders
+    where the system has one; otherwise two renames with signals held), so a reader sees the old folder whole or
+    the new one whole, never a mix, and no file of the old output survives in the new one. On any failure (an
+    interruption, a full disk) the temporary folder is removed and `out` is as it was.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        os.mkdir(tmp)  # named first, so that cleanup finds it whenever an interruption lands
+        yield tmp
+        check_interrupt()
+        if not out.exists():
+            os.rename(tmp, out)
+        elif not _exchange(tmp, out):
+            import signal
+
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.rename(out, old)
+                os.rename(tmp, out)
+                os.rename(old, tmp)  # removed below with the temporary folder
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    finally:
+        _remove_tree(tmp)  # the unfinished new output, or after an exchange the old one
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree that finishes even when Ctrl-C lands in the middle; the interruption is raised afterwards."""
+    caught = None
+    while True:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            break
+        except (KeyboardInterrupt, errors.Terminated) as e:
+            caught = caught or e
+    if caught is not None:
+        raise caught
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
     with staged(path) as tmp, open(tmp, "wb") as f:
@@ -89,6 +204,67 @@ def path_bytes(path: str | Path) -> int:
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return p.stat().st_size
+
+
+def read_untrusted(path: str | Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file no larger than `limit`: a link to a device, a FIFO or a huge file is refused
+    before anything is read from it (a FIFO would block forever, /dev/zero never ends)."""
+    path = Path(path)
+    try:
+        st = path.stat()  # follows links: what counts is what would be read
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file (a device, FIFO or folder); a {what} must be a plain file")
+    if st.st_size > limit:
+        raise InputError(f"{path}: {st.st_size:,} bytes, more than the {limit:,} a {what} may have")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(data) > limit:
+        raise InputError(f"{path}: grew past {limit:,} bytes while being read")
+    return data
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays and objects in a JSON text (strings skipped), without parsing it."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_untrusted_json(path: str | Path, what: str, limit: int = MAX_JSON_BYTES):
+    """Read and parse a JSON file under the size and nesting limits; an InputError names what is wrong."""
+    raw = read_untrusted(path, limit, what)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; a {what} is JSON") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise InputError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; not a {what}")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{path}: corrupt {what}, not valid JSON ({_first_line(e)})") from None
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -127,22 +303,212 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
 
 
 def read_sidecar(path: str | Path) -> dict:
-    """Parse and check a sidecar as data."""
-    try:
-        meta = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupt sidecar, not valid JSON ({e})") from None
+    """Parse a sidecar under the size and depth limits and validate it in full (`Sidecar.from_dict`)."""
+    meta = parse_untrusted_json(path, "sidecar")
     if not isinstance(meta, dict) or not isinstance(meta.get("schema"), str) or not meta["schema"].startswith("sdcompress.checkpoint/"):
         raise InputError(f"{path}: not an sdcompress checkpoint sidecar (no 'schema': '{SCHEMA}')")
     if meta["schema"] != SCHEMA:
         raise InputError(f"{path}: schema {meta['schema']} is not supported by this sdcompress ({SCHEMA}); upgrade sdcompress")
-    if not isinstance(meta.get("spec"), dict):
-        raise InputError(f"{path}: sidecar has no 'spec' (the architecture)")
     try:
-        NetSpec.from_dict(meta["spec"])
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: bad architecture spec in sidecar ({e})") from None
+        Sidecar.from_dict(meta)
+    except SidecarError as e:
+        raise InputError(f"{path}: bad sidecar, {e}") from None
     return meta
+
+
+def load_sidecar(path: str | Path) -> Sidecar:
+    """The typed sidecar of a checkpoint (given as its folder or one of its files)."""
+    return Sidecar.from_dict(read_sidecar(resolve(path)[1]))
+
+
+# ---- the sidecar, typed ----------------------------------------------------------------------------------------
+MAX_SIDE = 4096  # image height and width
+
+
+class SidecarError(InputError):
+    """A sidecar field is missing, of the wrong type or out of range."""
+
+
+def _fail(where: str, msg: str):
+    raise SidecarError(f"field {where}: {msg}")
+
+
+def _get(d: dict, key: str, where: str, required: bool = True):
+    if not isinstance(d, dict):
+        _fail(where, f"must be an object, got {type(d).__name__}")
+    if key not in d or d[key] is None:
+        if required:
+            _fail(f"{where}.{key}" if where else key, "is missing")
+        return None
+    return d[key]
+
+
+def _int(v, where: str, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail(where, f"must be a whole number, got {v!r:.40}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        _fail(where, f"must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _num(v, where: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        _fail(where, f"must be a number, got {v!r:.40}")
+    v = float(v)
+    if not math.isfinite(v):
+        _fail(where, f"must be finite, got {v}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        _fail(where, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        _fail(where, f"must be <= {hi}, got {v}")
+    return v
+
+
+def _opt_num(v, where: str, lo: float | None = None, hi: float | None = None) -> float | None:
+    return None if v is None else _num(v, where, lo, hi)
+
+
+def _str(v, where: str) -> str:
+    if not isinstance(v, str):
+        _fail(where, f"must be text, got {type(v).__name__}")
+    return v
+
+
+def _list(v, where: str, n: int | None = None, max_len: int = 1_000_000) -> list:
+    if not isinstance(v, list):
+        _fail(where, f"must be a list, got {type(v).__name__}")
+    if n is not None and len(v) != n:
+        _fail(where, f"must have {n} entries, has {len(v)}")
+    if len(v) > max_len:
+        _fail(where, f"has {len(v):,} entries, more than {max_len:,}")
+    return v
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the network takes: classes, input shape, normalization, and where its training data came from."""
+
+    name: str
+    source: str  # the --data the model was trained on
+    classes: tuple[str, ...]  # one name per output
+    input_shape: tuple[int, int, int]  # C, H, W
+    mean: tuple[float, ...]  # per channel, of pixel / 255
+    std: tuple[float, ...]  # per channel, > 0
+    split: dict  # {"val_size", "seed", "train_size"}: the held-out validation split
+
+    @classmethod
+    def from_dict(cls, d, spec: NetSpec) -> "DataInfo":
+        w = "data"
+        shape = _list(_get(d, "input_shape", w), f"{w}.input_shape", 3)
+        c = _int(shape[0], f"{w}.input_shape[0]", 1, 64)
+        h, wd = (_int(v, f"{w}.input_shape[{i + 1}]", 1, MAX_SIDE) for i, v in enumerate(shape[1:]))
+        if c != spec.in_channels:
+            _fail(f"{w}.input_shape[0]", f"{c} channels, the spec's network takes {spec.in_channels}")
+        classes = _list(_get(d, "classes", w), f"{w}.classes", max_len=MAX_CLASSES)
+        classes = [_str(x, f"{w}.classes[{i}]") for i, x in enumerate(classes)]
+        if len(classes) != spec.num_classes:
+            _fail(f"{w}.classes", f"{len(classes)} names for a network with {spec.num_classes} outputs")
+        mean = [_num(x, f"{w}.mean[{i}]", -10, 10) for i, x in enumerate(_list(_get(d, "mean", w), f"{w}.mean", c))]
+        std = [_num(x, f"{w}.std[{i}]", 0.0, 10, lo_open=True) for i, x in enumerate(_list(_get(d, "std", w), f"{w}.std", c))]
+        split = _get(d, "split", w, required=False) or {}
+        if not isinstance(split, dict):
+            _fail(f"{w}.split", "must be an object")
+        for k in ("val_size", "seed", "train_size"):
+            if split.get(k) is not None:
+                _int(split[k], f"{w}.split.{k}", 0)
+        return cls(_str(_get(d, "name", w), f"{w}.name"), _str(_get(d, "source", w), f"{w}.source"), tuple(classes),
+                   (c, h, wd), tuple(mean), tuple(std), dict(split))
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """Survival statistics of one block (None where never measured)."""
+
+    block: int
+    p_scheduled: float
+    runs: int
+    survival_rate: float | None
+    contribution: float | None  # mean ||f(x)|| / ||x|| on steps it ran
+    drop_effect: float | None  # rise in loss when missing
+    drop_effect_se: float | None  # its standard error
+
+
+@dataclass(frozen=True)
+class SurvivalTable:
+    steps: int
+    window: int
+    regression_steps: int
+    blocks: tuple[BlockStats, ...]
+
+    @classmethod
+    def from_dict(cls, d, spec: NetSpec) -> "SurvivalTable":
+        w = "survival_stats"
+        rows = _list(_get(d, "blocks", w), f"{w}.blocks", spec.blocks_total)
+        blocks = []
+        for i, r in enumerate(rows):
+            rw = f"{w}.blocks[{i}]"
+            if _int(_get(r, "block", rw), f"{rw}.block") != i:
+                _fail(f"{rw}.block", f"must be {i} (blocks in order)")
+            blocks.append(BlockStats(i, _num(_get(r, "p_scheduled", rw), f"{rw}.p_scheduled", 0.0, 1.0, lo_open=True),
+                                     _int(_get(r, "runs", rw), f"{rw}.runs", 0),
+                                     _opt_num(r.get("survival_rate"), f"{rw}.survival_rate", 0.0, 1.0),
+                                     _opt_num(r.get("contribution"), f"{rw}.contribution", 0.0),
+                                     _opt_num(r.get("drop_effect"), f"{rw}.drop_effect"),
+                                     _opt_num(r.get("drop_effect_se"), f"{rw}.drop_effect_se", 0.0)))
+        return cls(_int(_get(d, "steps", w), f"{w}.steps", 0), _int(d.get("window", 0), f"{w}.window", 0),
+                   _int(d.get("regression_steps", 0), f"{w}.regression_steps", 0), tuple(blocks))
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """model.json, typed: validated in full by `from_dict` before any network is built from it."""
+
+    spec: NetSpec
+    data: DataInfo
+    stages: tuple[dict, ...]  # {"stage": "train" | "prune" | "binarize", "config": {...}, ...}, oldest first
+    survival_stats: SurvivalTable | None
+    metrics: dict
+
+    @property
+    def train_config(self) -> dict:
+        return self.stages[0].get("config", {})
+
+    @classmethod
+    def from_dict(cls, meta) -> "Sidecar":
+        if not isinstance(meta, dict):
+            raise SidecarError("not a JSON object")
+        raw = _get(meta, "spec", "")
+        if not isinstance(raw, dict):
+            _fail("spec", "must be an object")
+        for k in ("survival_rule", "p_last", "arch", "num_classes", "in_channels"):
+            _get(raw, k, "spec")  # no silent defaults: a missing rule would change every block's scaling
+        _str(raw["arch"], "spec.arch")
+        _str(raw["survival_rule"], "spec.survival_rule")
+        _num(raw["p_last"], "spec.p_last", 0.0, 1.0, lo_open=True)
+        _int(raw["num_classes"], "spec.num_classes", 2, MAX_CLASSES)
+        _int(raw["in_channels"], "spec.in_channels", 1, 64)
+        if raw.get("blocks_kept") is not None:
+            for i, b in enumerate(_list(raw["blocks_kept"], "spec.blocks_kept", max_len=10_000)):
+                _int(b, f"spec.blocks_kept[{i}]", 0)
+        for i, n in enumerate(_list(raw.get("binarized", []), "spec.binarized", max_len=100_000)):
+            _str(n, f"spec.binarized[{i}]")
+        try:
+            spec = NetSpec.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise SidecarError(f"field spec: {e}") from None
+        data = DataInfo.from_dict(_get(meta, "data", ""), spec)
+        stages = _list(_get(meta, "stages", ""), "stages", max_len=10_000)
+        if not stages:
+            _fail("stages", "is empty; the first stage is the training run")
+        for i, st in enumerate(stages):
+            _str(_get(st, "stage", f"stages[{i}]"), f"stages[{i}].stage")
+            if not isinstance(st.get("config", {}), dict):
+                _fail(f"stages[{i}].config", "must be an object")
+        stats = meta.get("survival_stats")
+        metrics = meta.get("metrics") or {}
+        if not isinstance(metrics, dict):
+            _fail("metrics", "must be an object")
+        return cls(spec, data, tuple(stages), SurvivalTable.from_dict(stats, spec) if stats is not None else None, metrics)
 
 
 def save_checkpoint(out_dir: str | Path, model: ResNet, meta: dict) -> Path:
@@ -163,7 +529,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed. Only a regular
+    file under MAX_WEIGHTS_BYTES is opened."""
+    read_untrusted_check(path, MAX_WEIGHTS_BYTES, "weights file (model.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -175,15 +543,43 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_untrusted_check(path: str | Path, limit: int, what: str) -> None:
+    """The checks of `read_untrusted` (regular file, size) without reading, for files a library opens itself."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file (a device, FIFO or folder); a {what} must be a plain file")
+    if st.st_size > limit:
+        raise InputError(f"{path}: {st.st_size:,} bytes, more than the {limit:,} a {what} may have")
+
+
+def _check_header(spec: NetSpec, state: dict, weights: Path) -> None:
+    """The sizes a sidecar sets (classes, input channels) against the weights' own tensors, before anything is
+    allocated from them."""
+    for key, want in (("fc.weight", (spec.num_classes, None)), ("stem.weight", (None, spec.in_channels))):
+        t = state.get(key)
+        if t is None:
+            raise InputError(f"{weights}: weights do not match the sidecar's architecture (missing {key!r}); the two files belong to different models")
+        got = tuple(t.shape[:2])
+        if any(w is not None and w != g for w, g in zip(want, got)):
+            raise InputError(f"{weights}: tensor {key} has shape {tuple(t.shape)}, but the sidecar says {spec.num_classes} classes and "
+                             f"{spec.in_channels} input channels; the two files belong to different models")
+
+
 def load_checkpoint(path: str | Path) -> tuple[ResNet, dict]:
     """Rebuild a model from its sidecar, load its weights and check they match. Returns (model, sidecar)."""
     weights, side = resolve(path)
     meta = read_sidecar(side)
+    spec = NetSpec.from_dict(meta["spec"])
+    state = load_state_dict(weights)
+    _check_header(spec, state, weights)
     try:
-        model = build_model(NetSpec.from_dict(meta["spec"]))
+        model = build_model(spec)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise InputError(f"{side}: the sidecar's spec does not describe a network this sdcompress builds ({_first_line(e)})") from None
-    state = load_state_dict(weights)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

@@ -40,12 +40,11 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {s!r}")
 
 
-def _fresh_out(out: Path, force: bool, what: str = "model.pt") -> Path:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    if (out / what).exists() and not force:
-        raise InputError(f"--out {out}: already holds {what}; pass --force to overwrite, or another --out")
-    return out
+def _fresh_out(out: Path, force: bool, inputs: tuple = ()) -> Path:
+    """An output folder checked before any work (see checkpoint.check_output_folder)."""
+    from .checkpoint import check_output_folder
+
+    return check_output_folder(out, force, inputs)
 
 
 # ---- train ---------------------------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ def cmd_eval(a) -> int:
     model, meta = load_checkpoint(path)
     acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, a.split, a.batch_size)
     print(f"{meta['spec']['arch']}  blocks {len(model.block_ids)}/{model.spec.blocks_total}  "
-          f"top-1 {acc['top1']:.4f}  loss {acc['loss']:.4f}  on {acc['dataset']} ({_SPLITS.get(acc['split'], 'bundled set')}, n={acc['n']})")
+          f"top-1 {acc['top1']:.4f}  loss {acc['loss']:.4f}  on {acc['dataset']} ({_SPLITS[acc['split']] + ', ' if acc['split'] else ''}n={acc['n']})")
     if a.json:
         atomic_write_json(a.json, model_report(model, meta, resolve(path)[0], acc))
         print(f"wrote {a.json}")
@@ -180,7 +179,7 @@ def add_stats(sub) -> None:
 
 
 def cmd_stats(a) -> int:
-    from .checkpoint import atomic_write_json, read_sidecar, resolve
+    from .checkpoint import atomic_write_json, output_folder, read_sidecar, resolve
     from .report import format_stats_table, plot_stats
 
     path = _resolve_ckpt(a.ckpt)
@@ -190,12 +189,13 @@ def cmd_stats(a) -> int:
     name = resolve(path)[0].parent.name
     out = a.out or OUT_ROOT / f"{name}-stats"
     if not a.no_plot:
-        _fresh_out(out, a.force, "stats.png")
+        _fresh_out(out, a.force, (path,))
     print(format_stats_table(meta))
     if not a.no_plot:
-        atomic_write_json(out / "stats.json", meta["survival_stats"])
-        plot_stats(meta, out / "stats.png")
-        print(f"wrote {out}/stats.png")
+        with output_folder(out) as folder:
+            atomic_write_json(folder / "stats.json", meta["survival_stats"])
+            plot_stats(meta, folder / "stats.png")
+        print(f"wrote {out}/stats.png, {out}/stats.json")
     return 0
 
 
@@ -281,10 +281,13 @@ def cmd_prune(a) -> int:
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
     tag = f"keep{a.keep}" if cfg.keep is not None else "budget" if cfg.blocks_to_keep is None else "blocks"
-    out = _fresh_out(a.out or OUT_ROOT / f"{name}-prune-{tag}", a.force)
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-prune-{tag}", a.force, (path,))
     report = run_prune(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress)
     from .report import summary_line
 
+    warning = report["prune"]["ranking"]["warning"]
+    if warning:
+        print(f"sdcompress prune: warning: {warning}", file=sys.stderr)
     print(summary_line(report["before"], report["after"]))
     print(f"wrote {out}/model.pt, {out}/report.json, {out}/report.md")
     return 0
@@ -321,7 +324,7 @@ def cmd_binarize(a) -> int:
                          a.finetune_survival, a.seed)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
-    out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force)
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force, (path,))
     r = run_binarize(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress)
     b, f = r["before"], r["after"]
     acc = f", top-1 {100 * b['accuracy']['top1']:.1f}% -> {100 * f['accuracy']['top1']:.1f}%" if b.get("accuracy") and f.get("accuracy") else ""
@@ -357,9 +360,7 @@ def cmd_export(a) -> int:
     check_formats(a.format)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
-    out = a.out or OUT_ROOT / f"{name}-export"
-    for fmt in a.format:
-        _fresh_out(out, a.force, {"onnx": "model.onnx", "coreml": "model.mlpackage"}[fmt])
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-export", a.force, (path,))
     r = run_export(path, a.format, out, a.data, a.data_dir, a.threads, precision=a.precision, coreml_input=a.coreml_input, verbose=a.verbose)
     print(f"checkpoint {format_bytes(r['bytes']['checkpoint'])}")
     if "onnx" in r["formats"]:
@@ -449,7 +450,7 @@ def add_sweep(sub) -> None:
     p.add_argument("--threads", type=_positive_int, default=d.threads, help="onnxruntime threads for every latency figure")
     p.add_argument("--data", default=None, help="evaluation and calibration data (default: the bundled sets for bundled models)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-sweep)")
     p.add_argument("--force", action="store_true", help="redo points already measured in --out")
     p.add_argument("--no-progress", action="store_true")

@@ -3,7 +3,6 @@ and the accuracy change in percentage points."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import InputError
@@ -28,17 +27,10 @@ METRICS = (
 
 def load_report(path: str | Path) -> dict:
     """A report file sdcompress wrote, or an InputError saying why it is not one."""
+    from .checkpoint import parse_untrusted_json
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot be read as a report ({type(e).__name__}); give a report.json that sdcompress wrote") from None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise InputError(f"{path}: not JSON; give a report.json that sdcompress wrote") from None
+    data = parse_untrusted_json(path, "report")  # a regular file, size and nesting bounded
     if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
         raise InputError(f"{path}: not an sdcompress report (no \"schema\": \"{REPORT_SCHEMA}\")")
     if model_part(data) is None:

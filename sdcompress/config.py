@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
+from .errors import InputError
+
+MAX_LR = 10.0  # beyond this SGD on these networks only diverges; a typo (1e5 for 1e-5) is caught before any work
+
+
+def check_number(flag: str, v: float, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite number in its range, or an InputError naming the flag: one check for every numeric flag."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise InputError(f"{flag} must be a finite number in {rng}, got {v}")
+    return v
+
+
+def check_lr(flag: str, v: float) -> float:
+    return check_number(flag, v, 0.0, MAX_LR, lo_open=True)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .nets import MAX_CLASSES
 
 TORCHVISION_SETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -102,6 +103,8 @@ def _load_npz(path: Path) -> tuple[ImageSet, None, list[str]]:
         raise InputError(f"{path}: not a readable .npz dataset ({e})") from None
     s = _check_arrays(x, y, str(path))
     n_cls = int(s.labels.max()) + 1 if len(s) else 0
+    if classes is None and n_cls > MAX_CLASSES:
+        raise InputError(f"{path}: label {n_cls - 1} would make {n_cls:,} classes (at most {MAX_CLASSES:,}); labels must be 0..K-1")
     if classes is None:
         classes = [str(i) for i in range(n_cls)]
     elif n_cls > len(classes):
@@ -120,10 +123,11 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
     index = {c: i for i, c in enumerate(classes)}
     files, labels = [], []
     for c in found:
-        for f in sorted(os.listdir(root / c)):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(root / c / f)
-                labels.append(index[c])
+        names = [f for f in sorted(os.listdir(root / c)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not names:
+            raise InputError(f"{root}: class folder {c!r} holds no images; remove it or add its images")
+        files += [root / c / f for f in names]
+        labels += [index[c]] * len(names)
     if not files:
         raise InputError(f"{root}: no image files in the class subfolders")
     return files, labels, classes
@@ -135,7 +139,9 @@ def _decode_images(blobs, where: str) -> np.ndarray:
 
     def decode(src) -> np.ndarray:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            return np.asarray(im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB"))
+            if im.mode.startswith("I;16") or im.mode == "I":  # 16-bit grey: scaled to 8 bits, not clipped at 255
+                return np.clip(np.round(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+            return np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
 
     try:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -243,6 +249,12 @@ def load_dataset(data: str, data_dir: str | None = None, val_size: int | None = 
         raise InputError(f"data {data!r}: needs at least 2 images, found {len(pool)}")
     if int(pool.labels.max()) >= len(classes):
         raise InputError(f"data {data!r}: label {int(pool.labels.max())} out of range for {len(classes)} classes")
+    counts = torch.bincount(pool.labels, minlength=len(classes))
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:  # a gap in the labels, or a stray outlier that made K too large
+        names = ", ".join(repr(classes[i]) for i in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise InputError(f"data {data!r}: {len(empty)} of {len(classes)} classes have no image ({names}); labels must be 0..K-1 "
+                         f"with every class present (largest label {int(pool.labels.max())})")
     n = len(pool)
     val_size = default_val_size(n) if val_size is None else val_size
     if not 0 <= val_size < n:

@@ -19,6 +19,24 @@ def _load(data: str, data_dir: str | None, val_size: int | None, seed: int) -> D
     return load_dataset(data, data_dir, val_size, seed)  # decoded once per process (CIFAR takes seconds)
 
 
+def check_fits(images: ImageSet, meta: dict, name: str) -> ImageSet:
+    """Images a model can take: its channels and image size, labels within its classes, at least one image.
+    Called before any work on them (recalibration, fine-tuning, scoring)."""
+    dm = meta["data"]
+    want = tuple(dm["input_shape"])
+    got = tuple(images.images.shape[1:])
+    if len(images) == 0:
+        raise InputError(f"{name}: no images")
+    if got[0] != want[0]:
+        raise InputError(f"{name}: images have {got[0]} channels, the model takes {want[0]} ({want[0]}x{want[1]}x{want[2]} CHW)")
+    if got[1:] != want[1:]:
+        raise InputError(f"{name}: images are {got[1]}x{got[2]}, the model was trained on {want[1]}x{want[2]}; resize them first")
+    top = int(images.labels.max())
+    if top >= len(dm["classes"]):
+        raise InputError(f"{name}: label {top} out of range for a {len(dm['classes'])}-class model")
+    return images
+
+
 def checkpoint_dataset(meta: dict, data: str | None, data_dir: str | None) -> Dataset:
     """The named dataset (default: the checkpoint's training data), split as in training when it is that data."""
     dm = meta["data"]
@@ -34,11 +52,14 @@ def calibration_images(meta: dict, ckpt, data: str | None, data_dir: str | None)
     A bundled model without --data uses the bundled calibration set, drawn from its training split.
     """
     if data is None and same_data_as_bundled(ckpt, meta) and bundled_calib_set() is not None:
-        return load_eval_set(bundled_calib_set()), None, "bundled calibration set"
+        return check_fits(load_eval_set(bundled_calib_set()), meta, "bundled calibration set"), None, "bundled calibration set"
     try:
         ds = checkpoint_dataset(meta, data, data_dir)
     except InputError as e:
         raise InputError(f"{e}; pass --data (and --data-dir) with the training data") from None
+    for part, split in ((ds.train, "train"), (ds.val, "val")):
+        if part is not None:
+            check_fits(part, meta, f"{ds.name}-{split}")
     return ds.train, ds, f"{ds.name}-train"
 
 
@@ -60,6 +81,13 @@ def eval_data(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | No
 
 
 def eval_split(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str, str | None]:
+    """The images to evaluate a checkpoint on, the data's name and the split taken (None: a bundled set), checked
+    against the model (`check_fits`)."""
+    images, name, split = _eval_split(meta, ckpt, data, data_dir, split)
+    return check_fits(images, meta, name if split is None else f"{name}-{split}"), name, split
+
+
+def _eval_split(meta: dict, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str, str | None]:
     """The images to evaluate a checkpoint on, the data's name and the split taken (None: a bundled set).
 
     With no `data`: a bundled model uses the bundled evaluation set; any other model its training data's
@@ -96,12 +124,5 @@ def evaluate_checkpoint(model: ResNet, meta: dict, ckpt, data=None, data_dir=Non
     images, data_name, split = eval_split(meta, ckpt, data, data_dir, split)
     name = data_name if split is None else f"{data_name}-{split}"
     dm = meta["data"]
-    shape = tuple(images.images.shape[1:])
-    if shape[0] != model.spec.in_channels:
-        raise InputError(f"{name}: images have {shape[0]} channels, the model takes {model.spec.in_channels} ({tuple(dm['input_shape'])} CHW)")
-    if len(images) and int(images.labels.max()) >= model.spec.num_classes:
-        raise InputError(f"{name}: label {int(images.labels.max())} out of range for a {model.spec.num_classes}-class model")
-    if len(images) == 0:
-        raise InputError(f"{name}: no images")
     res = evaluate(model, images, Normalize(dm["mean"], dm["std"]), batch_size)
     return {**res, "dataset": name, "split": split}

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 from .binarize import BinarizeConfig, binarize_model
-from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, path_bytes, resolve, save_checkpoint, staged
+from .checkpoint import (atomic_write_bytes, atomic_write_json, check_output_folder, load_checkpoint, output_folder, path_bytes, resolve,
+                         save_checkpoint, staged)
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt
@@ -24,8 +25,13 @@ def _accuracy(model, meta, images, name) -> dict | None:
 
 
 def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Callable, data, data_dir, device, progress,
-               measure_before: bool = True) -> tuple[dict, dict]:
-    """Load, evaluate, transform, save and report; `transform(model, meta, calib, tune) -> (model, record)`."""
+               measure_before: bool = True, more_files: Callable[[Path, dict, dict], None] | None = None) -> dict:
+    """Load, evaluate, transform, save and report; `transform(model, meta, calib, tune) -> (model, record)`.
+
+    The output folder (checkpoint, report.json, and what `more_files(folder, report, meta)` adds) is written as one
+    unit (`output_folder`): an interrupted or failed stage leaves the old folder as it was.
+    """
+    check_output_folder(out, force=True, inputs=(ckpt,))
     model, meta = load_checkpoint(ckpt)
     try:
         images, eval_name = eval_data(meta, ckpt, data, data_dir)
@@ -49,11 +55,14 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
     new_meta["stages"] = meta.get("stages", []) + [{"stage": stage, **record}]
     after_acc = _accuracy(new, meta, images, eval_name)
     new_meta["metrics"] = {"top1": after_acc and after_acc["top1"], "dataset": eval_name}
-    save_checkpoint(out, new, new_meta)
-    after = model_report(new, new_meta, out / "model.pt", after_acc)
-    report = {"schema": "sdcompress.report/1", "stage": stage, "before": before, "after": after, stage: record}
-    atomic_write_json(out / "report.json", report)
-    return report, {**new_meta, "spec": new.spec.to_dict()}
+    with output_folder(out) as folder:
+        save_checkpoint(folder, new, new_meta)
+        after = model_report(new, new_meta, folder / "model.pt", after_acc)
+        report = {"schema": "sdcompress.report/1", "stage": stage, "before": before, "after": after, stage: record}
+        atomic_write_json(folder / "report.json", report)
+        if more_files is not None:
+            more_files(folder, report, {**new_meta, "spec": new.spec.to_dict()})
+    return report
 
 
 def run_prune(ckpt, cfg: PruneConfig, out: Path, data=None, data_dir=None, device="auto", progress=True, measure_before=True) -> dict:
@@ -62,15 +71,16 @@ def run_prune(ckpt, cfg: PruneConfig, out: Path, data=None, data_dir=None, devic
     def transform(model, meta, calib, tune):
         return prune_model(model, meta, cfg, calib, lambda m: tune(m, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed))
 
+    def more_files(folder, report, meta):
+        if isinstance(meta.get("survival_stats"), dict):
+            plot_stats(meta, folder / "blocks.png")
+            table = format_stats_table(meta)
+        else:
+            table = "(no survival statistics in this checkpoint)"
+        atomic_write_bytes(folder / "report.md", prune_markdown(report, table).encode())
+
     need = bool(cfg.recalibrate) or cfg.finetune > 0 or cfg.strategy == "sensitivity"
-    report, meta = _run_stage("prune", ckpt, out, cfg, need, transform, data, data_dir, device, progress, measure_before)
-    if isinstance(meta.get("survival_stats"), dict):
-        plot_stats(meta, out / "blocks.png")
-        table = format_stats_table(meta)
-    else:
-        table = "(no survival statistics in this checkpoint)"
-    atomic_write_bytes(out / "report.md", prune_markdown(report, table).encode())
-    return report
+    return _run_stage("prune", ckpt, out, cfg, need, transform, data, data_dir, device, progress, measure_before, more_files)
 
 
 def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None, device="auto", progress=True, measure_before=True) -> dict:
@@ -89,9 +99,8 @@ def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None,
         return new, record
 
     need = bool(cfg.recalibrate) or cfg.finetune > 0
-    report, _ = _run_stage("binarize", ckpt, out, cfg, need, transform, data, data_dir, device, progress, measure_before)
-    atomic_write_bytes(out / "report.md", binarize_markdown(report).encode())
-    return report
+    return _run_stage("binarize", ckpt, out, cfg, need, transform, data, data_dir, device, progress, measure_before,
+                      lambda folder, report, meta: atomic_write_bytes(folder / "report.md", binarize_markdown(report).encode()))
 
 
 class VerificationFailed(RuntimeError):
@@ -117,24 +126,25 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     import torch
 
     check_formats(formats)
+    check_output_folder(out, force=True, inputs=(ckpt,))
     model, meta = load_checkpoint(ckpt)
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
     idx = torch.arange(min(batch, len(images)))
     files: dict[str, dict] = {}
-    out.mkdir(parents=True, exist_ok=True)
-    for fmt in formats:
-        check_interrupt()
-        if fmt == "onnx":
-            files["onnx"] = _export_onnx(model, meta, out, images.images[idx], eval_name, threads)
-        else:
-            files["coreml"] = _export_coreml(model, meta, ckpt, out, images.images[idx], eval_name, precision, coreml_input, verbose)
-    rep = model_report(model, meta, resolve(ckpt)[0], None)
-    for fmt in FORMATS:
-        rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
-    rep["latency_ms"] = {"onnxruntime_cpu_b1": files["onnx"]["latency_ms"]["onnxruntime_cpu_b1"]} if "onnx" in files else None
-    result = {**rep, "stage": "export", "formats": files}
-    atomic_write_json(out / "report.json", result)
-    atomic_write_bytes(out / "report.md", export_markdown(result).encode())
+    with output_folder(out) as folder:  # every file, or none: an interrupted export leaves the old folder as it was
+        for fmt in formats:
+            check_interrupt()
+            if fmt == "onnx":
+                files["onnx"] = _export_onnx(model, meta, folder, images.images[idx], eval_name, threads)
+            else:
+                files["coreml"] = _export_coreml(model, meta, ckpt, folder, images.images[idx], eval_name, precision, coreml_input, verbose)
+        rep = model_report(model, meta, resolve(ckpt)[0], None)
+        for fmt in FORMATS:
+            rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
+        rep["latency_ms"] = {"onnxruntime_cpu_b1": files["onnx"]["latency_ms"]["onnxruntime_cpu_b1"]} if "onnx" in files else None
+        result = {**rep, "stage": "export", "formats": files}
+        atomic_write_json(folder / "report.json", result)
+        atomic_write_bytes(folder / "report.md", export_markdown(result).encode())
     return result
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .data import ImageSet, Normalize, augment
+from .config import check_lr, check_number
 from .errors import InputError
 from .nets import ResNet, build_model, count_macs, count_params
 from .train import train_augmentation
@@ -52,17 +53,43 @@ class PruneConfig:
             raise InputError(f"--keep must be in (0, 1], got {self.keep}")
         if self.recalibrate < 0 or self.finetune < 0 or self.sensitivity_batches < 1 or self.batch_size < 1:
             raise InputError("--recalibrate and --finetune must be >= 0, --sensitivity-batches and --batch-size >= 1")
+        check_number("--recalibrate", self.recalibrate, 0, 100_000)
+        check_number("--finetune", self.finetune, 0, 10_000)
+        check_lr("--finetune-lr", self.finetune_lr)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # ---- importance ----------------------------------------------------------------------------------------------
-def stats_order(meta: dict, present: list[int]) -> list[int]:
-    """Present blocks, cheapest to remove first: by learned drop effect, contribution as the tie-breaker.
+def stats_basis(meta: dict, present: list[int]) -> tuple[str, str | None]:
+    """What the `stats` strategy ranks by, and a warning when it cannot rank by drop effects.
 
-    A block with no drop-effect estimate (it never dropped, e.g. a constant-depth network) is ordered by its
-    contribution alone, after every block that has an estimate.
+    Drop effects are used when at least a third of the present blocks have one distinguishable from zero
+    (|effect| > 2 standard errors). Otherwise (a constant-depth network never dropped a block; a fit on a few
+    steps is noise) the ranking falls back to contribution ||f(x)|| / ||x||, and says so.
+    """
+    table = meta.get("survival_stats") or {}
+    rows = {b["block"]: b for b in table.get("blocks", [])}
+    if not rows:
+        raise InputError("strategy 'stats' needs the survival statistics of training; this checkpoint has none (use --strategy top)")
+    known = [(rows[b]["drop_effect"], rows[b].get("drop_effect_se")) for b in present if rows.get(b, {}).get("drop_effect") is not None]
+    if not known:
+        return "contribution", ("the checkpoint has no drop effects (no block was ever dropped in training): blocks are ranked by "
+                                "contribution ||f(x)||/||x|| instead; --strategy sensitivity measures the loss of each removal")
+    clear = sum(1 for e, se in known if se is not None and abs(e) > 2 * se)
+    if 3 * clear < len(present):
+        return "contribution", (f"only {clear} of {len(present)} blocks have a drop effect distinguishable from zero (|effect| > 2 SE, "
+                                f"fitted on {table.get('regression_steps', '?')} steps): blocks are ranked by contribution "
+                                f"||f(x)||/||x|| instead; --strategy sensitivity measures the loss of each removal")
+    return "drop effect", None
+
+
+def stats_order(meta: dict, present: list[int], by: str = "drop effect") -> list[int]:
+    """Present blocks, cheapest to remove first: by learned drop effect (contribution as the tie-breaker), or with
+    `by="contribution"` by contribution alone.
+
+    A block with no drop-effect estimate is ordered by its contribution, after every block that has an estimate.
     """
     rows = {b["block"]: b for b in (meta.get("survival_stats") or {}).get("blocks", [])}
     if not rows:
@@ -71,7 +98,10 @@ def stats_order(meta: dict, present: list[int]) -> list[int]:
     def key(l: int):
         r = rows.get(l, {})
         eff, contrib = r.get("drop_effect"), r.get("contribution")
-        return (eff is None, eff if eff is not None else 0.0, contrib if contrib is not None else math.inf)
+        contrib = contrib if contrib is not None else math.inf
+        if by == "contribution":
+            return (contrib,)
+        return (eff is None, eff if eff is not None else 0.0, contrib)
 
     return sorted(present, key=key)
 
@@ -181,7 +211,7 @@ def blocks_to_remove(model: ResNet, meta: dict, cfg: PruneConfig, loss_fn: Calla
         if cfg.strategy == "top":
             return sorted(present, reverse=True)[:n_remove]
         if cfg.strategy == "stats":
-            return stats_order(meta, present)[:n_remove]
+            return stats_order(meta, present, stats_basis(meta, present)[0])[:n_remove]
         if order_cache is None or len(order_cache) < n_remove:  # sensitivity: greedy, nested
             if loss_fn is None:
                 raise InputError("strategy 'sensitivity' needs data to measure the loss on")
@@ -240,6 +270,14 @@ def prune_model(model: ResNet, meta: dict, cfg: PruneConfig, calib: ImageSet | N
     removed = sorted(blocks_to_remove(model, meta, cfg, loss_fn))
     pruned = remove_blocks(model, removed).eval()
     record = {"removed": removed, "kept": pruned.block_ids, "recalibrated_images": 0, "finetune": None}
+    if cfg.blocks_to_keep is not None:
+        record["ranking"] = {"by": "the blocks named", "warning": None}
+    elif cfg.strategy == "stats":
+        by, warning = stats_basis(meta, model.block_ids)
+        record["ranking"] = {"by": by, "warning": warning}
+    else:
+        record["ranking"] = {"by": {"top": "depth (highest first)", "every-other": "position (evenly spread)",
+                                    "sensitivity": "measured loss of each removal"}[cfg.strategy], "warning": None}
     if cfg.recalibrate and removed:
         if calib is None:
             raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")

@@ -160,7 +160,9 @@ def prune_markdown(report: dict, stats_table: str) -> str:
         "",
         summary_line(report["before"], report["after"]),
         "",
-        f"- strategy `{rec['config']['strategy']}`; removed blocks {rec['removed']}; kept {len(rec['kept'])} of {report['before']['model']['blocks_total']}",
+        f"- strategy `{rec['config']['strategy']}`, ranked by {rec.get('ranking', {}).get('by', 'drop effect')}; removed blocks "
+        f"{rec['removed']}; kept {len(rec['kept'])} of {report['before']['model']['blocks_total']}",
+        *([f"- **warning**: {rec['ranking']['warning']}"] if (rec.get("ranking") or {}).get("warning") else []),
         f"- BatchNorm recalibrated on {rec['recalibrated_images']} images of {rec['calibration_data']}" if rec["recalibrated_images"] else "- no BatchNorm recalibration",
         f"- accuracy on {acc.get('dataset')} (n={acc.get('n')})" if acc else "- no evaluation data given",
         "",

@@ -43,8 +43,14 @@ class SweepConfig:
     def __post_init__(self):
         if not self.keeps or any(not (0.0 < k <= 1.0) or math.isnan(k) for k in self.keeps):
             raise InputError(f"--keep: every fraction must be in (0, 1], got {list(self.keeps)}")
+        if not self.binarize:
+            raise InputError("--binarize: give off, on or off,on")
         if len(set(self.keeps)) != len(self.keeps) or len(set(self.binarize)) != len(self.binarize):
             raise InputError("--keep / --binarize: a value is repeated")
+        labels = [label(k, False) for k in self.keeps]
+        if len(set(labels)) != len(labels):
+            raise InputError(f"--keep: fractions {list(self.keeps)} share a label at two decimals ({labels}); give fractions that "
+                             f"differ in the first two decimals")
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         check_formats(self.formats)
@@ -87,6 +93,8 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
     point = {  # the export's report (the shape every sdcompress report has), its accuracy, and where it came from
         **{k: v for k, v in exp.items() if k != "formats"}, "accuracy": acc,
         "stage": "sweep-point", "label": label(keep, binary), "keep": keep, "binarized": binary,
+        # fine-tuning recovers what a stage took; the unpruned float point is the starting model, not tuned
+        "finetune_epochs": cfg.finetune if (keep < 1.0 or binary) else 0,
         "checkpoint": str(resolve(src)[0]), "files": {f: str(pdir / "export" / e["file"]) for f, e in exp["formats"].items()},
         "verification": {f: {k: e["verification"][k] for k in ("max_abs_diff", "top1_agreement", "n", "ok")} for f, e in exp["formats"].items()},
     }

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import atomic_torch_save, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import atomic_torch_save, output_folder, save_checkpoint
+from .config import TrainConfig, check_lr, check_number
 from .data import Dataset, ImageSet, Normalize, augment, load_dataset
 from .distributed import Dist, setup
 from .errors import InputError
@@ -156,8 +156,12 @@ def train(
     Returns:
         The trained model and its sidecar.
     """
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.stats_window < 10 or not 0 <= cfg.warmup_epochs < cfg.epochs:
-        raise InputError("--epochs and --batch-size must be >= 1, --lr > 0, --stats-window >= 10, 0 <= --warmup-epochs < --epochs")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.stats_window < 10:
+        raise InputError("--epochs and --batch-size must be >= 1, --stats-window >= 10")
+    check_lr("--lr", cfg.lr)
+    check_number("--momentum", cfg.momentum, 0.0, 1.0, hi_open=True)
+    check_number("--weight-decay", cfg.weight_decay, 0.0, 1.0, hi_open=True)
+    check_number("--warmup-epochs", cfg.warmup_epochs, 0.0, cfg.epochs, hi_open=True)
     out = Path(out_dir)
     dd, device_name = setup(cfg.device)
     if dd.world > 1 and cfg.batch_size % dd.world:
@@ -212,7 +216,13 @@ def train(
         state_path = out / TRAIN_STATE
         if not state_path.exists():
             raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        from .checkpoint import MAX_WEIGHTS_BYTES, read_untrusted_check
+
+        read_untrusted_check(state_path, 2 * MAX_WEIGHTS_BYTES, "training state")
+        try:
+            st = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - refused pickle, truncated file
+            raise InputError(f"--resume: {state_path} cannot be loaded ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
         if st.get("world_size", 1) != dd.world:
             raise InputError(f"--resume: the run in {out} used {st.get('world_size', 1)} processes; resume it with as many")
         if st["config"] != cfg.to_dict():
@@ -313,25 +323,26 @@ def train(
         if not dd.main:
             dd.barrier()
             continue
-        atomic_torch_save(
-            {
-                "epoch": epoch + 1,
-                "wall_s": wall,
-                "config": cfg.to_dict(),
-                "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "shuffle_gen": shuffle_gen.get_state(),
-                "drop_gen": drop_gen.get_state(),
-                "aug_gen_ranks": aug_states,  # one augmentation generator per rank (older runs saved one "aug_gen")
-                "world_size": dd.world,
-                "torch_rng": torch.get_rng_state(),
-                "stats": stats.state_dict(),
-                "history": history,
-            },
-            out / TRAIN_STATE,
-        )
-        save_checkpoint(out, model, meta)
+        with output_folder(out) as folder:  # the epoch's three files as one unit: never a mix of two epochs
+            atomic_torch_save(
+                {
+                    "epoch": epoch + 1,
+                    "wall_s": wall,
+                    "config": cfg.to_dict(),
+                    "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "shuffle_gen": shuffle_gen.get_state(),
+                    "drop_gen": drop_gen.get_state(),
+                    "aug_gen_ranks": aug_states,  # one augmentation generator per rank (older runs saved one "aug_gen")
+                    "world_size": dd.world,
+                    "torch_rng": torch.get_rng_state(),
+                    "stats": stats.state_dict(),
+                    "history": history,
+                },
+                folder / TRAIN_STATE,
+            )
+            save_checkpoint(folder, model, meta)
         if on_epoch:
             on_epoch(rec)
         dd.barrier()
@@ -393,8 +404,14 @@ def finetune(model: ResNet, ds: Dataset, epochs: int, lr: float = 0.01, survival
             perm = torch.randperm(len(y_all), generator=gen).to(dev)
         idx = perm[i * batch_size : (i + 1) * batch_size]
         keep = dict(zip(ids, draw_keep_mask(probs, gen).tolist())) if survival else None
-        train_step(model, opt, normalize(augment(x_all[idx], pad, flip, aug_gen)), y_all[idx], keep, dev.type == "cuda")
+        loss, _ = train_step(model, opt, normalize(augment(x_all[idx], pad, flip, aug_gen)), y_all[idx], keep, dev.type == "cuda")
         sched.step()
+        if (step + 1) % 10 == 0 or step + 1 == epochs * steps:  # the guard of training: stop before saving garbage
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"fine-tuning loss became non-finite at step {step + 1} of {epochs * steps}; nothing was "
+                                       f"written; try a lower --finetune-lr (it was {lr:g})")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingDiverged(f"fine-tuning left non-finite weights; nothing was written; try a lower --finetune-lr (it was {lr:g})")
     model.eval()
     val = evaluate(model, ds.val, normalize) if ds.val is not None else None
     return {"epochs": epochs, "lr": lr, "survival": survival, "seconds": round(time.perf_counter() - t0, 1),

@@ -90,7 +90,9 @@ def card_fields(ckpt: str | Path, meta: dict) -> dict:
     fields = {"author": "sdcompress", "license": "unspecified"}
     card = checkpoint_folder(ckpt) / "MODEL_CARD.md"
     if card.is_file():
-        for line in card.read_text(encoding="utf-8", errors="replace").splitlines():
+        from .checkpoint import read_untrusted
+
+        for line in read_untrusted(card, 1024**2, "model card").decode("utf-8", errors="replace").splitlines():
             if line.startswith("# ") and "description" not in fields:
                 fields["description"] = line[2:].strip()
             cells = [c.strip() for c in line.strip().strip("|").split("|")]

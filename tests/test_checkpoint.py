@@ -9,7 +9,8 @@ from sdcompress.checkpoint import SCHEMA, load_checkpoint, read_sidecar, save_ch
 from sdcompress.errors import InputError
 from sdcompress.nets import NetSpec, build_model
 
-META = {"data": {"input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": list("abcdefghij")}, "stages": []}
+META = {"data": {"name": "toy", "source": "toy.npz", "input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
+                 "classes": list("abcdefghij")}, "stages": [{"stage": "train", "config": {}}]}
 
 
 def test_round_trip_full_and_pruned(tmp_path):

@@ -15,7 +15,9 @@ from sdcompress.prune import STRATEGIES, PruneConfig, blocks_to_remove, every_ot
 def _meta(n_blocks=9, effects=None):
     effects = effects or [0.1 * (n_blocks - l) for l in range(n_blocks)]
     return {
-        "data": {"input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "classes": [str(i) for i in range(10)]},
+        "data": {"name": "toy", "source": "toy.npz", "input_shape": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,
+                 "classes": [str(i) for i in range(10)]},
+        "stages": [{"stage": "train", "config": {}}],
         "survival_stats": {"blocks": [{"block": l, "drop_effect": effects[l], "contribution": 1.0, "drop_effect_se": 0.01,
                                        "p_scheduled": 1.0, "runs": 1, "survival_rate": 1.0} for l in range(n_blocks)],
                            "steps": 1, "window": 1, "regression_steps": 1},

