@@ -347,7 +347,7 @@ def _int(v, where: str, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         _fail(where, f"must be a whole number, got {v!r:.40}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        _fail(where, f"must be in [{lo}, {hi}], got {v}")
+        _fail(where, f"must be in [{lo}, {hi}], got {v}" if hi is not None else f"must be >= {lo}, got {v}")
     return v
 
 
