@@ -19,7 +19,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -302,23 +302,22 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     return p, side
 
 
-def read_sidecar(path: str | Path) -> dict:
-    """Parse a sidecar under the size and depth limits and validate it in full (`Sidecar.from_dict`)."""
+def read_sidecar(path: str | Path) -> "Sidecar":
+    """Parse a sidecar file under the size and depth limits and validate it in full (`Sidecar.from_dict`)."""
     meta = parse_untrusted_json(path, "sidecar")
     if not isinstance(meta, dict) or not isinstance(meta.get("schema"), str) or not meta["schema"].startswith("sdcompress.checkpoint/"):
         raise InputError(f"{path}: not an sdcompress checkpoint sidecar (no 'schema': '{SCHEMA}')")
     if meta["schema"] != SCHEMA:
         raise InputError(f"{path}: schema {meta['schema']} is not supported by this sdcompress ({SCHEMA}); upgrade sdcompress")
     try:
-        Sidecar.from_dict(meta)
+        return Sidecar.from_dict(meta)
     except SidecarError as e:
         raise InputError(f"{path}: bad sidecar, {e}") from None
-    return meta
 
 
-def load_sidecar(path: str | Path) -> Sidecar:
+def load_sidecar(path: str | Path) -> "Sidecar":
     """The typed sidecar of a checkpoint (given as its folder or one of its files)."""
-    return Sidecar.from_dict(read_sidecar(resolve(path)[1]))
+    return read_sidecar(resolve(path)[1])
 
 
 # ---- the sidecar, typed ----------------------------------------------------------------------------------------
@@ -466,12 +465,26 @@ class Sidecar:
     spec: NetSpec
     data: DataInfo
     stages: tuple[dict, ...]  # {"stage": "train" | "prune" | "binarize", "config": {...}, ...}, oldest first
-    survival_stats: SurvivalTable | None
+    survival_stats: SurvivalTable | None  # None: not trained by sdcompress
     metrics: dict
+    raw: dict = field(default_factory=dict, compare=False, repr=False)  # the JSON as read, carried into derived sidecars
 
     @property
     def train_config(self) -> dict:
+        """The training run's config (the first stage's), as recorded."""
         return self.stages[0].get("config", {})
+
+    def to_dict(self) -> dict:
+        """The sidecar as JSON data (a deep copy of what was read)."""
+        return json.loads(json.dumps(self.raw))
+
+    def derive(self, spec: NetSpec, stage: dict, metrics: dict) -> "Sidecar":
+        """The sidecar of a model made from this one by one more stage (prune, binarize)."""
+        d = self.to_dict()
+        d["spec"] = spec.to_dict()
+        d["stages"] = d["stages"] + [stage]
+        d["metrics"] = metrics
+        return Sidecar.from_dict(d)
 
     @classmethod
     def from_dict(cls, meta) -> "Sidecar":
@@ -508,13 +521,15 @@ class Sidecar:
         metrics = meta.get("metrics") or {}
         if not isinstance(metrics, dict):
             _fail("metrics", "must be an object")
-        return cls(spec, data, tuple(stages), SurvivalTable.from_dict(stats, spec) if stats is not None else None, metrics)
+        return cls(spec, data, tuple(stages), SurvivalTable.from_dict(stats, spec) if stats is not None else None, metrics,
+                   {**meta, "schema": meta.get("schema", SCHEMA)})
 
 
-def save_checkpoint(out_dir: str | Path, model: ResNet, meta: dict) -> Path:
-    """Write model.pt then model.json into `out_dir` (each atomically). Returns the weights' path."""
+def save_checkpoint(out_dir: str | Path, model: ResNet, meta: "dict | Sidecar") -> Path:
+    """Write model.pt then model.json into `out_dir` (each atomically; the folder as a unit is `output_folder`'s
+    business). Returns the weights' path."""
     out = Path(out_dir)
-    meta = dict(meta)
+    meta = meta.to_dict() if isinstance(meta, Sidecar) else dict(meta)
     meta["schema"] = SCHEMA
     meta["spec"] = model.spec.to_dict()
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -569,11 +584,11 @@ def _check_header(spec: NetSpec, state: dict, weights: Path) -> None:
                              f"{spec.in_channels} input channels; the two files belong to different models")
 
 
-def load_checkpoint(path: str | Path) -> tuple[ResNet, dict]:
+def load_checkpoint(path: str | Path) -> tuple[ResNet, Sidecar]:
     """Rebuild a model from its sidecar, load its weights and check they match. Returns (model, sidecar)."""
     weights, side = resolve(path)
     meta = read_sidecar(side)
-    spec = NetSpec.from_dict(meta["spec"])
+    spec = meta.spec
     state = load_state_dict(weights)
     _check_header(spec, state, weights)
     try:

@@ -109,7 +109,7 @@ def cmd_train(a) -> int:
         teardown()
     if launched_by_torchrun() and os.environ["RANK"] != "0":
         return 0  # rank 0 reports
-    m = meta["metrics"]
+    m = meta.metrics
     val = f"val top-1 {m['val_top1']:.4f}" if m.get("val_top1") is not None else "no validation split"
     print(f"wrote {out}/model.pt  {val}  epochs {m['epochs']}  wall {m['wall_s']} s  device {m['device']}")
     return 0
@@ -160,10 +160,10 @@ def cmd_eval(a) -> int:
     path = _resolve_ckpt(a.ckpt)
     model, meta = load_checkpoint(path)
     acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, a.split, a.batch_size)
-    print(f"{meta['spec']['arch']}  blocks {len(model.block_ids)}/{model.spec.blocks_total}  "
+    print(f"{meta.spec.arch}  blocks {len(model.block_ids)}/{model.spec.blocks_total}  "
           f"top-1 {acc['top1']:.4f}  loss {acc['loss']:.4f}  on {acc['dataset']} ({_SPLITS[acc['split']] + ', ' if acc['split'] else ''}n={acc['n']})")
     if a.json:
-        atomic_write_json(a.json, model_report(model, meta, resolve(path)[0], acc))
+        atomic_write_json(a.json, model_report(model, meta.data.input_shape, resolve(path)[0], acc))
         print(f"wrote {a.json}")
     return 0
 
@@ -184,7 +184,7 @@ def cmd_stats(a) -> int:
 
     path = _resolve_ckpt(a.ckpt)
     meta = read_sidecar(resolve(path)[1])
-    if not isinstance(meta.get("survival_stats"), dict):
+    if meta.survival_stats is None:
         raise InputError(f"{path}: the checkpoint holds no survival statistics (was it trained by sdcompress?)")
     name = resolve(path)[0].parent.name
     out = a.out or OUT_ROOT / f"{name}-stats"
@@ -193,7 +193,7 @@ def cmd_stats(a) -> int:
     print(format_stats_table(meta))
     if not a.no_plot:
         with output_folder(out) as folder:
-            atomic_write_json(folder / "stats.json", meta["survival_stats"])
+            atomic_write_json(folder / "stats.json", meta.raw["survival_stats"])
             plot_stats(meta, folder / "stats.png")
         print(f"wrote {out}/stats.png, {out}/stats.json")
     return 0
@@ -409,7 +409,7 @@ def cmd_report(a) -> int:
     acc = None
     if a.data is not None or a.ckpt is None:
         acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, "auto", 500)
-    fp = footprint(model, meta, path, acc)
+    fp = footprint(model, meta.data.input_shape, path, acc)
     md = render_markdown(fp)
     print(md, end="")
     if a.json:

@@ -78,9 +78,9 @@ def block_rows(layers: list[dict], shapes: dict[str, list[int]]) -> list[dict]:
     return list(groups.values())
 
 
-def footprint(model: ResNet, meta: dict, ckpt: str | Path | None = None, accuracy: dict | None = None) -> dict:
-    """The footprint report of a model as data (what `sdcompress report` renders)."""
-    shape = tuple(meta["data"]["input_shape"])
+def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path | None = None, accuracy: dict | None = None) -> dict:
+    """The footprint report of a model as data (what `sdcompress report` renders); `input_shape` is one image's."""
+    shape = tuple(input_shape)
     owners = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     shapes = _output_shapes(model, shape, owners + [f"blocks.{b}" for b in model.blocks])
     macs = count_macs(model, shape)
@@ -88,7 +88,7 @@ def footprint(model: ResNet, meta: dict, ckpt: str | Path | None = None, accurac
     blocks = block_rows(layers, shapes)
     folder = checkpoint_folder(ckpt) if ckpt is not None else None
     files = {f: path_bytes(folder / f) for f in EXPORTED if folder is not None and (folder / f).exists()}
-    rep = model_report(model, meta, folder / "model.pt" if "model.pt" in files else None, accuracy, macs)
+    rep = model_report(model, shape, folder / "model.pt" if "model.pt" in files else None, accuracy, macs)
     rep["bytes"]["onnx"] = files.get("model.onnx")
     rep["bytes"]["coreml"] = files.get("model.mlpackage")
     # totals in the footprint's terms, from the same precision profile as every report's

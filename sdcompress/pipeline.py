@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable
 
 from .binarize import BinarizeConfig, binarize_model
-from .checkpoint import (atomic_write_bytes, atomic_write_json, check_output_folder, load_checkpoint, output_folder, path_bytes, resolve,
+from .checkpoint import (Sidecar, atomic_write_bytes, atomic_write_json, check_output_folder, load_checkpoint, output_folder, path_bytes, resolve,
                          save_checkpoint, staged)
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
@@ -17,15 +16,15 @@ from .report import binarize_markdown, export_markdown, format_stats_table, mode
 from .train import evaluate, finetune, train_augmentation
 
 
-def _accuracy(model, meta, images, name) -> dict | None:
+def _accuracy(model, meta: Sidecar, images, name) -> dict | None:
     if images is None:
         return None
-    acc = evaluate(model, images, Normalize(meta["data"]["mean"], meta["data"]["std"]))
+    acc = evaluate(model, images, Normalize(meta.data.mean, meta.data.std))
     return {"top1": acc["top1"], "dataset": name, "n": acc["n"]}
 
 
 def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Callable, data, data_dir, device, progress,
-               measure_before: bool = True, more_files: Callable[[Path, dict, dict], None] | None = None) -> dict:
+               measure_before: bool = True, more_files: Callable[[Path, dict, Sidecar], None] | None = None) -> dict:
     """Load, evaluate, transform, save and report; `transform(model, meta, calib, tune) -> (model, record)`.
 
     The output folder (checkpoint, report.json, and what `more_files(folder, report, meta)` adds) is written as one
@@ -40,7 +39,7 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
             raise
         images, eval_name = None, None  # the checkpoint's data is not here: report no accuracy
     calib, ds, calib_name = calibration_images(meta, ckpt, data, data_dir) if need_train else (None, None, None)
-    before = model_report(model, meta, resolve(ckpt)[0], _accuracy(model, meta, images, eval_name) if measure_before else None)
+    before = model_report(model, meta.data.input_shape, resolve(ckpt)[0], _accuracy(model, meta, images, eval_name) if measure_before else None)
 
     def tune(m, epochs, lr, survival, seed):
         if ds is None:
@@ -51,17 +50,15 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
     new, record = transform(model, meta, calib, tune)
     new = new.cpu().eval()
     record.update(config=cfg.to_dict(), calibration_data=calib_name)
-    new_meta = copy.deepcopy(meta)
-    new_meta["stages"] = meta.get("stages", []) + [{"stage": stage, **record}]
     after_acc = _accuracy(new, meta, images, eval_name)
-    new_meta["metrics"] = {"top1": after_acc and after_acc["top1"], "dataset": eval_name}
+    new_meta = meta.derive(new.spec, {"stage": stage, **record}, {"top1": after_acc and after_acc["top1"], "dataset": eval_name})
     with output_folder(out) as folder:
         save_checkpoint(folder, new, new_meta)
-        after = model_report(new, new_meta, folder / "model.pt", after_acc)
+        after = model_report(new, new_meta.data.input_shape, folder / "model.pt", after_acc)
         report = {"schema": "sdcompress.report/1", "stage": stage, "before": before, "after": after, stage: record}
         atomic_write_json(folder / "report.json", report)
         if more_files is not None:
-            more_files(folder, report, {**new_meta, "spec": new.spec.to_dict()})
+            more_files(folder, report, new_meta)
     return report
 
 
@@ -72,7 +69,7 @@ def run_prune(ckpt, cfg: PruneConfig, out: Path, data=None, data_dir=None, devic
         return prune_model(model, meta, cfg, calib, lambda m: tune(m, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed))
 
     def more_files(folder, report, meta):
-        if isinstance(meta.get("survival_stats"), dict):
+        if meta.survival_stats is not None:
             plot_stats(meta, folder / "blocks.png")
             table = format_stats_table(meta)
         else:
@@ -92,7 +89,7 @@ def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None,
         if cfg.recalibrate:
             if calib is None:
                 raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
-            norm = Normalize(meta["data"]["mean"], meta["data"]["std"])
+            norm = Normalize(meta.data.mean, meta.data.std)
             record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))
         if cfg.finetune:
             record["finetune"] = tune(new, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed)
@@ -138,7 +135,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
                 files["onnx"] = _export_onnx(model, meta, folder, images.images[idx], eval_name, threads)
             else:
                 files["coreml"] = _export_coreml(model, meta, ckpt, folder, images.images[idx], eval_name, precision, coreml_input, verbose)
-        rep = model_report(model, meta, resolve(ckpt)[0], None)
+        rep = model_report(model, meta.data.input_shape, resolve(ckpt)[0], None)
         for fmt in FORMATS:
             rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
         rep["latency_ms"] = {"onnxruntime_cpu_b1": files["onnx"]["latency_ms"]["onnxruntime_cpu_b1"]} if "onnx" in files else None
@@ -151,7 +148,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
 def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int) -> dict:
     from .export.onnx import export_onnx, latency_ms, ort_session, verify_onnx
 
-    x = Normalize(meta["data"]["mean"], meta["data"]["std"])(images)
+    x = Normalize(meta.data.mean, meta.data.std)(images)
     data_bytes, facts = export_onnx(model, meta)
     with staged(out / "model.onnx") as tmp:
         tmp.write_bytes(data_bytes)
@@ -160,7 +157,7 @@ def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int) -
         if not check["ok"]:
             raise VerificationFailed(f"ONNX output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
                                      f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
-        lat = latency_ms(session, tuple(meta["data"]["input_shape"]))
+        lat = latency_ms(session, meta.data.input_shape)
     return {"file": "model.onnx", "bytes": path_bytes(out / "model.onnx"), **facts,
             "verification": {**check, "dataset": eval_name},
             "latency_ms": {"onnxruntime_cpu_b1": lat, "threads": threads, "runs": 50}}

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .data import ImageSet, Normalize, augment
+from .checkpoint import Sidecar, SurvivalTable
 from .config import check_lr, check_number
 from .errors import InputError
 from .nets import ResNet, build_model, count_macs, count_params
@@ -62,42 +63,42 @@ class PruneConfig:
 
 
 # ---- importance ----------------------------------------------------------------------------------------------
-def stats_basis(meta: dict, present: list[int]) -> tuple[str, str | None]:
+def _need(table: SurvivalTable | None) -> SurvivalTable:
+    if table is None:
+        raise InputError("strategy 'stats' needs the survival statistics of training; this checkpoint has none (use --strategy top)")
+    return table
+
+
+def stats_basis(table: SurvivalTable | None, present: list[int]) -> tuple[str, str | None]:
     """What the `stats` strategy ranks by, and a warning when it cannot rank by drop effects.
 
     Drop effects are used when at least a third of the present blocks have one distinguishable from zero
     (|effect| > 2 standard errors). Otherwise (a constant-depth network never dropped a block; a fit on a few
     steps is noise) the ranking falls back to contribution ||f(x)|| / ||x||, and says so.
     """
-    table = meta.get("survival_stats") or {}
-    rows = {b["block"]: b for b in table.get("blocks", [])}
-    if not rows:
-        raise InputError("strategy 'stats' needs the survival statistics of training; this checkpoint has none (use --strategy top)")
-    known = [(rows[b]["drop_effect"], rows[b].get("drop_effect_se")) for b in present if rows.get(b, {}).get("drop_effect") is not None]
+    rows = _need(table).blocks
+    known = [rows[b] for b in present if rows[b].drop_effect is not None]
     if not known:
         return "contribution", ("the checkpoint has no drop effects (no block was ever dropped in training): blocks are ranked by "
                                 "contribution ||f(x)||/||x|| instead; --strategy sensitivity measures the loss of each removal")
-    clear = sum(1 for e, se in known if se is not None and abs(e) > 2 * se)
+    clear = sum(1 for r in known if r.drop_effect_se is not None and abs(r.drop_effect) > 2 * r.drop_effect_se)
     if 3 * clear < len(present):
         return "contribution", (f"only {clear} of {len(present)} blocks have a drop effect distinguishable from zero (|effect| > 2 SE, "
-                                f"fitted on {table.get('regression_steps', '?')} steps): blocks are ranked by contribution "
+                                f"fitted on {table.regression_steps} steps): blocks are ranked by contribution "
                                 f"||f(x)||/||x|| instead; --strategy sensitivity measures the loss of each removal")
     return "drop effect", None
 
 
-def stats_order(meta: dict, present: list[int], by: str = "drop effect") -> list[int]:
+def stats_order(table: SurvivalTable | None, present: list[int], by: str = "drop effect") -> list[int]:
     """Present blocks, cheapest to remove first: by learned drop effect (contribution as the tie-breaker), or with
     `by="contribution"` by contribution alone.
 
     A block with no drop-effect estimate is ordered by its contribution, after every block that has an estimate.
     """
-    rows = {b["block"]: b for b in (meta.get("survival_stats") or {}).get("blocks", [])}
-    if not rows:
-        raise InputError("strategy 'stats' needs the survival statistics of training; this checkpoint has none (use --strategy top)")
+    rows = _need(table).blocks
 
     def key(l: int):
-        r = rows.get(l, {})
-        eff, contrib = r.get("drop_effect"), r.get("contribution")
+        eff, contrib = rows[l].drop_effect, rows[l].contribution
         contrib = contrib if contrib is not None else math.inf
         if by == "contribution":
             return (contrib,)
@@ -193,7 +194,7 @@ def footprint(model: ResNet, input_shape) -> dict:
 
 
 # ---- policy --------------------------------------------------------------------------------------------------
-def blocks_to_remove(model: ResNet, meta: dict, cfg: PruneConfig, loss_fn: Callable[[ResNet], float] | None = None) -> list[int]:
+def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Callable[[ResNet], float] | None = None) -> list[int]:
     """Which present blocks to remove under the config's keep ratio, explicit list or budget."""
     present = model.block_ids
     if cfg.blocks_to_keep is not None:
@@ -211,7 +212,7 @@ def blocks_to_remove(model: ResNet, meta: dict, cfg: PruneConfig, loss_fn: Calla
         if cfg.strategy == "top":
             return sorted(present, reverse=True)[:n_remove]
         if cfg.strategy == "stats":
-            return stats_order(meta, present, stats_basis(meta, present)[0])[:n_remove]
+            return stats_order(meta.survival_stats, present, stats_basis(meta.survival_stats, present)[0])[:n_remove]
         if order_cache is None or len(order_cache) < n_remove:  # sensitivity: greedy, nested
             if loss_fn is None:
                 raise InputError("strategy 'sensitivity' needs data to measure the loss on")
@@ -245,7 +246,7 @@ def batch_loss(model: ResNet, images: ImageSet, normalize: Normalize, batches: i
     return total / n
 
 
-def prune_model(model: ResNet, meta: dict, cfg: PruneConfig, calib: ImageSet | None,
+def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet | None,
                 finetune: Callable[[ResNet], dict] | None = None) -> tuple[ResNet, dict]:
     """Remove blocks, recalibrate BatchNorm and optionally fine-tune. Returns the pruned model and a record.
 
@@ -256,7 +257,7 @@ def prune_model(model: ResNet, meta: dict, cfg: PruneConfig, calib: ImageSet | N
         calib: training images for BatchNorm recalibration and the sensitivity strategy (never evaluation data).
         finetune: trains the pruned network in place when cfg.finetune > 0; returns a record.
     """
-    normalize = Normalize(meta["data"]["mean"], meta["data"]["std"])
+    normalize = Normalize(meta.data.mean, meta.data.std)
     loss_fn = None
     if cfg.strategy == "sensitivity":
         if calib is None:
@@ -273,7 +274,7 @@ def prune_model(model: ResNet, meta: dict, cfg: PruneConfig, calib: ImageSet | N
     if cfg.blocks_to_keep is not None:
         record["ranking"] = {"by": "the blocks named", "warning": None}
     elif cfg.strategy == "stats":
-        by, warning = stats_basis(meta, model.block_ids)
+        by, warning = stats_basis(meta.survival_stats, model.block_ids)
         record["ranking"] = {"by": by, "warning": warning}
     else:
         record["ranking"] = {"by": {"top": "depth (highest first)", "every-other": "position (evenly spread)",

@@ -5,20 +5,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
 from .nets import ResNet, block_layout, count_macs, count_params
+
+if TYPE_CHECKING:
+    from .checkpoint import Sidecar
 
 REPORT_SCHEMA = "sdcompress.report/1"
 
 
-def model_report(model: ResNet, meta: dict, checkpoint: str | Path | None = None, accuracy: dict | None = None,
-                 macs: dict | None = None) -> dict:
-    """The report of one model in the shape DESIGN.md fixes (params, MACs, bytes, accuracy); `macs` is
-    `count_macs`' result when the caller has it already."""
+def model_report(model: ResNet, input_shape: tuple[int, int, int], checkpoint: str | Path | None = None,
+                 accuracy: dict | None = None, macs: dict | None = None) -> dict:
+    """The report of one model in the shape DESIGN.md fixes (params, MACs, bytes, accuracy); `input_shape` is one
+    image's (C, H, W); `macs` is `count_macs`' result when the caller has it already."""
     from .binarize import precision_profile
 
     spec = model.spec
     params = count_params(model)
-    macs = macs or count_macs(model, tuple(meta["data"]["input_shape"]))
+    macs = macs or count_macs(model, tuple(input_shape))
     prof = precision_profile(model, macs["per_layer"])
     return {
         "schema": REPORT_SCHEMA,
@@ -34,15 +40,15 @@ def model_report(model: ResNet, meta: dict, checkpoint: str | Path | None = None
     }
 
 
-def stats_rows(meta: dict) -> list[dict]:
+def stats_rows(meta: Sidecar) -> list[dict]:
     """One row per block of the survival statistics saved in a sidecar, with the block's stage and width."""
-    layout = block_layout(meta["spec"]["arch"])
-    kept = set(meta["spec"]["blocks_kept"])
+    layout = block_layout(meta.spec.arch)
+    kept = set(meta.spec.kept)
     n = len(layout) // 3
     rows = []
-    for b in meta["survival_stats"]["blocks"]:
-        l = b["block"]
-        rows.append({**b, "stage": l // n + 1, "channels": layout[l][1], "kept": l in kept})
+    for b in meta.survival_stats.blocks:
+        l = b.block
+        rows.append({**asdict(b), "stage": l // n + 1, "channels": layout[l][1], "kept": l in kept})
     return rows
 
 
@@ -50,12 +56,12 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def format_stats_table(meta: dict) -> str:
+def format_stats_table(meta: Sidecar) -> str:
     """The per-block survival statistics as a fixed-width text table."""
-    st = meta["survival_stats"]
+    st, sp = meta.survival_stats, meta.spec
     lines = [
-        f"{meta['spec']['arch']}  rule={meta['spec']['survival_rule']} p_last={meta['spec']['p_last']}  "
-        f"steps={st['steps']}  drop effect fitted on the last {st['regression_steps']} steps",
+        f"{sp.arch}  rule={sp.survival_rule} p_last={sp.p_last}  "
+        f"steps={st.steps}  drop effect fitted on the last {st.regression_steps} steps",
         f"{'block':>5} {'stage':>5} {'ch':>3} {'p_l':>6} {'runs':>7} {'rate':>6} {'contrib':>8} {'drop effect':>12} {'± se':>7}",
     ]
     for r in stats_rows(meta):
@@ -68,7 +74,7 @@ def format_stats_table(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_stats(meta: dict, path: str | Path) -> None:
+def plot_stats(meta: Sidecar, path: str | Path) -> None:
     """Bar chart of the survival statistics: survival rate vs schedule, contribution, drop effect with error bars."""
     import matplotlib
 
@@ -100,14 +106,14 @@ def plot_stats(meta: dict, path: str | Path) -> None:
     ax.axhline(0, color="k", lw=0.6)
     ax.set_ylabel("drop effect\n(Δ train loss)")
     ax.set_xlabel("block (input → output)")
-    n = len(block_layout(meta["spec"]["arch"])) // 3
+    n = len(block_layout(meta.spec.arch)) // 3
     for a in axes:
         for s in (n - 0.5, 2 * n - 0.5):
             a.axvline(s, color="grey", lw=0.6, ls=":")
-    sp = meta["spec"]
+    sp = meta.spec
     removed = len(rows) - sum(kept)
     extra = f"; grey: {removed} removed blocks" if removed else ""
-    fig.suptitle(f"{sp['arch']} survival statistics (rule {sp['survival_rule']}, p_L {sp['p_last']}){extra}")
+    fig.suptitle(f"{sp.arch} survival statistics (rule {sp.survival_rule}, p_L {sp.p_last}){extra}")
     save_figure(fig, path)
 
 

@@ -188,7 +188,7 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
         else:
             m, meta = load_checkpoint(p["checkpoint"])
             onnx_bytes[p["label"]] = export_onnx(m, meta)[0]
-    input_shape = tuple(read_sidecar(resolve(ckpt)[1])["data"]["input_shape"])
+    input_shape = read_sidecar(resolve(ckpt)[1]).data.input_shape
     lat = _latency(points, input_shape, cfg, onnx_bytes)
     for p in points:
         p["latency_ms"] = {"onnxruntime_cpu_b1": lat[p["label"]], "threads": cfg.threads, "runs": cfg.latency_rounds * cfg.latency_runs}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import atomic_torch_save, output_folder, save_checkpoint
+from .checkpoint import SCHEMA, Sidecar, atomic_torch_save, output_folder, read_sidecar, save_checkpoint
 from .config import TrainConfig, check_lr, check_number
 from .data import Dataset, ImageSet, Normalize, augment, load_dataset
 from .distributed import Dist, setup
@@ -52,11 +52,9 @@ def augmentation(cfg: TrainConfig, shape: tuple[int, int, int]) -> tuple[int, bo
     return pad, mode == "standard"
 
 
-def train_augmentation(meta: dict) -> tuple[int, bool]:
+def train_augmentation(meta: Sidecar) -> tuple[int, bool]:
     """(pad, flip) that a checkpoint was trained with, from its sidecar."""
-    stages = [st for st in meta.get("stages", []) if st.get("stage") == "train"]
-    cfg = TrainConfig.from_dict(stages[0]["config"]) if stages else TrainConfig()
-    return augmentation(cfg, tuple(meta["data"]["input_shape"]))
+    return augmentation(TrainConfig.from_dict(meta.train_config), meta.data.input_shape)
 
 
 @torch.no_grad()
@@ -138,7 +136,7 @@ def train(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     dataset: Dataset | None = None,
     on_step: Callable[[int, list[bool]], None] | None = None,
-) -> tuple[ResNet, dict]:
+) -> tuple[ResNet, Sidecar]:
     """Train a stochastic-depth ResNet; write a checkpoint to `out_dir` after every epoch.
 
     Args:
@@ -350,10 +348,8 @@ def train(
     model.set_record_contribution(False)
     model.eval()
     if start_epoch >= cfg.epochs:  # resumed a finished run: nothing left to do
-        from .checkpoint import read_sidecar
-
-        meta = read_sidecar(out / "model.json")
-    return model, meta
+        return model, read_sidecar(out / "model.json")
+    return model, Sidecar.from_dict({**meta, "schema": SCHEMA, "spec": model.spec.to_dict()})
 
 
 def _validate(model: ResNet, val: ImageSet, normalize: Normalize, dd: Dist) -> dict:

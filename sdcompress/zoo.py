@@ -54,24 +54,25 @@ def is_bundled(path: str | Path) -> bool:
         return False
 
 
-def same_data_as_bundled(ckpt: str | Path, meta: dict) -> bool:
+def same_data_as_bundled(ckpt: str | Path, meta) -> bool:
     """Whether a checkpoint is bundled, or was trained on the very data and split of a bundled model (a pruned or
     binarized bundled model, say), so that the bundled evaluation and calibration sets are held out for it."""
     if is_bundled(ckpt):
         return True
-    return meta.get("data") is not None and meta["data"] in _bundled_data()
+    return meta.data in _bundled_data()
 
 
 @functools.lru_cache(maxsize=1)
 def _bundled_data() -> tuple:
-    import json
+    """The `DataInfo` of every bundled model (data, normalization and split)."""
+    from .checkpoint import read_sidecar
 
     root = models_dir()
     found = []
     for side in sorted(root.glob("*/model.json")) if root is not None else []:
         try:
-            found.append(json.loads(side.read_text())["data"])
-        except (OSError, ValueError, KeyError):
+            found.append(read_sidecar(side).data)
+        except InputError:
             continue
     return tuple(found)
 
@@ -81,7 +82,7 @@ def bundled_calib_set() -> Path | None:
     return _bundled_file(CALIB_SET)
 
 
-def card_fields(ckpt: str | Path, meta: dict) -> dict:
+def card_fields(ckpt: str | Path, meta) -> dict:
     """Description, author and license for an exported file: from a MODEL_CARD.md beside the checkpoint (its
     title; `| author |` and `| license |` rows), and the compression stages the checkpoint went through.
     Without a card: a description from the sidecar, author sdcompress, license unspecified."""
@@ -99,12 +100,11 @@ def card_fields(ckpt: str | Path, meta: dict) -> dict:
             if len(cells) == 2 and cells[0] in ("author", "license"):
                 fields[cells[0]] = cells[1]
     steps = []
-    for st in meta.get("stages", [])[1:]:
+    for st in meta.stages[1:]:
         if st.get("stage") == "prune":
             steps.append(f"pruned to {len(st.get('kept', []))} residual blocks")
         elif st.get("stage") == "binarize":
             steps.append(f"{len(st.get('layers', []))} layers binarized")
-    arch = meta.get("stages", [{}])[0].get("config", {}).get("arch", "ResNet")
-    base = fields.get("description") or f"{arch} image classifier, {len(meta['data']['classes'])} classes ({meta['data'].get('name', '')})"
+    base = fields.get("description") or f"{meta.spec.arch} image classifier, {len(meta.data.classes)} classes ({meta.data.name})"
     fields["description"] = base + (f"; {', '.join(steps)} by sdcompress" if steps else "")
     return fields

@@ -28,9 +28,9 @@ def test_bundled_checkpoint_loads_matches_sidecar_and_card(name, eval_set):
     state = torch.load(folder / "model.pt", weights_only=True)  # plain tensors only
     model, meta = load_checkpoint(folder)
     assert set(state) == set(model.state_dict())
-    assert meta["spec"]["arch"] == "resnet56" and len(model.block_ids) == 27
-    assert meta["survival_stats"]["steps"] > 0
-    acc = evaluate(model, eval_set, Normalize(meta["data"]["mean"], meta["data"]["std"]))
+    assert meta.spec.arch == "resnet56" and len(model.block_ids) == 27
+    assert meta.survival_stats.steps > 0
+    acc = evaluate(model, eval_set, Normalize(meta.data.mean, meta.data.std))
     card = (folder / "MODEL_CARD.md").read_text()
     stated = re.search(r"bundled evaluation set top-1[^|]*\| ([\d.]+)% \((\d+)/(\d+)\)", card)
     assert stated, "the card states the bundled evaluation set accuracy"
@@ -42,7 +42,7 @@ def test_bundled_checkpoint_loads_matches_sidecar_and_card(name, eval_set):
 def test_default_model_is_the_stochastic_depth_one():
     meta = read_sidecar(bundled() / "model.json")
     assert bundled().name == DEFAULT_MODEL
-    assert meta["spec"]["survival_rule"] == "linear" and meta["spec"]["p_last"] == 0.5
+    assert meta.spec.survival_rule == "linear" and meta.spec.p_last == 0.5
 
 
 def test_eval_set_is_compact_and_balanced(eval_set):
@@ -54,7 +54,7 @@ def test_eval_set_is_compact_and_balanced(eval_set):
 def test_eval_set_was_never_trained_on(cifar10, eval_set):
     """No bundled evaluation image is in the 45k training split the bundled models used; all are in validation."""
     for name in MODELS:
-        split = read_sidecar(bundled(name) / "model.json")["data"]["split"]
+        split = read_sidecar(bundled(name) / "model.json").data.split
         assert split == cifar10.split
     digest = lambda t: hashlib.sha1(t.numpy().tobytes()).digest()  # noqa: E731
     train = {digest(img) for img in cifar10.train.images}

@@ -19,7 +19,7 @@ def test_round_trip_full_and_pruned(tmp_path):
         model = build_model(NetSpec("resnet20", blocks_kept=kept)).eval()
         save_checkpoint(tmp_path / str(kept), model, META)
         loaded, meta = load_checkpoint(tmp_path / str(kept))
-        assert meta["schema"] == SCHEMA and loaded.spec == model.spec
+        assert meta.raw["schema"] == SCHEMA and loaded.spec == model.spec == meta.spec
         x = torch.randn(2, 3, 32, 32)
         assert torch.equal(loaded(x), model(x))
         state = torch.load(tmp_path / str(kept) / "model.pt", weights_only=True)

@@ -11,8 +11,8 @@ from sdcompress.cli import main
 
 def test_train_then_eval_through_the_cli(digits_run, tmp_path, capsys):
     model, meta = load_checkpoint(digits_run)
-    assert meta["metrics"]["epochs"] == 3 and meta["metrics"]["val_top1"] > 0.5
-    stats = meta["survival_stats"]
+    assert meta.metrics["epochs"] == 3 and meta.metrics["val_top1"] > 0.5
+    stats = meta.raw["survival_stats"]
     assert stats["steps"] == 3 * (1617 // 128) and len(stats["blocks"]) == 9
     assert stats["blocks"][-1]["p_scheduled"] == 0.5
     report = tmp_path / "r.json"
@@ -21,7 +21,7 @@ def test_train_then_eval_through_the_cli(digits_run, tmp_path, capsys):
     assert "top-1" in out and "digits-val" in out
     rep = json.loads(report.read_text())
     assert rep["schema"] == "sdcompress.report/1" and rep["accuracy"]["n"] == 180
-    assert rep["accuracy"]["top1"] == pytest.approx(meta["metrics"]["val_top1"])
+    assert rep["accuracy"]["top1"] == pytest.approx(meta.metrics["val_top1"])
     assert rep["params"]["total"] == sum(v.numel() for v in model.parameters())
     assert rep["bytes"]["checkpoint"] == (digits_run / "model.pt").stat().st_size
 

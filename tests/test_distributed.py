@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, out: str, logs: str, sync_bn: bool
         except _Stop:
             return
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(logs) / f"state{rank}.pt")
-        (Path(logs) / f"rank{rank}.json").write_text(json.dumps({"masks": masks, "writes": writes, "history": meta.get("history")}))
+        (Path(logs) / f"rank{rank}.json").write_text(json.dumps({"masks": masks, "writes": writes, "history": meta.raw.get("history")}))
     finally:
         teardown()
 
@@ -72,11 +72,11 @@ def test_two_process_gloo_training(tmp_path):
     from sdcompress.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(out)
-    assert meta["distributed"]["world_size"] == 2 and meta["distributed"]["global_batch"] == 64
-    assert meta["distributed"]["sync_bn"] == sync_bn
+    assert meta.raw["distributed"]["world_size"] == 2 and meta.raw["distributed"]["global_batch"] == 64
+    assert meta.raw["distributed"]["sync_bn"] == sync_bn
     for k, v in model.state_dict().items():
         assert torch.equal(v, s0[k]), k
-    assert meta["survival_stats"]["steps"] == len(r0["masks"])
+    assert meta.survival_stats.steps == len(r0["masks"])
 
     # --resume under torchrun: stopped mid-epoch 2 on both ranks, resumed, the same weights as the run above
     cut = tmp_path / "cut"

@@ -36,7 +36,7 @@ def test_onnx_parity_and_metadata(variants, name, tmp_path):
     assert not any(n.op_type.startswith(("Random", "Bernoulli")) for n in proto.graph.node)
     props = {p.key: p.value for p in proto.metadata_props}
     model, meta = load_checkpoint(variants / name)
-    assert json.loads(props["class_names"]) == meta["data"]["classes"] and json.loads(props["mean"]) == meta["data"]["mean"]
+    assert json.loads(props["class_names"]) == list(meta.data.classes) and json.loads(props["mean"]) == list(meta.data.mean)
     # removed blocks have no weights in the graph
     names = {i.name for i in proto.graph.initializer}
     for b in set(range(9)) - set(model.block_ids):
@@ -137,7 +137,7 @@ def test_coreml_conversion_and_verification(variants, coreml_out, name):
     prog = _program(out / "model.mlpackage")
     ops = list(prog.functions["main"].operations)
     classify = next(op for op in ops if op.op_type == "classify")
-    assert [str(c) for c in classify.classes.val] == [str(c) for c in meta["data"]["classes"]]
+    assert [str(c) for c in classify.classes.val] == list(meta.data.classes)
     assert not any("random" in op.op_type for op in ops)
     luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
     n_conv_binary = sum(1 for n in model.spec.binarized if n != "fc")
@@ -171,7 +171,7 @@ def test_coreml_tensor_input_float32_dynamic_batch(variants, tmp_path):
     assert rep["verification"]["max_abs_diff"] <= 1e-4 and rep["verification"]["max_abs_diff_logits"] <= 1e-3
     model, meta = load_checkpoint(variants / "both")
     prog = _program(out / "model.mlpackage")
-    x = Normalize(meta["data"]["mean"], meta["data"]["std"])(torch_randint((5, 1, 8, 8)))
+    x = Normalize(meta.data.mean, meta.data.std)(torch_randint((5, 1, 8, 8)))
     env = run_program(prog, {"input": x.numpy()})
     assert env["__probabilities__"].shape == (5, 10)  # another batch size than the one converted with
 

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from sdcompress.checkpoint import load_checkpoint, save_checkpoint
+from sdcompress.checkpoint import SCHEMA, Sidecar, load_checkpoint, save_checkpoint
 from sdcompress.cli import main, parse_size
 from sdcompress.data import Normalize
 from sdcompress.errors import InputError
@@ -22,6 +22,11 @@ def _meta(n_blocks=9, effects=None):
                                        "p_scheduled": 1.0, "runs": 1, "survival_rate": 1.0} for l in range(n_blocks)],
                            "steps": 1, "window": 1, "regression_steps": 1},
     }
+
+
+def _side(meta: dict | None = None) -> Sidecar:
+    """A resnet20 sidecar, typed, around `_meta()`."""
+    return Sidecar.from_dict({**(meta or _meta()), "schema": SCHEMA, "spec": NetSpec("resnet20").to_dict()})
 
 
 def test_removed_blocks_are_gone_and_the_file_shrinks(tmp_path):
@@ -47,7 +52,7 @@ def test_every_strategy_returns_the_requested_number_of_blocks(strategy, keep):
     torch.manual_seed(0)
     model = build_model(NetSpec("resnet20")).eval()
     cfg = PruneConfig(keep=keep, strategy=strategy)
-    removed = blocks_to_remove(model, _meta(), cfg, loss_fn=lambda m: float(len(m.block_ids)))
+    removed = blocks_to_remove(model, _side(), cfg, loss_fn=lambda m: float(len(m.block_ids)))
     n_keep = int(keep * 9 + 0.5)
     assert len(removed) == 9 - n_keep and len(set(removed)) == len(removed)
 
@@ -59,23 +64,24 @@ def test_strategies_pick_what_they_say():
     gaps = [b - a for a, b in zip(spread, spread[1:])]
     assert max(gaps) - min(gaps) <= 1
     model = build_model(NetSpec("resnet20"))
-    assert sorted(blocks_to_remove(model, _meta(), PruneConfig(keep=0.67, strategy="top"))) == [6, 7, 8]
+    assert sorted(blocks_to_remove(model, _side(), PruneConfig(keep=0.67, strategy="top"))) == [6, 7, 8]
     effects = [0.5, 0.4, 0.01, 0.3, 0.2, 0.02, 0.6, 0.03, 0.7]
-    assert stats_order(_meta(effects=effects), list(range(9)))[:3] == [2, 5, 7]
+    assert stats_order(_side(_meta(effects=effects)).survival_stats, list(range(9)))[:3] == [2, 5, 7]
     # a constant-depth network has no drop effects: contribution decides
     meta = _meta()
     for b, c in zip(meta["survival_stats"]["blocks"], [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4, 0.5]):
         b["drop_effect"], b["contribution"] = None, c
-    assert stats_order(meta, list(range(9)))[:2] == [1, 3]
+    assert stats_order(_side(meta).survival_stats, list(range(9)), "contribution")[:2] == [1, 3]
+    assert stats_order(_side(meta).survival_stats, list(range(9)))[:2] == [1, 3]  # no effect anywhere: contribution decides
 
 
 def test_budget_keeps_the_most_blocks_that_fit():
     model = build_model(NetSpec("resnet20"))
     limit = count_params(remove_blocks(model, [7, 8])) + 10
-    removed = blocks_to_remove(model, _meta(), PruneConfig(keep=None, max_params=limit, strategy="top"))
+    removed = blocks_to_remove(model, _side(), PruneConfig(keep=None, max_params=limit, strategy="top"))
     assert sorted(removed) == [7, 8]
     with pytest.raises(InputError, match="no model meets the budget"):
-        blocks_to_remove(model, _meta(), PruneConfig(keep=None, max_params=100, strategy="top"))
+        blocks_to_remove(model, _side(), PruneConfig(keep=None, max_params=100, strategy="top"))
 
 
 def test_recalibration_rescues_a_pruned_network(tmp_path):
@@ -121,7 +127,7 @@ def test_prune_cli_report_is_recomputed_another_way(sd_run, tmp_path, capsys):
     assert rep["after"]["bytes"]["checkpoint"] == os.path.getsize(out / "model.pt")
     assert rep["before"]["bytes"]["checkpoint"] == os.path.getsize(sd_run / "model.pt")
     assert rep["before"]["macs"] > rep["after"]["macs"]
-    assert meta["stages"][-1]["stage"] == "prune" and sorted(meta["stages"][-1]["removed"]) == rep["prune"]["removed"]
+    assert meta.stages[-1]["stage"] == "prune" and sorted(meta.stages[-1]["removed"]) == rep["prune"]["removed"]
     assert (out / "blocks.png").exists() and "blocks 9 -> 5" in (out / "report.md").read_text()
 
 

@@ -19,7 +19,7 @@ BINARY = ("blocks.0.conv1", "blocks.0.conv2", "blocks.3.conv1", "blocks.3.conv2"
 def toy(kept=KEPT, binarized=BINARY):
     """A resnet20 on 1x8x8 inputs, pruned to 5 blocks, 6 layers binarized (figures depend on shapes only)."""
     spec = NetSpec(arch="resnet20", in_channels=1, num_classes=10, blocks_kept=kept, binarized=binarized)
-    return build_model(spec), {"data": {"input_shape": [1, 8, 8]}}
+    return build_model(spec), (1, 8, 8)  # the model and one input's shape
 
 
 def test_footprint_figures_recomputed_another_way():

@@ -571,11 +571,11 @@ def test_prune_says_what_it_ranks_by(tmp_path, capsys):
 
 
 def test_drop_effects_within_noise_fall_back_to_contribution():
+    from sdcompress.checkpoint import BlockStats, SurvivalTable
     from sdcompress.prune import stats_basis
 
     def meta(effects, ses):
-        return {"survival_stats": {"regression_steps": 12, "blocks": [
-            {"block": i, "drop_effect": e, "drop_effect_se": se, "contribution": 1.0 + i} for i, (e, se) in enumerate(zip(effects, ses))]}}
+        return SurvivalTable(100, 12, 12, tuple(BlockStats(i, 0.9, 90, 0.9, 1.0 + i, e, se) for i, (e, se) in enumerate(zip(effects, ses))))
 
     clear = meta([0.5, 0.4, 0.3, 0.01, 0.02, 0.03], [0.01] * 6)  # 3 of 6 beyond 2 SE: used
     assert stats_basis(clear, list(range(6))) == ("drop effect", None)
@@ -645,5 +645,5 @@ def test_typed_sidecar_fuzz_one_line_or_a_working_model(real_files, tmp_path, da
     except InputError as e:
         assert str(e) and "\n" not in str(e)
         return
-    shape = loaded["data"]["input_shape"]
+    shape = loaded.data.input_shape
     assert torch.isfinite(model(torch.zeros(1, *shape))).all()

@@ -51,9 +51,9 @@ def main() -> None:
     plan += [(n, ["sensitivity"]) for n in MODELS if "sensitivity" in strategies]
     for name, model_strategies in plan:
         model, meta = load_checkpoint(bundled(name))
-        norm = Normalize(meta["data"]["mean"], meta["data"]["std"])
+        norm = Normalize(meta.data.mean, meta.data.std)
         if val is None:
-            sp = meta["data"]["split"]
+            sp = meta.data.split
             val = load_dataset("cifar10", args.data_dir, sp["val_size"], sp["seed"]).val
         sens = calib.subset(slice(0, args.sensitivity_batches * 128))
         order = None

@@ -38,21 +38,21 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a paragraph added under the title")
     args = ap.parse_args()
     model, meta = load_checkpoint(args.model)
-    cfg = meta["stages"][0]["config"]
-    m = meta["metrics"]
-    dm = meta["data"]
-    norm = Normalize(dm["mean"], dm["std"])
+    cfg = meta.train_config
+    m = meta.metrics
+    dm = meta.data
+    norm = Normalize(dm.mean, dm.std)
     eval_set = load_eval_set(models_dir() / EVAL_SET)
     t0 = time.perf_counter()
     ev = evaluate(model, eval_set, norm)
     ev_s = time.perf_counter() - t0
     val_line = f"| validation top-1 at the end of training (5,000 images, recorded in model.json) | {100 * m['val_top1']:.2f}% |"
     if args.data_dir:
-        ds = load_dataset("cifar10", args.data_dir, dm["split"]["val_size"], dm["split"]["seed"])
+        ds = load_dataset("cifar10", args.data_dir, dm.split["val_size"], dm.split["seed"])
         val = evaluate(model, ds.val, norm)
         val_line += f"\n| validation top-1 re-measured on this machine's CPU (5,000 images) | {100 * val['top1']:.2f}% ({round(val['top1'] * val['n'])}/{val['n']}) |"
     size = os.path.getsize(args.model / "model.pt")
-    macs = count_macs(model, tuple(dm["input_shape"]))["total"]
+    macs = count_macs(model, dm.input_shape)["total"]
     plot_stats(meta, args.model / "stats.png")
     rule = f"stochastic depth, {cfg['survival_rule']} rule, p_L {cfg['p_last']}" if cfg["survival_rule"] != "none" else "constant depth (no blocks dropped: the control)"
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k in ("arch", "epochs", "batch_size", "lr", "warmup_epochs", "schedule", "survival_rule", "p_last", "seed"))
@@ -68,7 +68,7 @@ def main() -> None:
 | architecture | {cfg['arch']} (CIFAR ResNet, option-A parameter-free shortcuts), {model.spec.blocks_total} residual blocks |
 | training | {rule} |
 | data | {DATA_SOURCE} |
-| split | {dm['split']['train_size']:,} train / {dm['split']['val_size']:,} validation: a seeded permutation (seed {dm['split']['seed']}) of the pool in ImageFolder order; accuracy is only ever claimed on held-out images |
+| split | {dm.split['train_size']:,} train / {dm.split['val_size']:,} validation: a seeded permutation (seed {dm.split['seed']}) of the pool in ImageFolder order; accuracy is only ever claimed on held-out images |
 | recipe | SGD, nesterov {cfg['nesterov']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}, lr {cfg['lr']} ({cfg['warmup_epochs']} warmup epochs, then {cfg['schedule']}), {cfg['epochs']} epochs, 4-pixel padded random crop + horizontal flip, seed {cfg['seed']}, bf16 autocast + channels_last on CUDA |
 | device and time | {m['device']}, torch {m['torch']}: {m['wall_s']} s wall for {m['epochs']} epochs (training and per-epoch validation; the two bundled models trained side by side on the one GPU), median {m['train_images_per_s']:.0f} training images/s |
 {val_line}
@@ -87,7 +87,7 @@ which ran both bundled models with the same recipe and epochs). Every number abo
 
 Per block: the survival rate achieved against the scheduled p_l, the mean relative contribution of the
 residual branch ||f(x)|| / ||x|| on the steps it ran, and the drop effect, the rise of the training loss when
-the block was missing, from a least-squares fit over the last {meta['survival_stats']['regression_steps']:,} training
+the block was missing, from a least-squares fit over the last {meta.survival_stats.regression_steps:,} training
 steps (with standard errors). `sdcompress stats {args.model.as_posix()}` prints the table.
 """
     atomic_write_bytes(args.model / "MODEL_CARD.md", card.encode())

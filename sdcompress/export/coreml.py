@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..binarize import BinaryConv2d
+from ..checkpoint import Sidecar
 from ..nets import ResNet
 from .onnx import _plain_copy
 
@@ -82,8 +83,8 @@ def _image_input(ct, dm: dict):
     every channel has the same std; otherwise the image input yields pixel / 255 - mean_c and the graph's first op
     multiplies by 1 / std_c.
     """
-    c, h, w = dm["input_shape"]
-    mean, std = [float(m) for m in dm["mean"]], [float(s) for s in dm["std"]]
+    c, h, w = dm.input_shape
+    mean, std = list(dm.mean), list(dm.std)
     layout = ct.colorlayout.GRAYSCALE if c == 1 else ct.colorlayout.RGB
     if c not in (1, 3):
         raise ValueError(f"an image input needs 1 or 3 channels, this model takes {c}; use --coreml-input tensor")
@@ -115,7 +116,7 @@ def _two_value_lut(w: np.ndarray):
     return np.array([lo, hi], dtype=flat.dtype), (flat == hi).astype(np.uint8)
 
 
-def convert(model: ResNet, meta: dict, precision: str, input_kind: str, card: dict, verbose: bool = False):
+def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card: dict, verbose: bool = False):
     """The converted (in-memory) MLModel and facts about it; `card` is `zoo.card_fields` (description, author,
     license)."""
     ct = import_coremltools(verbose)
@@ -124,8 +125,8 @@ def convert(model: ResNet, meta: dict, precision: str, input_kind: str, card: di
     if precision not in PRECISIONS or input_kind not in INPUTS:
         raise ValueError(f"precision {precision!r} / input {input_kind!r}: expected one of {PRECISIONS} / {INPUTS}")
     plain, binary_names = _plain_copy(model)
-    dm = meta["data"]
-    c, h, w = dm["input_shape"]
+    dm = meta.data
+    c, h, w = dm.input_shape
     if input_kind == "image":
         inp, inv_std = _image_input(ct, dm)
         dyn = None
@@ -138,7 +139,7 @@ def convert(model: ResNet, meta: dict, precision: str, input_kind: str, card: di
     target = ct.target.iOS18 if binary_names else ct.target.iOS16
     with quiet(verbose):
         ep = torch.export.export(wrapped, (example,), dynamic_shapes=dyn).run_decompositions({})
-        ml = ct.convert(ep, inputs=[inp], classifier_config=ct.ClassifierConfig([str(k) for k in dm["classes"]]),
+        ml = ct.convert(ep, inputs=[inp], classifier_config=ct.ClassifierConfig(list(dm.classes)),
                         convert_to="mlprogram", minimum_deployment_target=target,
                         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32)
         palettized = _binary_conv_ops(ml._mil_program) if binary_names else []
@@ -153,11 +154,11 @@ def convert(model: ResNet, meta: dict, precision: str, input_kind: str, card: di
     if input_kind == "image":
         ml.input_description["image"] = f"{'RGB' if c == 3 else 'grayscale'} image, {w}x{h} pixels; normalization is built in"
     else:
-        ml.input_description["input"] = f"NCHW float32 batch of shape (N, {c}, {h}, {w}): pixel / 255, then (x - mean) / std per channel, mean {dm['mean']}, std {dm['std']}"
+        ml.input_description["input"] = f"NCHW float32 batch of shape (N, {c}, {h}, {w}): pixel / 255, then (x - mean) / std per channel, mean {list(dm.mean)}, std {list(dm.std)}"
     ml.output_description["classLabel"] = "most likely class"
     ml.output_description["classLabel_probs"] = "probability of each class"
     ml.user_defined_metadata.update({"sdcompress_spec": json.dumps(model.spec.to_dict()),
-                                     "mean": str(dm["mean"]), "std": str(dm["std"])})
+                                     "mean": str(list(dm.mean)), "std": str(list(dm.std))})
     facts = {"deployment_target": "iOS18" if binary_names else "iOS16", "precision": precision, "input": input_kind,
              "binary_layers_palettized": len(palettized)}
     return ml, facts
@@ -336,18 +337,18 @@ def _macos_outputs(path: Path, inputs: np.ndarray, input_kind: str, classes: lis
 TOLERANCE = {"float32": {"atol": 1e-4, "agree": 1.0}, "float16": {"atol": 1e-2, "agree": 0.98}}
 
 
-def verify(path: Path, model: ResNet, meta: dict, images_uint8: torch.Tensor, input_kind: str, precision: str, verbose: bool = False) -> dict:
+def verify(path: Path, model: ResNet, meta: Sidecar, images_uint8: torch.Tensor, input_kind: str, precision: str, verbose: bool = False) -> dict:
     """Reload the written package, run it on real images and compare with PyTorch (probabilities and logits)."""
     from ..data import Normalize
 
-    dm = meta["data"]
-    x = Normalize(dm["mean"], dm["std"])(images_uint8)
+    dm = meta.data
+    x = Normalize(dm.mean, dm.std)(images_uint8)
     with torch.no_grad():
         ref_logits = model.cpu().eval()(x)
     ref_probs = torch.softmax(ref_logits, 1).numpy()
     feed = images_uint8.float().numpy() if input_kind == "image" else x.numpy()
     if sys.platform == "darwin":
-        logits, probs = _macos_outputs(path, feed, input_kind, dm["classes"], verbose)
+        logits, probs = _macos_outputs(path, feed, input_kind, dm.classes, verbose)
         how = "Core ML prediction (macOS)"
     else:
         logits, probs = _reference_outputs(path, feed, "image" if input_kind == "image" else "input", verbose)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..binarize import BinaryConv2d, BinaryLinear
+from ..checkpoint import Sidecar
 from ..nets import ResNet
 
 OPSET = 18
@@ -115,12 +116,12 @@ def _pack_initializer(graph, init, prefix: str) -> bool:
     return True
 
 
-def export_onnx(model: ResNet, meta: dict) -> tuple[bytes, dict]:
+def export_onnx(model: ResNet, meta: Sidecar) -> tuple[bytes, dict]:
     """The ONNX file's bytes for a model, and facts about it (opset, packed layers)."""
     import onnx
 
     plain, binary_names = _plain_copy(model)
-    proto = _export_proto(plain, tuple(meta["data"]["input_shape"]))
+    proto = _export_proto(plain, meta.data.input_shape)
     graph = proto.graph
     for node in graph.node:  # per-node debugging metadata: tens of KB, no use to an app
         del node.metadata_props[:]
@@ -133,14 +134,14 @@ def export_onnx(model: ResNet, meta: dict) -> tuple[bytes, dict]:
             packed += 1
     if packed != len(binary_weights):
         raise RuntimeError(f"only {packed} of {len(binary_weights)} binarized layers could be stored as bits")
-    dm = meta["data"]
+    dm = meta.data
     props = {
-        "input_layout": "NCHW float32, RGB" if dm["input_shape"][0] == 3 else "NCHW float32",
-        "input_shape": json.dumps(dm["input_shape"]),
+        "input_layout": "NCHW float32, RGB" if dm.input_shape[0] == 3 else "NCHW float32",
+        "input_shape": json.dumps(dm.input_shape),
         "preprocessing": "pixel / 255, then (x - mean) / std per channel",
-        "mean": json.dumps(dm["mean"]),
-        "std": json.dumps(dm["std"]),
-        "class_names": json.dumps(dm["classes"]),
+        "mean": json.dumps(dm.mean),
+        "std": json.dumps(dm.std),
+        "class_names": json.dumps(dm.classes),
         "output": "logits (apply softmax for probabilities)",
         "sdcompress_spec": json.dumps(model.spec.to_dict()),
     }
