@@ -126,7 +126,8 @@ def test_sweep_tiny_completes_and_resumes(digits_run, tmp_path, monkeypatch):
     import sdcompress.sweep as sw
 
     out = tmp_path / "sweep"
-    args = ["sweep", str(digits_run), "--keep", "1.0,0.5", "--binarize", "off,on", "--formats", "onnx", "--out", str(out), "--no-progress"]
+    args = ["sweep", str(digits_run), "--keep", "1.0,0.5", "--binarize", "off,on", "--formats", "onnx", "--out", str(out), "--no-progress",
+            "--finetune", "1", "--data", "digits"]
     real = sw._point
     calls = []
 
@@ -157,5 +158,8 @@ def test_sweep_tiny_completes_and_resumes(digits_run, tmp_path, monkeypatch):
         assert p["latency_ms"] > 0 and 0 <= p["top1"] <= 1 and p["bytes"]["onnx"] > 0 and p["verification"]["onnx"]["ok"]
     assert s["points"][2]["macs"] < s["points"][0]["macs"] and s["points"][2]["macs_ratio"] < 1
     assert (out / "tradeoff.png").stat().st_size > 1000 and "keep0.50-bin" in (out / "sweep.md").read_text()
+    # fine-tuning is recorded where it was applied: after a stage, not on the unpruned float starting point
+    tuned = {p.parent.name: json.loads(p.read_text())["finetune_epochs"] for p in out.glob("points/*/point.json")}
+    assert tuned == {"keep1.00": 0, "keep1.00-bin": 1, "keep0.50": 1, "keep0.50-bin": 1}, tuned
     # a point's json is a report compare reads
     assert main(["compare", str(out / "points/keep1.00/point.json"), str(out / "points/keep0.50-bin/point.json")]) == 0
