@@ -42,7 +42,7 @@ def _bool(s: str) -> bool:
 
 def _fresh_out(out: Path, force: bool, inputs: tuple = ()) -> Path:
     """An output folder checked before any work (see checkpoint.check_output_folder)."""
-    from .checkpoint import check_output_folder
+    from .files import check_output_folder
 
     return check_output_folder(out, force, inputs)
 
@@ -122,7 +122,7 @@ def _ckpt_arg(p) -> None:
 
 def _model_name(path: Path) -> str:
     """The name output folders are called after: the checkpoint's folder."""
-    from .checkpoint import checkpoint_folder
+    from .files import checkpoint_folder
 
     return checkpoint_folder(path).name
 
@@ -151,7 +151,8 @@ _SPLITS = {"all": "every image", "test": "test split", "val": "validation split 
 
 
 def cmd_eval(a) -> int:
-    from .checkpoint import atomic_write_json, load_checkpoint, resolve
+    from .checkpoint import load_checkpoint, resolve
+    from .files import atomic_write_json
     from .evaluate import evaluate_checkpoint
     from .report import model_report
 
@@ -179,7 +180,8 @@ def add_stats(sub) -> None:
 
 
 def cmd_stats(a) -> int:
-    from .checkpoint import atomic_write_json, output_folder, read_sidecar, resolve
+    from .checkpoint import read_sidecar, resolve
+    from .files import atomic_write_json, output_folder
     from .report import format_stats_table, plot_stats
 
     path = _resolve_ckpt(a.ckpt)
@@ -395,7 +397,8 @@ def add_report(sub) -> None:
 
 
 def cmd_report(a) -> int:
-    from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+    from .checkpoint import load_checkpoint
+    from .files import atomic_write_bytes, atomic_write_json
     from .evaluate import evaluate_checkpoint
     from .footprint import footprint, render_markdown
 
@@ -491,7 +494,7 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(a) -> int:
-    from .checkpoint import atomic_write_json
+    from .files import atomic_write_json
     from .compare import compare, load_report, render
 
     if len(a.reports) < 2:

@@ -27,7 +27,7 @@ METRICS = (
 
 def load_report(path: str | Path) -> dict:
     """A report file sdcompress wrote, or an InputError saying why it is not one."""
-    from .checkpoint import parse_untrusted_json
+    from .files import parse_untrusted_json
 
     path = Path(path)
     data = parse_untrusted_json(path, "report")  # a regular file, size and nesting bounded

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .binarize import bits_per_value
-from .checkpoint import checkpoint_folder, path_bytes
+from .files import checkpoint_folder, path_bytes
 from .nets import ResNet, count_macs, forward_with_hooks
 from .report import model_report
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Callable
 
 from .binarize import BinarizeConfig, binarize_model
-from .checkpoint import (Sidecar, atomic_write_bytes, atomic_write_json, check_output_folder, load_checkpoint, output_folder, path_bytes, resolve,
-                         save_checkpoint, staged)
+from .checkpoint import Sidecar, load_checkpoint, resolve, save_checkpoint
+from .files import atomic_write_bytes, atomic_write_json, check_output_folder, output_folder, path_bytes, staged
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt

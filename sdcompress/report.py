@@ -123,7 +123,7 @@ def save_figure(fig, path: str | Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     fig.tight_layout()
     buf = io.BytesIO()

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .binarize import BinarizeConfig
-from .checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, read_sidecar, resolve
+from .checkpoint import load_checkpoint, read_sidecar, resolve
+from .files import atomic_write_bytes, atomic_write_json
 from .errors import InputError
 from .evaluate import evaluate_checkpoint
 from .pipeline import check_formats, run_binarize, run_export, run_prune

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import SCHEMA, Sidecar, atomic_torch_save, output_folder, read_sidecar, save_checkpoint
+from .checkpoint import SCHEMA, Sidecar, read_sidecar, save_checkpoint
+
+from .files import atomic_torch_save, output_folder
 from .config import TrainConfig, check_lr, check_number
 from .data import Dataset, ImageSet, Normalize, augment, load_dataset
 from .distributed import Dist, setup
@@ -214,7 +216,7 @@ def train(
         state_path = out / TRAIN_STATE
         if not state_path.exists():
             raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
-        from .checkpoint import MAX_WEIGHTS_BYTES, read_untrusted_check
+        from .files import MAX_WEIGHTS_BYTES, read_untrusted_check
 
         read_untrusted_check(state_path, 2 * MAX_WEIGHTS_BYTES, "training state")
         try:

@@ -86,12 +86,12 @@ def card_fields(ckpt: str | Path, meta) -> dict:
     """Description, author and license for an exported file: from a MODEL_CARD.md beside the checkpoint (its
     title; `| author |` and `| license |` rows), and the compression stages the checkpoint went through.
     Without a card: a description from the sidecar, author sdcompress, license unspecified."""
-    from .checkpoint import checkpoint_folder
+    from .files import checkpoint_folder
 
     fields = {"author": "sdcompress", "license": "unspecified"}
     card = checkpoint_folder(ckpt) / "MODEL_CARD.md"
     if card.is_file():
-        from .checkpoint import read_untrusted
+        from .files import read_untrusted
 
         for line in read_untrusted(card, 1024**2, "model card").decode("utf-8", errors="replace").splitlines():
             if line.startswith("# ") and "description" not in fields:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdcompress.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint  # noqa: E402
+from sdcompress.checkpoint import load_checkpoint  # noqa: E402
+
+from sdcompress.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from sdcompress.data import Normalize, load_dataset, load_eval_set  # noqa: E402
 from sdcompress.prune import STRATEGIES, PruneConfig, batch_loss, blocks_to_remove, recalibrate_bn, remove_blocks, sensitivity_order  # noqa: E402
 from sdcompress.train import evaluate, train_augmentation  # noqa: E402

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdcompress.checkpoint import atomic_write_bytes  # noqa: E402
+from sdcompress.files import atomic_write_bytes  # noqa: E402
 from sdcompress.data import default_val_size, list_image_folder, split_indices  # noqa: E402
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdcompress.checkpoint import atomic_write_bytes, load_checkpoint  # noqa: E402
+from sdcompress.checkpoint import load_checkpoint  # noqa: E402
+
+from sdcompress.files import atomic_write_bytes  # noqa: E402
 from sdcompress.data import Normalize, load_dataset, load_eval_set  # noqa: E402
 from sdcompress.nets import count_macs, count_params  # noqa: E402
 from sdcompress.report import plot_stats  # noqa: E402
