@@ -176,6 +176,7 @@ class SurvivalTable:
     window: int
     regression_steps: int
     blocks: tuple[BlockStats, ...]
+    source: str = "training"  # training (recorded by `sdcompress train`) | measured (`sdcompress stats --measure`)
 
     @classmethod
     def from_dict(cls, d, spec: NetSpec) -> "SurvivalTable":
@@ -192,8 +193,11 @@ class SurvivalTable:
                                      _opt_num(r.get("contribution"), f"{rw}.contribution", 0.0),
                                      _opt_num(r.get("drop_effect"), f"{rw}.drop_effect"),
                                      _opt_num(r.get("drop_effect_se"), f"{rw}.drop_effect_se", 0.0)))
+        source = _str(d.get("source", "training"), f"{w}.source")
+        if source not in ("training", "measured"):
+            _fail(f"{w}.source", f"must be training or measured, got {source!r:.40}")
         return cls(_int(_get(d, "steps", w), f"{w}.steps", 0), _int(d.get("window", 0), f"{w}.window", 0),
-                   _int(d.get("regression_steps", 0), f"{w}.regression_steps", 0), tuple(blocks))
+                   _int(d.get("regression_steps", 0), f"{w}.regression_steps", 0), tuple(blocks), source)
 
 
 @dataclass(frozen=True)

@@ -173,9 +173,16 @@ def cmd_eval(a) -> int:
 def add_stats(sub) -> None:
     p = sub.add_parser("stats", help="per-block survival statistics (table + PNG)", description="Show survival statistics.")
     _ckpt_arg(p)
-    p.add_argument("--out", type=Path, default=None, help="folder for stats.png and stats.json (default sdcompress-out/NAME-stats)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="folder for stats.png and stats.json, and with --measure the "
+                   "checkpoint with measured statistics (default sdcompress-out/NAME-stats, NAME-measured)")
+    p.add_argument("--no-plot", action="store_true", help="print the table only")
+    p.add_argument("--measure", action="store_true", help="measure drop effects without training: random removals on "
+                   "training images at evaluation time, loss regressed on them; writes a checkpoint with them")
+    p.add_argument("--data", default=None, help="with --measure: training images (default: the bundled calibration set or the checkpoint's data)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batches", type=_positive_int, default=40, help="with --measure: batches of 128 images (default 40)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="with --measure: passes over the batches, new draws each (default 3)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_stats)
 
 
@@ -186,6 +193,14 @@ def cmd_stats(a) -> int:
 
     path = _resolve_ckpt(a.ckpt)
     meta = read_sidecar(resolve(path)[1])
+    if a.measure:
+        from .measure import run_measure
+
+        out = _fresh_out(a.out or OUT_ROOT / f"{resolve(path)[0].parent.name}-measured", a.force, (path,))
+        meta = run_measure(path, out, a.data, a.data_dir, a.batches, a.rounds)
+        print(format_stats_table(meta))
+        print(f"wrote {out}/model.pt, {out}/model.json (measured drop effects), {out}/stats.png")
+        return 0
     if meta.survival_stats is None:
         raise InputError(f"{path}: the checkpoint holds no survival statistics (was it trained by sdcompress?)")
     name = resolve(path)[0].parent.name
@@ -255,7 +270,7 @@ def _recovery_args(p, d, out_default: str) -> None:
 
 
 def add_prune(sub) -> None:
-    from .prune import STRATEGIES, PruneConfig
+    from .pruning import STRATEGIES, PruneConfig
 
     d = PruneConfig()
     p = sub.add_parser("prune", help="remove whole blocks by their learned survival statistics",
@@ -273,7 +288,7 @@ def add_prune(sub) -> None:
 
 
 def cmd_prune(a) -> int:
-    from .prune import PruneConfig
+    from .pruning import PruneConfig
     from .pipeline import run_prune
 
     cfg = PruneConfig(keep=None if (a.blocks_to_keep or a.max_size or a.max_params) else a.keep, blocks_to_keep=a.blocks_to_keep,
@@ -435,7 +450,7 @@ def _onoff_list(s: str) -> tuple[bool, ...]:
 
 
 def add_sweep(sub) -> None:
-    from .prune import STRATEGIES
+    from .pruning import STRATEGIES
     from .sweep import SweepConfig
 
     d = SweepConfig()

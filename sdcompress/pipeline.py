@@ -11,7 +11,7 @@ from .files import atomic_write_bytes, atomic_write_json, check_output_folder, o
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt
-from .prune import PruneConfig, prune_model, recalibrate_bn
+from .pruning import PruneConfig, prune_model, recalibrate_bn
 from .report import binarize_markdown, export_markdown, format_stats_table, model_report, plot_stats, prune_markdown
 from .train import evaluate, finetune, train_augmentation
 

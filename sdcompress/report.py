@@ -61,7 +61,8 @@ def format_stats_table(meta: Sidecar) -> str:
     st, sp = meta.survival_stats, meta.spec
     lines = [
         f"{sp.arch}  rule={sp.survival_rule} p_last={sp.p_last}  "
-        f"steps={st.steps}  drop effect fitted on the last {st.regression_steps} steps",
+        + (f"steps={st.steps}  drop effect fitted on the last {st.regression_steps} steps" if st.source == "training" else
+         f"drop effect measured without training on {st.regression_steps} batches (random removals at evaluation time)"),
         f"{'block':>5} {'stage':>5} {'ch':>3} {'p_l':>6} {'runs':>7} {'rate':>6} {'contrib':>8} {'drop effect':>12} {'± se':>7}",
     ]
     for r in stats_rows(meta):

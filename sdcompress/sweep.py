@@ -23,7 +23,7 @@ from .files import atomic_write_bytes, atomic_write_json
 from .errors import InputError
 from .evaluate import evaluate_checkpoint
 from .pipeline import check_formats, run_binarize, run_export, run_prune
-from .prune import STRATEGIES, PruneConfig
+from .pruning import STRATEGIES, PruneConfig
 from .report import format_bytes, save_figure
 
 SWEEP_SCHEMA = "sdcompress.sweep/1"

@@ -9,7 +9,7 @@ from sdcompress.cli import main, parse_size
 from sdcompress.data import Normalize
 from sdcompress.errors import InputError
 from sdcompress.nets import NetSpec, build_model, count_params
-from sdcompress.prune import STRATEGIES, PruneConfig, blocks_to_remove, every_other, recalibrate_bn, remove_blocks, stats_order
+from sdcompress.pruning import STRATEGIES, PruneConfig, blocks_to_remove, every_other, recalibrate_bn, remove_blocks, stats_order
 
 
 def _meta(n_blocks=9, effects=None):

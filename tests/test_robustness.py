@@ -572,7 +572,7 @@ def test_prune_says_what_it_ranks_by(tmp_path, capsys):
 
 def test_drop_effects_within_noise_fall_back_to_contribution():
     from sdcompress.checkpoint import BlockStats, SurvivalTable
-    from sdcompress.prune import stats_basis
+    from sdcompress.pruning import stats_basis
 
     def meta(effects, ses):
         return SurvivalTable(100, 12, 12, tuple(BlockStats(i, 0.9, 90, 0.9, 1.0 + i, e, se) for i, (e, se) in enumerate(zip(effects, ses))))

@@ -1,7 +1,7 @@
 """Accuracy after pruning, for every keep ratio, strategy and recalibration choice, on the 5k validation split.
 
 Runs the bundled stochastic-depth ResNet-56 and its constant-depth control (same architecture, recipe and
-epochs) through `sdcompress.prune`: blocks chosen by each strategy, removed, then evaluated with and without
+epochs) through `sdcompress.pruning`: blocks chosen by each strategy, removed, then evaluated with and without
 BatchNorm recalibration (on the bundled calibration set: training-split images). The sensitivity strategy
 measures its loss on those training images too, never on the validation split. Results are cached in
 OUT/bench_prune.json (a rerun skips what is done); OUT/bench_prune.md and OUT/bench_prune.png are the table and
@@ -26,7 +26,7 @@ from sdcompress.checkpoint import load_checkpoint  # noqa: E402
 
 from sdcompress.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from sdcompress.data import Normalize, load_dataset, load_eval_set  # noqa: E402
-from sdcompress.prune import STRATEGIES, PruneConfig, batch_loss, blocks_to_remove, recalibrate_bn, remove_blocks, sensitivity_order  # noqa: E402
+from sdcompress.pruning import STRATEGIES, PruneConfig, batch_loss, blocks_to_remove, recalibrate_bn, remove_blocks, sensitivity_order  # noqa: E402
 from sdcompress.train import evaluate, train_augmentation  # noqa: E402
 from sdcompress.zoo import bundled, bundled_calib_set  # noqa: E402
 

@@ -86,7 +86,7 @@ def stats_basis(table: SurvivalTable | None, present: list[int]) -> tuple[str, s
         return "contribution", (f"only {clear} of {len(present)} blocks have a drop effect distinguishable from zero (|effect| > 2 SE, "
                                 f"fitted on {table.regression_steps} steps): blocks are ranked by contribution "
                                 f"||f(x)||/||x|| instead; --strategy sensitivity measures the loss of each removal")
-    return "drop effect", None
+    return ("drop effect (measured without training)" if table.source == "measured" else "drop effect"), None
 
 
 def stats_order(table: SurvivalTable | None, present: list[int], by: str = "drop effect") -> list[int]:

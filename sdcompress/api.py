@@ -1,0 +1,233 @@
+"""The Python API for a network trained anywhere: find its residual blocks, measure what each is worth, remove the
+cheapest, export the result.
+
+    blocks = sdcompress.find_blocks(model)                      # torchvision, the project's ResNets, or named paths
+    stats = sdcompress.measure_drop_effects(model, batches)     # no training: random removals, loss regressed
+    small = sdcompress.prune(model, keep=0.6, stats=stats)      # a new model; removed blocks hold no parameters
+    sdcompress.export_onnx(small, "model.onnx", example_input)  # verified with onnxruntime before it is written
+
+Removal is real: a removed block's module is replaced by what is left of it (nothing, or its own shortcut), so
+its parameters are gone from the model, its `state_dict` and anything exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+from .families import Block, family_of, replacement
+from .survival import fit_drop_effect
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _shape_through(model: nn.Module, paths: list[str], example_input: torch.Tensor) -> dict[str, tuple]:
+    """(input shape, output shape) of each named module on one evaluation-time forward pass."""
+    seen: dict[str, tuple] = {}
+    handles = []
+    for p in paths:
+        def hook(mod, args, out, p=p):
+            if torch.is_tensor(args[0]) and torch.is_tensor(out):
+                seen[p] = (tuple(args[0].shape), tuple(out.shape))
+        handles.append(model.get_submodule(p).register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return seen
+
+
+def find_blocks(model: nn.Module, paths: list[str] | None = None, example_input: torch.Tensor | None = None) -> list[Block]:
+    """The residual blocks of `model`, input to output.
+
+    Args:
+        model: a torchvision residual network, a CIFAR ResNet of this project, or any module when `paths` is given.
+        paths: module paths of blocks to use instead of a family's (e.g. ["stages.1.blocks.0", ...]). Each must
+            keep its input's shape (it becomes the identity when removed); a forward pass of `example_input`
+            checks that, and that the model still runs with every named block removed.
+        example_input: an input batch, needed with `paths`.
+
+    Raises:
+        InputError: a path that is not a module, a block that changes the shape, or a model nobody recognises.
+    """
+    if paths is None:
+        try:
+            return family_of(model)[1]
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if example_input is None:
+        raise InputError("blocks named by path need an example_input to check that removing them keeps the model valid")
+    modules = dict(model.named_modules())
+    missing = [p for p in paths if p not in modules or p == ""]
+    if missing:
+        raise InputError(f"no module {missing[0]!r} in {type(model).__name__}")
+    shapes = _shape_through(model, list(paths), example_input)
+    order = sorted(paths, key=list(shapes).index if set(paths) <= set(shapes) else list(paths).index)
+    for p in order:
+        if p not in shapes:
+            raise InputError(f"block {p!r} did not run on the example input (or does not take and return one tensor)")
+        if shapes[p][0] != shapes[p][1]:
+            raise InputError(f"block {p!r} maps {shapes[p][0]} to {shapes[p][1]}; only a block that keeps the shape can be removed")
+    blocks = [Block(i, p, 0, "identity", type(modules[p]).__name__, "named") for i, p in enumerate(order)]
+    try:
+        remove_blocks(model, blocks, blocks)(example_input)
+    except Exception as e:  # noqa: BLE001 - any failure means the named blocks are not removable together
+        raise InputError(f"the model does not run with the named blocks removed ({str(e).splitlines()[0][:100]})") from None
+    return blocks
+
+
+def _replacement(model: nn.Module, block: Block) -> nn.Module:
+    try:
+        return replacement(model, block)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def remove_blocks(model: nn.Module, remove: Iterable[Block | int], blocks: list[Block] | None = None) -> nn.Module:
+    """A copy of `model` without the given blocks (Block objects or indices into `blocks`, default
+    `find_blocks(model)`): each is replaced by what is left of it, so its parameters are gone."""
+    blocks = blocks if blocks is not None else find_blocks(model)
+    chosen = [blocks[r] if isinstance(r, int) else r for r in remove]
+    new = copy.deepcopy(model)
+    for b in chosen:
+        _set(new, b.path, _replacement(model, b))
+    return new
+
+
+@dataclass(frozen=True)
+class DropEffects:
+    """Measured drop effects: the rise in loss when each block is missing, with standard errors."""
+
+    blocks: tuple[Block, ...]
+    effect: tuple[float | None, ...]  # None for a block that cannot be removed
+    stderr: tuple[float | None, ...]
+    batches: int  # forward passes measured (batches x rounds)
+    drop_rates: tuple[float | None, ...]  # removal probability of each block (None: not removable)
+    runs: tuple[int, ...]  # passes on which each block was present
+
+
+def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block] | None = None, rounds: int = 1,
+                         max_drop: float = 0.5, loss_fn: Callable = F.cross_entropy, seed: int = 0) -> DropEffects:
+    """Drop effects of a finished model, without training.
+
+    On every batch a random subset of the removable blocks is removed (block l with probability
+    (l+1)/L * max_drop, the stochastic depth paper's linear rule) and the evaluation-time loss is recorded; the
+    loss is then regressed on the removal indicators (least squares with an intercept), as in training.
+
+    Args:
+        model: the network (not modified).
+        batches: an iterable of (inputs, targets), e.g. a DataLoader of training images.
+        blocks: the blocks (default `find_blocks(model)`).
+        rounds: passes over `batches` (more passes, more draws, smaller standard errors).
+        max_drop: removal rate of the last block.
+        loss_fn: loss(outputs, targets).
+        seed: seed of the draws.
+    """
+    blocks = blocks if blocks is not None else find_blocks(model)
+    idx = [b.index for b in blocks if b.removable]
+    if not idx:
+        raise InputError("the model has no removable block")
+    rates = np.array([(k + 1) / len(idx) * max_drop for k in range(len(idx))])
+    gen = np.random.default_rng(seed)
+    work = copy.deepcopy(model).eval()
+    originals = {i: work.get_submodule(blocks[i].path) for i in idx}
+    removed_form = {i: _replacement(model, blocks[i]) for i in idx}
+    dropped, losses = [], []
+    with torch.no_grad():
+        for _ in range(rounds):
+            for x, y in batches:
+                mask = gen.random(len(idx)) < rates
+                for k, i in enumerate(idx):
+                    _set(work, blocks[i].path, removed_form[i] if mask[k] else originals[i])
+                losses.append(float(loss_fn(work(x), y)))
+                dropped.append(mask.astype(np.uint8))
+    if len(losses) <= len(idx) + 1:
+        raise InputError(f"{len(losses)} batches cannot estimate {len(idx)} drop effects; give more batches or rounds")
+    fit = fit_drop_effect(np.stack(dropped), np.array(losses), np.arange(len(losses)), trend_degree=0)
+    effect: list[float | None] = [None] * len(blocks)
+    stderr: list[float | None] = [None] * len(blocks)
+    for k, i in enumerate(idx):
+        e, s = fit.effect[k], fit.stderr[k]
+        effect[i] = float(e) if math.isfinite(e) else None
+        stderr[i] = float(s) if math.isfinite(s) else None
+    rate_of = dict(zip(idx, rates.tolist()))
+    present = len(losses) - np.stack(dropped).sum(axis=0)
+    runs = [int(present[idx.index(b.index)]) if b.index in rate_of else len(losses) for b in blocks]
+    return DropEffects(tuple(blocks), tuple(effect), tuple(stderr), len(losses), tuple(rate_of.get(b.index) for b in blocks), tuple(runs))
+
+
+def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None, strategy: str | None = None,
+          blocks: list[Block] | None = None) -> nn.Module:
+    """A copy of `model` keeping `keep` of its removable blocks (rounded to whole blocks).
+
+    Args:
+        keep: fraction of the removable blocks kept, in (0, 1].
+        stats: measured drop effects; with them the default strategy is "stats" (the blocks whose removal raises
+            the loss least go first), without them "top" (the highest blocks go first).
+        strategy: "stats", "top" or "every-other" (removals spread evenly over the depth, from the top).
+    """
+    if not 0.0 < keep <= 1.0 or math.isnan(keep):
+        raise InputError(f"keep must be in (0, 1], got {keep}")
+    blocks = blocks if blocks is not None else (list(stats.blocks) if stats is not None else find_blocks(model))
+    strategy = strategy or ("stats" if stats is not None else "top")
+    present = [b.index for b in blocks if b.removable]
+    n_remove = len(present) - math.floor(keep * len(present) + 0.5)
+    if strategy == "stats":
+        if stats is None:
+            raise InputError("strategy 'stats' needs measured drop effects (measure_drop_effects)")
+        order = sorted(present, key=lambda i: (stats.effect[i] is None, stats.effect[i] if stats.effect[i] is not None else 0.0))
+    elif strategy == "top":
+        order = sorted(present, reverse=True)
+    elif strategy == "every-other":
+        from .pruning import every_other
+
+        order = every_other(present, n_remove)
+    else:
+        raise InputError(f"unknown strategy {strategy!r}; choose stats, top or every-other")
+    return remove_blocks(model, order[:n_remove], blocks)
+
+
+def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, atol: float = 1e-4) -> dict:
+    """Export the evaluation-time `model` to one self-contained ONNX file, verified with onnxruntime on
+    `example_input` before it is put in place. Returns the check's figures."""
+    import logging
+    import warnings
+
+    import onnxruntime as ort
+
+    from .files import staged
+
+    model = model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        prog = torch.onnx.export(model, (example_input,), dynamo=True, external_data=False, verbose=False,
+                                 input_names=["input"], output_names=["output"])
+    data = prog.model_proto.SerializeToString()
+    with torch.no_grad():
+        ref = model(example_input).numpy()
+    with staged(path) as tmp:
+        Path(tmp).write_bytes(data)
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: example_input.numpy()})[0]
+        diff = float(np.abs(got - ref).max())
+        if not diff <= atol * max(1.0, float(np.abs(ref).max())):
+            raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.3g}; nothing written")
+    return {"bytes": Path(path).stat().st_size, "max_abs_diff": diff}

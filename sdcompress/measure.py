@@ -1,0 +1,65 @@
+"""`sdcompress stats --measure`: drop effects of a finished checkpoint, without training.
+
+Random subsets of blocks are removed on batches of training images at evaluation time (block l with
+probability (l+1)/L x max_drop, the stochastic depth paper's linear rule), the loss of each batch is regressed on
+the removal indicators (`api.measure_drop_effects`), and the effects with their standard errors are written into
+the sidecar of a new checkpoint folder (the weights unchanged, `survival_stats.source` = "measured"), which
+`prune --strategy stats` then reads like the statistics of training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .api import find_blocks, measure_drop_effects
+from .checkpoint import Sidecar, load_checkpoint, save_checkpoint
+from .config import check_number
+from .data import Normalize
+from .evaluate import calibration_images
+from .files import atomic_write_json, check_output_folder, output_folder
+from .report import plot_stats
+
+
+def run_measure(ckpt, out: Path, data=None, data_dir=None, batches: int = 40, rounds: int = 3, batch_size: int = 128,
+                max_drop: float = 0.5, seed: int = 0) -> Sidecar:
+    """Measure the drop effects of a checkpoint on training images and write it, with them, into `out`."""
+    check_number("--batches", batches, 1, 100_000)
+    check_number("--rounds", rounds, 1, 1_000)
+    check_number("--max-drop", max_drop, 0.0, 1.0, lo_open=True, hi_open=True)
+    check_output_folder(out, force=True, inputs=(ckpt,))
+    model, meta = load_checkpoint(ckpt)
+    images, _, source = calibration_images(meta, ckpt, data, data_dir)  # training images, never evaluation data
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: batches * batch_size]
+    norm = Normalize(meta.data.mean, meta.data.std)
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    work = [(norm(images.images[c]), images.labels[c]) for c in chunks if len(c) == batch_size or len(chunks) == 1]
+    blocks = find_blocks(model)
+    fx = measure_drop_effects(model, work, blocks, rounds=rounds, max_drop=max_drop, seed=seed)
+    number = {b.path: int(b.path.split(".")[1]) for b in blocks}  # blocks.N -> block number N
+    old = {r.block: r for r in meta.survival_stats.blocks} if meta.survival_stats is not None else {}
+    measured = {number[b.path]: k for k, b in enumerate(fx.blocks)}
+    rows = []
+    for n in range(meta.spec.blocks_total):
+        k = measured.get(n)
+        prior = old.get(n)
+        rows.append({
+            "block": n,
+            "p_scheduled": round(1.0 - fx.drop_rates[k], 6) if k is not None else (prior.p_scheduled if prior else 1.0),
+            "runs": fx.runs[k] if k is not None else 0,
+            "survival_rate": fx.runs[k] / fx.batches if k is not None else None,
+            "contribution": prior.contribution if prior else None,  # from training, where it was recorded
+            "drop_effect": fx.effect[k] if k is not None else None,
+            "drop_effect_se": fx.stderr[k] if k is not None else None,
+        })
+    d = meta.to_dict()
+    d["survival_stats"] = {"steps": fx.batches, "window": fx.batches, "regression_steps": fx.batches, "source": "measured", "blocks": rows}
+    d["stages"] = d["stages"] + [{"stage": "measure", "config": {"batches": len(work), "rounds": rounds, "batch_size": batch_size,
+                                                                 "max_drop": max_drop, "seed": seed}, "data": source}]
+    new = Sidecar.from_dict(d)
+    with output_folder(out) as folder:
+        save_checkpoint(folder, model, new)
+        atomic_write_json(folder / "stats.json", d["survival_stats"])
+        plot_stats(new, folder / "stats.png")
+    return new
