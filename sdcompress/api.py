@@ -78,11 +78,12 @@ def find_blocks(model: nn.Module, paths: list[str] | None = None, example_input:
     missing = [p for p in paths if p not in modules or p == ""]
     if missing:
         raise InputError(f"no module {missing[0]!r} in {type(model).__name__}")
-    shapes = _shape_through(model, list(paths), example_input)
-    order = sorted(paths, key=list(shapes).index if set(paths) <= set(shapes) else list(paths).index)
+    shapes = _shape_through(model, list(paths), example_input)  # in the order the blocks ran
+    silent = [p for p in paths if p not in shapes]
+    if silent:
+        raise InputError(f"block {silent[0]!r} did not run on the example input (or does not take and return one tensor)")
+    order = sorted(paths, key=list(shapes).index)
     for p in order:
-        if p not in shapes:
-            raise InputError(f"block {p!r} did not run on the example input (or does not take and return one tensor)")
         if shapes[p][0] != shapes[p][1]:
             raise InputError(f"block {p!r} maps {shapes[p][0]} to {shapes[p][1]}; only a block that keeps the shape can be removed")
     blocks = [Block(i, p, 0, "identity", type(modules[p]).__name__, "named") for i, p in enumerate(order)]
@@ -160,17 +161,18 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
                 dropped.append(mask.astype(np.uint8))
     if len(losses) <= len(idx) + 1:
         raise InputError(f"{len(losses)} batches cannot estimate {len(idx)} drop effects; give more batches or rounds")
-    fit = fit_drop_effect(np.stack(dropped), np.array(losses), np.arange(len(losses)), trend_degree=0)
+    dropped = np.stack(dropped)
+    fit = fit_drop_effect(dropped, np.array(losses), np.arange(len(losses)), trend_degree=0)
     effect: list[float | None] = [None] * len(blocks)
     stderr: list[float | None] = [None] * len(blocks)
+    rate: list[float | None] = [None] * len(blocks)
+    runs = [len(losses)] * len(blocks)  # a block that is never removed runs on every pass
     for k, i in enumerate(idx):
-        e, s = fit.effect[k], fit.stderr[k]
-        effect[i] = float(e) if math.isfinite(e) else None
-        stderr[i] = float(s) if math.isfinite(s) else None
-    rate_of = dict(zip(idx, rates.tolist()))
-    present = len(losses) - np.stack(dropped).sum(axis=0)
-    runs = [int(present[idx.index(b.index)]) if b.index in rate_of else len(losses) for b in blocks]
-    return DropEffects(tuple(blocks), tuple(effect), tuple(stderr), len(losses), tuple(rate_of.get(b.index) for b in blocks), tuple(runs))
+        effect[i] = float(fit.effect[k]) if math.isfinite(fit.effect[k]) else None
+        stderr[i] = float(fit.stderr[k]) if math.isfinite(fit.stderr[k]) else None
+        rate[i] = float(rates[k])
+        runs[i] = len(losses) - int(dropped[:, k].sum())
+    return DropEffects(tuple(blocks), tuple(effect), tuple(stderr), len(losses), tuple(rate), tuple(runs))
 
 
 def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None, strategy: str | None = None,

@@ -20,7 +20,7 @@ import torch
 from .errors import InputError
 from .files import (MAX_WEIGHTS_BYTES, SIDECAR, WEIGHTS, atomic_torch_save, atomic_write_json, first_line, parse_untrusted_json,
                     read_untrusted_check)
-from .nets import MAX_CLASSES, NetSpec, ResNet, build_model
+from .nets import MAX_CLASSES, MAX_IN_CHANNELS, NetSpec, ResNet, build_model
 
 SCHEMA = "sdcompress.checkpoint/1"
 
@@ -137,7 +137,7 @@ class DataInfo:
     def from_dict(cls, d, spec: NetSpec) -> "DataInfo":
         w = "data"
         shape = _list(_get(d, "input_shape", w), f"{w}.input_shape", 3)
-        c = _int(shape[0], f"{w}.input_shape[0]", 1, 64)
+        c = _int(shape[0], f"{w}.input_shape[0]", 1, MAX_IN_CHANNELS)
         h, wd = (_int(v, f"{w}.input_shape[{i + 1}]", 1, MAX_SIDE) for i, v in enumerate(shape[1:]))
         if c != spec.in_channels:
             _fail(f"{w}.input_shape[0]", f"{c} channels, the spec's network takes {spec.in_channels}")
@@ -241,7 +241,7 @@ class Sidecar:
         _str(raw["survival_rule"], "spec.survival_rule")
         _num(raw["p_last"], "spec.p_last", 0.0, 1.0, lo_open=True)
         _int(raw["num_classes"], "spec.num_classes", 2, MAX_CLASSES)
-        _int(raw["in_channels"], "spec.in_channels", 1, 64)
+        _int(raw["in_channels"], "spec.in_channels", 1, MAX_IN_CHANNELS)
         if raw.get("blocks_kept") is not None:
             for i, b in enumerate(_list(raw["blocks_kept"], "spec.blocks_kept", max_len=10_000)):
                 _int(b, f"spec.blocks_kept[{i}]", 0)

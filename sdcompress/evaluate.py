@@ -75,14 +75,18 @@ def is_training_data(meta: Sidecar, data: str) -> bool:
 def eval_data(meta: Sidecar, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str]:
     """The images to evaluate a checkpoint on, and a name for them (`DATA-SPLIT`); see `eval_split`."""
     images, name, split = eval_split(meta, ckpt, data, data_dir, split)
-    return images, name if split is None else f"{name}-{split}"
+    return images, _label(name, split)
+
+
+def _label(name: str, split: str | None) -> str:
+    return name if split is None else f"{name}-{split}"
 
 
 def eval_split(meta: Sidecar, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str, str | None]:
     """The images to evaluate a checkpoint on, the data's name and the split taken (None: a bundled set), checked
     against the model (`check_fits`)."""
     images, name, split = _eval_split(meta, ckpt, data, data_dir, split)
-    return check_fits(images, meta, name if split is None else f"{name}-{split}"), name, split
+    return check_fits(images, meta, _label(name, split)), name, split
 
 
 def _eval_split(meta: Sidecar, ckpt: str | Path, data: str | None, data_dir: str | None, split: str = "auto") -> tuple[ImageSet, str, str | None]:
@@ -118,7 +122,6 @@ def _eval_split(meta: Sidecar, ckpt: str | Path, data: str | None, data_dir: str
 
 def evaluate_checkpoint(model: ResNet, meta: Sidecar, ckpt, data=None, data_dir=None, split="auto", batch_size=500) -> dict:
     """Top-1 and loss of a loaded checkpoint; checks the data fits the model first."""
-    images, data_name, split = eval_split(meta, ckpt, data, data_dir, split)
-    name = data_name if split is None else f"{data_name}-{split}"
+    images, name, split = eval_split(meta, ckpt, data, data_dir, split)
     res = evaluate(model, images, Normalize(meta.data.mean, meta.data.std), batch_size)
-    return {**res, "dataset": name, "split": split}
+    return {**res, "dataset": _label(name, split), "split": split}

@@ -33,42 +33,29 @@ MAX_WEIGHTS_BYTES = 2 * 1024**3
 MAX_JSON_DEPTH = 64
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-@contextlib.contextmanager
-def staged(path: str | Path, folder: bool = False):
-    """Stage an output under a temporary name beside `path`; put it in place only if the block completes.
 
-    Yields the temporary path to write (a file, or with `folder` a folder path that does not exist yet, for
-    writers that create their own folder, like a .mlpackage). On success, a signal that a library swallowed
-    meanwhile is raised instead of committing (see errors.check_interrupt); otherwise the output replaces any old
-    one by a rename (a folder: the old one is moved aside first and removed after). On failure nothing is left.
+
+@contextlib.contextmanager
+def staged(path: str | Path):
+    """Stage one file under a temporary name beside `path`; put it in place only if the block completes.
+
+    Yields the temporary path to write. On success, a signal that a library swallowed meanwhile is raised instead
+    of committing (see errors.check_interrupt); otherwise the file replaces any old one by a rename. On failure
+    nothing is left. (A command's whole output folder is staged by `output_folder`.)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        box = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        tmp = box / path.name
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        box = tmp = Path(name)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         check_interrupt()
-        if folder:
-            old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
-            if old is not None:
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
-            os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
+        os.replace(tmp, path)
     finally:
-        if box.is_dir():
-            shutil.rmtree(box, ignore_errors=True)
-        elif box.exists():
-            box.unlink()
+        if tmp.exists():
+            tmp.unlink()
 
 
 # Names sdcompress writes into an output folder. A folder is written and replaced as one unit, so a folder holding

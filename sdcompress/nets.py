@@ -25,6 +25,7 @@ from .survival import survival_probs
 ARCHS: dict[str, int] = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18, "resnet1202": 200}
 STAGE_CHANNELS = (16, 32, 64)
 MAX_CLASSES = 100_000  # classifier outputs (ImageNet-21k has 21,841); more is a corrupt label or sidecar
+MAX_IN_CHANNELS = 64  # input image channels
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,8 @@ class NetSpec:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if not 1 <= self.in_channels <= 64 or not 2 <= self.num_classes <= MAX_CLASSES:
-            raise ValueError(f"in_channels must be in [1, 64] and num_classes in [2, {MAX_CLASSES:,}]")
+        if not 1 <= self.in_channels <= MAX_IN_CHANNELS or not 2 <= self.num_classes <= MAX_CLASSES:
+            raise ValueError(f"in_channels must be in [1, {MAX_IN_CHANNELS}] and num_classes in [2, {MAX_CLASSES:,}]")
         survival_probs(self.survival_rule, 1, self.p_last)  # validates rule and p_last
         if self.blocks_kept is not None:
             kept = tuple(int(b) for b in self.blocks_kept)

@@ -7,7 +7,7 @@ from typing import Callable
 
 from .binarize import BinarizeConfig, binarize_model
 from .checkpoint import Sidecar, load_checkpoint, resolve, save_checkpoint
-from .files import atomic_write_bytes, atomic_write_json, check_output_folder, output_folder, path_bytes, staged
+from .files import atomic_write_bytes, atomic_write_json, check_output_folder, output_folder, path_bytes
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt
@@ -146,24 +146,25 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
 
 
 def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int) -> dict:
+    """model.onnx in `out` (the staging folder of `output_folder`: a failure here leaves nothing)."""
     from .export.onnx import export_onnx, latency_ms, ort_session, verify_onnx
 
     x = Normalize(meta.data.mean, meta.data.std)(images)
     data_bytes, facts = export_onnx(model, meta)
-    with staged(out / "model.onnx") as tmp:
-        tmp.write_bytes(data_bytes)
-        session = ort_session(str(tmp), threads)  # the file as written, reloaded
-        check = verify_onnx(session, model, x)
-        if not check["ok"]:
-            raise VerificationFailed(f"ONNX output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
-                                     f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
-        lat = latency_ms(session, meta.data.input_shape)
+    (out / "model.onnx").write_bytes(data_bytes)
+    session = ort_session(str(out / "model.onnx"), threads)  # the file as written, reloaded
+    check = verify_onnx(session, model, x)
+    if not check["ok"]:
+        raise VerificationFailed(f"ONNX output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
+                                 f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
+    lat = latency_ms(session, meta.data.input_shape)
     return {"file": "model.onnx", "bytes": path_bytes(out / "model.onnx"), **facts,
             "verification": {**check, "dataset": eval_name},
             "latency_ms": {"onnxruntime_cpu_b1": lat, "threads": threads, "runs": 50}}
 
 
 def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precision: str, input_kind: str, verbose: bool) -> dict:
+    """model.mlpackage in `out` (the staging folder of `output_folder`: a failure here leaves nothing)."""
     from .export import coreml
     from .zoo import card_fields
 
@@ -172,11 +173,11 @@ def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precisi
     except ImportError as e:
         raise InputError(f"--format coreml needs coremltools ({e}); install it with `pip install coremltools==9.0`") from None
     ml, facts = coreml.convert(model, meta, precision, input_kind, card_fields(ckpt, meta), verbose)
-    with staged(out / "model.mlpackage", folder=True) as pkg:
-        coreml.save(ml, pkg, verbose)
-        check = coreml.verify(pkg, model, meta, images, input_kind, precision, verbose)
-        if not check["ok"]:
-            raise VerificationFailed(f"Core ML output differs from PyTorch by {check['max_abs_diff']:.3g} in class probabilities "
-                                     f"(top-1 agreement {check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
+    pkg = out / "model.mlpackage"
+    coreml.save(ml, pkg, verbose)
+    check = coreml.verify(pkg, model, meta, images, input_kind, precision, verbose)
+    if not check["ok"]:
+        raise VerificationFailed(f"Core ML output differs from PyTorch by {check['max_abs_diff']:.3g} in class probabilities "
+                                 f"(top-1 agreement {check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
     return {"file": "model.mlpackage", "bytes": path_bytes(out / "model.mlpackage"), **facts,
             "verification": {**check, "dataset": eval_name}}

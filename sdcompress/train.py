@@ -15,12 +15,11 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import SCHEMA, Sidecar, read_sidecar, save_checkpoint
-
-from .files import atomic_torch_save, output_folder
 from .config import TrainConfig, check_lr, check_number
 from .data import Dataset, ImageSet, Normalize, augment, load_dataset
 from .distributed import Dist, setup
 from .errors import InputError
+from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, output_folder, read_untrusted_check
 from .nets import NetSpec, ResNet, build_model
 from .survival import SurvivalStats, draw_keep_mask
 
@@ -216,13 +215,11 @@ def train(
         state_path = out / TRAIN_STATE
         if not state_path.exists():
             raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
-        from .files import MAX_WEIGHTS_BYTES, read_untrusted_check
-
         read_untrusted_check(state_path, 2 * MAX_WEIGHTS_BYTES, "training state")
         try:
             st = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - refused pickle, truncated file
-            raise InputError(f"--resume: {state_path} cannot be loaded ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
+            raise InputError(f"--resume: {state_path} cannot be loaded ({first_line(e)})") from None
         if st.get("world_size", 1) != dd.world:
             raise InputError(f"--resume: the run in {out} used {st.get('world_size', 1)} processes; resume it with as many")
         if st["config"] != cfg.to_dict():
