@@ -128,21 +128,39 @@ def bits_per_value(m: nn.Module) -> int:
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
-def default_targets(model: nn.Module, stem: bool = False, head: bool = False, full_precision: tuple[str, ...] = ()) -> list[str]:
-    """Layers to binarize: every conv inside the residual blocks, plus the stem / classifier when asked.
+def _in_attention(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether a layer belongs to an attention module (its query/key/value and output projections)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        m = modules.get(".".join(parts[:i]))
+        if isinstance(m, nn.MultiheadAttention) or (m is not None and "Attention" in type(m).__name__):
+            return True
+    return False
 
-    The stem and classifier stay full precision by default (standard practice: they are small and sensitive).
+
+def default_targets(model: nn.Module, stem: bool = False, head: bool = False, full_precision: tuple[str, ...] = ()) -> list[str]:
+    """Layers to binarize: the regular convolutions and linear layers inside the residual blocks, plus the stem
+    (the first convolution outside the blocks) and the classifier (the last linear layer) when asked.
+
+    The stem and classifier stay full precision by default (standard practice: they are small and sensitive), and
+    so do depthwise and grouped convolutions (a 3x3 depthwise filter has 9 weights per channel: one bit each
+    leaves too little) and attention projections: binarizing those is where accuracy collapses.
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    modules = dict(model.named_modules())
+    layers = {n: m for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
     unknown = [n for n in full_precision if n not in layers]
     if unknown:
         raise ValueError(f"--full-precision names {unknown} that are not conv or linear layers of this model "
                          f"(e.g. {', '.join(list(layers)[:3])})")
-    names = [n for n in layers if n.startswith("blocks.")]
+    inside = tuple(model.spec.block_path(b) + "." for b in model.block_ids)
+    names = [n for n, m in layers.items() if n.startswith(inside) and getattr(m, "groups", 1) == 1 and not _in_attention(n, modules)]
+    outside = [n for n in layers if not n.startswith(inside)]
     if stem:
-        names.append("stem")
+        first_conv = next((n for n in outside if isinstance(layers[n], nn.Conv2d)), None)
+        names += [first_conv] if first_conv else []
     if head:
-        names.append("fc")
+        last_linear = next((n for n in reversed(outside) if isinstance(layers[n], nn.Linear)), None)
+        names += [last_linear] if last_linear else []
     return [n for n in names if n not in set(full_precision)]
 
 

@@ -48,6 +48,14 @@ def _fresh_out(out: Path, force: bool, inputs: tuple = ()) -> Path:
 
 
 # ---- train ---------------------------------------------------------------------------------------------------
+def _arch(s: str) -> str:
+    from .nets import ARCHS
+
+    if ":" in s or s in ARCHS:
+        return s
+    raise argparse.ArgumentTypeError(f"unknown architecture {s!r}; choose one of {', '.join(ARCHS)}, or torchvision:NAME, timm:NAME")
+
+
 def add_train(sub) -> None:
     from .config import TrainConfig
     from .nets import ARCHS
@@ -55,7 +63,11 @@ def add_train(sub) -> None:
 
     p = sub.add_parser("train", help="train a stochastic-depth ResNet", description="Train a stochastic-depth ResNet.")
     d = TrainConfig()
-    p.add_argument("--arch", default=d.arch, choices=list(ARCHS))
+    p.add_argument("--arch", default=d.arch, type=_arch, metavar="ARCH",
+                   help=f"{', '.join(ARCHS)}; or torchvision:NAME (resnet18, mobilenet_v2, convnext_tiny, ...) or timm:NAME")
+    p.add_argument("--weights", default=None, help="start a torchvision/timm model from this state_dict file (default: random weights)")
+    p.add_argument("--train-limit", type=_positive_int, default=None, metavar="N",
+                   help="train on the first N images of the shuffled training split only")
     p.add_argument("--data", default=d.data, help="digits | cifar10 | cifar100 | svhn | mnist | fashion-mnist | FILE.npz | FOLDER")
     p.add_argument("--data-dir", default=None, help="folder of a torchvision dataset (never downloaded)")
     p.add_argument("--val-size", type=int, default=None, help="images held out for validation (default 5000 for CIFAR, else 10%%)")
@@ -92,7 +104,7 @@ def cmd_train(a) -> int:
     from .train import train
 
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
-    out = a.out or OUT_ROOT / f"{cfg.arch}-{Path(cfg.data).stem}-train"
+    out = a.out or OUT_ROOT / f"{cfg.arch.replace(':', '-')}-{Path(cfg.data).stem}-train"
     if not a.resume:
         _fresh_out(out, a.force)
 

@@ -28,11 +28,13 @@ def check_lr(flag: str, v: float) -> float:
 class TrainConfig:
     """Training as in the stochastic depth paper unless told otherwise."""
 
-    arch: str = "resnet56"  # a registered CIFAR ResNet (resnet20 ... resnet1202)
+    arch: str = "resnet56"  # a registered CIFAR ResNet (resnet20 ... resnet1202), or torchvision:NAME / timm:NAME
+    weights: str | None = None  # start a torchvision / timm model from this state_dict (default: random weights)
     data: str = "digits"  # digits | torchvision name | .npz | ImageFolder folder
     data_dir: str | None = None  # where a torchvision dataset lies
     val_size: int | None = None  # images held out for validation (None: 5,000 for CIFAR-sized data, else 10%)
     split_seed: int = 0  # seed of the train/validation split
+    train_limit: int | None = None  # train on the first N images of the (shuffled) training split only
     epochs: int = 40
     batch_size: int = 128
     lr: float = 0.1

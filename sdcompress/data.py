@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,12 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])
+
+    def limit_train(self, n: int) -> "Dataset":
+        """The dataset with only the first `n` images of its (already shuffled) training split; the split says so."""
+        if not 1 <= n <= len(self.train):
+            raise InputError(f"--train-limit must be in [1, {len(self.train)}] for this training split, got {n}")
+        return replace(self, train=self.train.subset(torch.arange(n)), split={**self.split, "train_size": n, "train_limit": n})
 
 
 def _check_arrays(x: np.ndarray, y: np.ndarray, where: str) -> ImageSet:

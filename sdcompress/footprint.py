@@ -19,10 +19,21 @@ from .report import model_report
 EXPORTED = ("model.pt", "model.onnx", "model.mlpackage")
 
 
-def _group(name: str) -> str:
-    if name.startswith("blocks."):
-        return f"block {int(name.split('.')[1])}"
-    return "stem" if name.startswith("stem") or name.startswith("bn") else "head"
+def _grouper(model):
+    """`group(layer name)`: "block N" for a layer inside kept block N, "stem" before the first block in module
+    order, "head" after it."""
+    prefixes = {model.spec.block_path(b) + ".": b for b in model.block_ids}
+    order = [n for n, _ in model.named_modules()]
+    first = next((i for i, n in enumerate(order) if n.startswith(tuple(prefixes))), len(order))
+    position = {n: i for i, n in enumerate(order)}
+
+    def group(name: str) -> str:
+        b = next((b for pre, b in prefixes.items() if name.startswith(pre)), None)
+        if b is not None:
+            return f"block {b}"
+        return "stem" if position.get(name, 0) < first else "head"
+
+    return group
 
 
 def _output_shapes(model: ResNet, input_shape: tuple[int, ...], names: list[str]) -> dict[str, list[int]]:
@@ -42,6 +53,7 @@ def _output_shapes(model: ResNet, input_shape: tuple[int, ...], names: list[str]
 def layer_rows(model: ResNet, shapes: dict[str, list[int]], macs: dict[str, int]) -> list[dict]:
     """One row per module holding parameters (conv, BatchNorm, linear) that ran, in module order."""
     rows = []
+    _group = _grouper(model)
     for name, m in model.named_modules():
         if name not in shapes or not any(True for _ in m.parameters(recurse=False)):
             continue
@@ -63,7 +75,7 @@ def layer_rows(model: ResNet, shapes: dict[str, list[int]], macs: dict[str, int]
     return rows
 
 
-def block_rows(layers: list[dict], shapes: dict[str, list[int]]) -> list[dict]:
+def block_rows(layers: list[dict], shapes: dict[str, list[int]], paths: dict[int, str]) -> list[dict]:
     """Layers summed per group (stem, each kept block, head); a block's output shape is the block's own."""
     groups: dict[str, dict] = {}
     for r in layers:
@@ -71,7 +83,8 @@ def block_rows(layers: list[dict], shapes: dict[str, list[int]]) -> list[dict]:
                                            "params": {"32": 0, "1": 0}, "memory_bytes": {"32": 0, "1": 0.0, "scales": 0},
                                            "macs": {"binary_weight": 0, "full_precision": 0}})
         g["layers"] += 1
-        g["output_shape"] = shapes.get("blocks." + r["group"][len("block "):], r["output_shape"])
+        if r["group"].startswith("block "):
+            g["output_shape"] = shapes.get(paths[int(r["group"][len("block "):])], r["output_shape"])
         for k in ("params", "memory_bytes", "macs"):
             for kk, v in r[k].items():
                 g[k][kk] += v
@@ -82,10 +95,11 @@ def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path
     """The footprint report of a model as data (what `sdcompress report` renders); `input_shape` is one image's."""
     shape = tuple(input_shape)
     owners = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-    shapes = _output_shapes(model, shape, owners + [f"blocks.{b}" for b in model.blocks])
+    paths = {b: model.spec.block_path(b) for b in model.block_ids}
+    shapes = _output_shapes(model, shape, owners + list(paths.values()))
     macs = count_macs(model, shape)
     layers = layer_rows(model, shapes, macs["per_layer"])
-    blocks = block_rows(layers, shapes)
+    blocks = block_rows(layers, shapes, paths)
     folder = checkpoint_folder(ckpt) if ckpt is not None else None
     files = {f: path_bytes(folder / f) for f in EXPORTED if folder is not None and (folder / f).exists()}
     rep = model_report(model, shape, folder / "model.pt" if "model.pt" in files else None, accuracy, macs)

@@ -37,7 +37,7 @@ def run_measure(ckpt, out: Path, data=None, data_dir=None, batches: int = 40, ro
     work = [(norm(images.images[c]), images.labels[c]) for c in chunks if len(c) == batch_size or len(chunks) == 1]
     blocks = find_blocks(model)
     fx = measure_drop_effects(model, work, blocks, rounds=rounds, max_drop=max_drop, seed=seed)
-    number = {b.path: int(b.path.split(".")[1]) for b in blocks}  # blocks.N -> block number N
+    number = {model.spec.block_path(n): n for n in model.block_ids}  # module path -> block number of the spec
     old = {r.block: r for r in meta.survival_stats.blocks} if meta.survival_stats is not None else {}
     measured = {number[b.path]: k for k, b in enumerate(fx.blocks)}
     rows = []

@@ -39,10 +39,30 @@ class NetSpec:
     p_last: float = 0.5  # the paper's p_L
     blocks_kept: tuple[int, ...] | None = None  # None: every block; else the kept block numbers, ascending
     binarized: tuple[str, ...] = ()  # names of the layers with 1-bit weights (see binarize.py)
+    # A model of another family ("torchvision:resnet18", "timm:convnext_atto"; see families/model.py) also carries:
+    args: tuple[tuple[str, object], ...] = ()  # builder arguments besides num_classes, sorted (families.model.ARGS)
+    paths: tuple[str, ...] = ()  # module path of every residual block of the full model, in order
+    fixed: tuple[int, ...] = ()  # blocks without a residual path: never dropped, never removed
+    stages: tuple[int, ...] = ()  # stage of every block (0-based; a new stage starts where a block changes the shape)
+
+    @property
+    def family(self) -> str:
+        """"cifar_resnet" for the project's own ResNets, else the prefix of `arch` (torchvision, timm)."""
+        return self.arch.partition(":")[0] if ":" in self.arch else "cifar_resnet"
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        object.__setattr__(self, "args", tuple(sorted((str(k), v) for k, v in dict(self.args).items())))
+        object.__setattr__(self, "paths", tuple(self.paths))
+        object.__setattr__(self, "fixed", tuple(sorted(set(int(b) for b in self.fixed))))
+        object.__setattr__(self, "stages", tuple(int(g) for g in self.stages))
+        if self.family != "cifar_resnet":
+            from .families.model import check_spec
+
+            check_spec(self)
+        elif self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)} (or torchvision:NAME, timm:NAME)")
+        elif self.args or self.paths or self.fixed or self.stages:
+            raise ValueError(f"{self.arch} takes no builder arguments, block paths, stages or fixed blocks")
         if not 1 <= self.in_channels <= MAX_IN_CHANNELS or not 2 <= self.num_classes <= MAX_CLASSES:
             raise ValueError(f"in_channels must be in [1, {MAX_IN_CHANNELS}] and num_classes in [2, {MAX_CLASSES:,}]")
         survival_probs(self.survival_rule, 1, self.p_last)  # validates rule and p_last
@@ -56,32 +76,54 @@ class NetSpec:
 
     @property
     def blocks_total(self) -> int:
-        return 3 * ARCHS[self.arch]
+        return len(self.paths) if self.family != "cifar_resnet" else 3 * ARCHS[self.arch]
+
+    def block_stage(self, b: int) -> int:
+        """0-based stage of block `b`."""
+        return self.stages[b] if self.family != "cifar_resnet" else b // ARCHS[self.arch]
+
+    def block_where(self, b: int) -> str:
+        """What tells a block apart in a table: its width for the project's ResNets, else its module path."""
+        return str(block_layout(self.arch)[b][1]) if self.family == "cifar_resnet" else self.paths[b]
+
+    def block_path(self, b: int) -> str:
+        """Module path of block `b` in the built model."""
+        return f"net.{self.paths[b]}" if self.family != "cifar_resnet" else f"blocks.{b}"
 
     @property
     def kept(self) -> tuple[int, ...]:
         return tuple(range(self.blocks_total)) if self.blocks_kept is None else self.blocks_kept
 
     def probs(self) -> list[float]:
-        return survival_probs(self.survival_rule, self.blocks_total, self.p_last)
+        """Survival probability of every block by the rule; 1 for blocks that cannot be dropped."""
+        p = survival_probs(self.survival_rule, self.blocks_total, self.p_last)
+        return [1.0 if b in self.fixed else v for b, v in enumerate(p)]
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["blocks_total"] = self.blocks_total
         d["blocks_kept"] = list(self.kept)
         d["binarized"] = list(self.binarized)
+        d["args"], d["paths"], d["fixed"], d["stages"] = dict(self.args), list(self.paths), list(self.fixed), list(self.stages)
+        if self.family == "cifar_resnet":
+            del d["args"], d["paths"], d["fixed"], d["stages"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetSpec":
         fields = {k: d[k] for k in ("arch", "in_channels", "num_classes", "survival_rule", "p_last") if k in d}
         kept = d.get("blocks_kept")
-        return cls(**fields, blocks_kept=tuple(kept) if kept is not None else None, binarized=tuple(d.get("binarized", ())))
+        args = d.get("args") or {}
+        if not isinstance(args, dict):
+            raise ValueError("args must be an object of builder arguments")
+        return cls(**fields, blocks_kept=tuple(kept) if kept is not None else None, binarized=tuple(d.get("binarized", ())),
+                   args=tuple(args.items()), paths=tuple(d.get("paths") or ()), fixed=tuple(d.get("fixed") or ()),
+                   stages=tuple(d.get("stages") or ()))
 
     def with_kept(self, kept) -> "NetSpec":
         """The spec with only `kept` blocks (binarized layers of removed blocks are gone with them)."""
         kept = tuple(sorted(kept))
-        gone = {f"blocks.{b}." for b in self.kept if b not in kept}
+        gone = {f"{self.block_path(b)}." for b in self.kept if b not in kept}
         return replace(self, blocks_kept=kept, binarized=tuple(n for n in self.binarized if not n.startswith(tuple(gone))))
 
 
@@ -195,6 +237,14 @@ class ResNet(nn.Module):
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
 
+    def block_survival(self) -> dict[int, float]:
+        """p_l of every present block."""
+        return {b: self.blocks[str(b)].survival_prob for b in self.block_ids}
+
+    def contributions(self) -> dict[int, torch.Tensor | None]:
+        """||f(x)|| / ||x|| of every present block on the last recorded forward pass (None: it did not run)."""
+        return {b: self.blocks[str(b)].last_contribution for b in self.block_ids}
+
     def set_record_contribution(self, on: bool) -> None:
         for m in self.blocks.values():
             if isinstance(m, BasicBlock):
@@ -202,9 +252,15 @@ class ResNet(nn.Module):
                 m.last_contribution = None
 
 
-def build_model(spec: NetSpec) -> ResNet:
-    """Build a network from its spec (random weights; load a state_dict to restore one)."""
-    model = ResNet(spec)
+def build_model(spec: NetSpec) -> nn.Module:
+    """Build a network from its spec (random weights; load a state_dict to restore one): a `ResNet`, or a
+    `families.model.FamilyNet` around a torchvision or timm model."""
+    if spec.family != "cifar_resnet":
+        from .families.model import FamilyNet
+
+        model = FamilyNet(spec)
+    else:
+        model = ResNet(spec)
     if spec.binarized:
         from .binarize import to_binary
 
@@ -238,7 +294,7 @@ def forward_with_hooks(model: nn.Module, input_shape: tuple[int, ...], hooks: di
         model.train(was_training)
 
 
-def count_macs(model: ResNet, input_shape: tuple[int, int, int]) -> dict:
+def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> dict:
     """Multiply-accumulate count of the evaluation-time network on one image, in total and per block.
 
     Counted from the shapes seen in one forward pass: a conv costs out_elements * in_channels/groups * kh * kw,
@@ -258,9 +314,11 @@ def count_macs(model: ResNet, input_shape: tuple[int, int, int]) -> dict:
 
     forward_with_hooks(model, input_shape, {n: hook(n) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))})
     per_block: dict[int, int] = {}
+    spec = getattr(model, "spec", None)  # a plain nn.Module (the Python API) has no blocks of ours to count by
+    prefixes = {spec.block_path(b) + ".": b for b in model.block_ids} if isinstance(spec, NetSpec) else {}
     for name, v in macs.items():
-        if name.startswith("blocks."):
-            b = int(name.split(".")[1])
+        b = next((b for pre, b in prefixes.items() if name.startswith(pre)), None)
+        if b is not None:
             per_block[b] = per_block.get(b, 0) + v
     return {"total": sum(macs.values()), "per_block": dict(sorted(per_block.items())), "per_layer": macs}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from .nets import ResNet, block_layout, count_macs, count_params
+from .nets import ResNet, count_macs, count_params
 
 if TYPE_CHECKING:
     from .checkpoint import Sidecar
@@ -42,14 +42,10 @@ def model_report(model: ResNet, input_shape: tuple[int, int, int], checkpoint: s
 
 def stats_rows(meta: Sidecar) -> list[dict]:
     """One row per block of the survival statistics saved in a sidecar, with the block's stage and width."""
-    layout = block_layout(meta.spec.arch)
-    kept = set(meta.spec.kept)
-    n = len(layout) // 3
-    rows = []
-    for b in meta.survival_stats.blocks:
-        l = b.block
-        rows.append({**asdict(b), "stage": l // n + 1, "channels": layout[l][1], "kept": l in kept})
-    return rows
+    sp = meta.spec
+    kept = set(sp.kept)
+    return [{**asdict(b), "stage": sp.block_stage(b.block) + 1, "where": sp.block_where(b.block), "kept": b.block in kept}
+            for b in meta.survival_stats.blocks]
 
 
 def _fmt(v, spec: str) -> str:
@@ -59,15 +55,16 @@ def _fmt(v, spec: str) -> str:
 def format_stats_table(meta: Sidecar) -> str:
     """The per-block survival statistics as a fixed-width text table."""
     st, sp = meta.survival_stats, meta.spec
+    w = max(3, *(len(sp.block_where(b)) for b in range(sp.blocks_total)))
     lines = [
         f"{sp.arch}  rule={sp.survival_rule} p_last={sp.p_last}  "
         + (f"steps={st.steps}  drop effect fitted on the last {st.regression_steps} steps" if st.source == "training" else
          f"drop effect measured without training on {st.regression_steps} batches (random removals at evaluation time)"),
-        f"{'block':>5} {'stage':>5} {'ch':>3} {'p_l':>6} {'runs':>7} {'rate':>6} {'contrib':>8} {'drop effect':>12} {'± se':>7}",
+        f"{'block':>5} {'stage':>5} {'ch' if sp.family == 'cifar_resnet' else 'module':>{w}} {'p_l':>6} {'runs':>7} {'rate':>6} {'contrib':>8} {'drop effect':>12} {'± se':>7}",
     ]
     for r in stats_rows(meta):
         lines.append(
-            f"{r['block']:>5} {r['stage']:>5} {r['channels']:>3} {r['p_scheduled']:>6.3f} {r['runs']:>7} "
+            f"{r['block']:>5} {r['stage']:>5} {r['where']:>{w}} {r['p_scheduled']:>6.3f} {r['runs']:>7} "
             f"{_fmt(r['survival_rate'], '6.3f'):>6} {_fmt(r['contribution'], '8.3f'):>8} "
             f"{_fmt(r['drop_effect'], '+12.4f'):>12} {_fmt(r['drop_effect_se'], '7.4f'):>7}"
             + ("" if r["kept"] else "  (removed)")
@@ -107,10 +104,10 @@ def plot_stats(meta: Sidecar, path: str | Path) -> None:
     ax.axhline(0, color="k", lw=0.6)
     ax.set_ylabel("drop effect\n(Δ train loss)")
     ax.set_xlabel("block (input → output)")
-    n = len(block_layout(meta.spec.arch)) // 3
+    starts = [r["block"] for i, r in enumerate(rows) if i and r["stage"] != rows[i - 1]["stage"]]
     for a in axes:
-        for s in (n - 0.5, 2 * n - 0.5):
-            a.axvline(s, color="grey", lw=0.6, ls=":")
+        for s in starts:
+            a.axvline(s - 0.5, color="grey", lw=0.6, ls=":")
     sp = meta.spec
     removed = len(rows) - sum(kept)
     extra = f"; grey: {removed} removed blocks" if removed else ""

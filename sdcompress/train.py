@@ -90,6 +90,40 @@ def data_meta(ds: Dataset, cfg: TrainConfig) -> dict:
     }
 
 
+def net_spec(cfg: TrainConfig, ds: Dataset) -> NetSpec:
+    """The spec of the network `cfg.arch` names for this data (a CIFAR ResNet, or torchvision:NAME / timm:NAME)."""
+    if ":" not in cfg.arch:
+        if cfg.weights:
+            raise InputError(f"--weights starts a torchvision or timm model from its weights; {cfg.arch} is trained from scratch")
+        return NetSpec(cfg.arch, ds.input_shape[0], len(ds.classes), cfg.survival_rule, cfg.p_last)
+    from .families.model import describe
+
+    try:
+        return describe(cfg.arch, ds.input_shape[0], len(ds.classes), cfg.survival_rule, cfg.p_last)
+    except ValueError as e:
+        raise InputError(f"--arch {cfg.arch}: {e}") from None
+
+
+def load_start_weights(model, path: str) -> None:
+    """Start a torchvision or timm model from a state_dict of the plain model (e.g. `torch.save(m.state_dict(), F)`);
+    a classifier of another number of classes is left at its fresh initialization, and the line says so."""
+    from .checkpoint import load_state_dict
+
+    state = load_state_dict(Path(path))
+    own = model.net.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise InputError(f"--weights {path}: {len(unknown)} tensors ({unknown[0]}, ...) are not in {model.spec.arch}; is it a state_dict of that model?")
+    resized = sorted(k for k in state if state[k].shape != own[k].shape)
+    missing = sorted(set(own) - set(state))
+    if len(resized) + len(missing) > 2:  # more than a classifier's weight and bias
+        raise InputError(f"--weights {path}: {len(resized)} tensors of another shape and {len(missing)} missing "
+                         f"({(resized + missing)[0]}, ...); is it a state_dict of {model.spec.arch}?")
+    model.net.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
+    if resized or missing:
+        tqdm.write(f"--weights: {', '.join(resized + missing)} left freshly initialized (another number of classes)")
+
+
 def train_step(model: ResNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                keep: dict[int, bool] | None, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on one mini-batch with the given drop draw. Returns (loss, logits), not synchronized."""
@@ -173,9 +207,16 @@ def train(
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.val_size, cfg.split_seed)
     if len(ds.train) < cfg.batch_size:
         raise InputError(f"the training split has {len(ds.train)} images, fewer than --batch-size {cfg.batch_size}")
-    spec = NetSpec(cfg.arch, ds.input_shape[0], len(ds.classes), cfg.survival_rule, cfg.p_last)
+    if cfg.train_limit is not None:
+        ds = ds.limit_train(cfg.train_limit)
+    spec = net_spec(cfg, ds)
+    if spec.family != "cifar_resnet" and dd.enabled:
+        raise InputError(f"{cfg.arch}: training under torchrun is for the project's own ResNets; train it in one process")
     torch.manual_seed(cfg.seed)
-    model = build_model(spec).to(device)
+    model = build_model(spec)
+    if cfg.weights and not resume:
+        load_start_weights(model, cfg.weights)
+    model = model.to(device)
     cuda = device.type == "cuda"
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -244,7 +285,6 @@ def train(
                            "backend": dd.backend, "sync_bn": cfg.sync_bn}
     bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not (progress and dd.main), unit="step", dynamic_ncols=True)
     block_ids = model.block_ids
-    blocks = {b: model.blocks[str(b)] for b in block_ids}
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.perf_counter()
@@ -272,7 +312,7 @@ def train(
             correct.append((logits.argmax(1) == yb).sum())
             keeps.append(keep.numpy())
             if record:  # a dropped block measured nothing this step: NaN, skipped when recorded
-                contribs.append(torch.stack([_or_nan(blocks[b].last_contribution, device) for b in block_ids]))
+                contribs.append(torch.stack([_or_nan(c, device) for c in model.contributions().values()]))
             else:
                 contribs.append(None)
             if (i + 1) % 25 == 0 or i + 1 == steps_per_epoch:
@@ -389,7 +429,7 @@ def finetune(model: ResNet, ds: Dataset, epochs: int, lr: float = 0.01, survival
     pad, flip = augment_with if augment_with is not None else augmentation(TrainConfig(), ds.input_shape)
     normalize = Normalize(ds.mean, ds.std, dev)
     ids = model.block_ids
-    probs = torch.tensor([model.blocks[str(b)].survival_prob for b in ids])
+    probs = torch.tensor([model.block_survival()[b] for b in ids])
     x_all, y_all = ds.train.images.to(dev), ds.train.labels.to(dev)
     t0 = time.perf_counter()
     model.train()

@@ -57,12 +57,34 @@ FAMILIES = {
 }
 
 
+# timm (the optional extra): blocks are the modules carrying drop_path. resnet18 as torchvision's; convnext_atto
+# depths [2,2,6,2], all identity (downsampling sits between stages, outside the blocks); efficientnet_b0 as
+# torchvision's (16 blocks, 9 with a skip); a 4-block ViT; regnety_002 depths [1,1,4,7], every block with a
+# `downsample` (a projection at each stage's first block, an Identity module elsewhere).
+try:
+    import timm
+except ImportError:  # the extra is not installed: its cases are skipped, with the reason
+    timm = None
+TIMM = {
+    "timm_resnet18": ("resnet18", {}, 8, 8, 3),
+    "timm_convnext_atto": ("convnext_atto", {}, 12, 12, 0),
+    "timm_efficientnet_b0": ("efficientnet_b0", {}, 16, 9, 0),
+    "timm_vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 4}, 4, 4, 0),
+    "timm_regnety_002": ("regnety_002", {}, 13, 13, 13),
+}
+for key, (arch, kw, n, r, s) in TIMM.items():
+    FAMILIES[key] = ((lambda arch=arch, kw=kw: timm.create_model(arch, pretrained=False, num_classes=10, drop_path_rate=0.1, **kw)),
+                     n, r, s)
+
+
 def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_blocks_prune_and_onnx(name, tmp_path):
+    if name.startswith("timm_") and timm is None:
+        pytest.skip("timm is not installed (pip install 'sdcompress[timm]')")
     build, n_blocks, n_removable, n_shortcut = FAMILIES[name]
     torch.manual_seed(0)
     model = build().eval()

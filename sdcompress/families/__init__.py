@@ -40,11 +40,12 @@ class Block:
 @dataclass(frozen=True)
 class Family:
     """An adapter: `find(model)` lists (path, module, removal) for every block, in forward order;
-    `replacement(module, removal)` is the module a removed block becomes."""
+    `replacement(module, removal, share)` is the module a removed block becomes (with `share`, one that uses the
+    block's own shortcut weights rather than a copy: the residual path of a block dropped for one training step)."""
 
     name: str
     find: Callable[[nn.Module], list[tuple[str, nn.Module, str]]]
-    replacement: Callable[[nn.Module, str], nn.Module]
+    replacement: Callable[[nn.Module, str, bool], nn.Module]
 
 
 FAMILIES: dict[str, Family] = {}
@@ -59,24 +60,26 @@ def number(found: list[tuple[str, nn.Module, str]], family: str) -> list[Block]:
     """Blocks with their index and stage: a stage ends where a block changes the shape."""
     blocks, stage = [], 0
     for i, (path, mod, removal) in enumerate(found):
-        if i > 0 and removal != "identity":
+        # a shortcut that is itself an identity (timm's RegNet gives every block a `downsample`) keeps the stage
+        same = removal == "identity" or isinstance(getattr(mod, "downsample", None), nn.Identity)
+        if i > 0 and not same:
             stage += 1
         blocks.append(Block(i, path, stage, removal, type(mod).__name__, family))
     return blocks
 
 
-def replacement(model: nn.Module, block: Block) -> nn.Module:
-    """What `block` of `model` becomes when it is removed."""
+def replacement(model: nn.Module, block: Block, share: bool = False) -> nn.Module:
+    """What `block` of `model` becomes when it is removed (`share`: using the block's own shortcut weights)."""
     if not block.removable:
         raise ValueError(f"block {block.index} ({block.path}, {block.kind}) has no residual path and cannot be removed")
     if block.family == "named":
         return nn.Identity()
-    return FAMILIES[block.family].replacement(model.get_submodule(block.path), block.removal)
+    return FAMILIES[block.family].replacement(model.get_submodule(block.path), block.removal, share)
 
 
 def family_of(model: nn.Module) -> tuple[Family, list[Block]]:
     """The family that recognises `model`, and its blocks; ValueError if none does."""
-    from . import cifar_resnet, torchvision  # noqa: F401 - registration, the project's own first
+    from . import cifar_resnet, timm, torchvision  # noqa: F401 - registration, the project's own first
 
     for fam in FAMILIES.values():
         found = fam.find(model)

@@ -27,8 +27,8 @@ def find(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
-def replacement(mod: nn.Module, removal: str) -> nn.Module:
-    return nn.Identity() if removal == "identity" else copy.deepcopy(mod.shortcut)
+def replacement(mod: nn.Module, removal: str, share: bool = False) -> nn.Module:
+    return nn.Identity() if removal == "identity" else (mod.shortcut if share else copy.deepcopy(mod.shortcut))
 
 
 FAMILY = register(Family("cifar_resnet", find, replacement))

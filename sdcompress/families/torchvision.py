@@ -60,21 +60,32 @@ def find(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return found
 
 
-class _ShortcutThenActivation(nn.Sequential):
-    """A removed block with a projection shortcut: what `act(shortcut(x) + f(x))` is without `f`."""
+class ShortcutThenActivation(nn.Module):
+    """A removed block with a projection shortcut: what `act(shortcut(x) + f(x))` is without `f`. The shortcut
+    keeps its attribute name (`downsample`, `proj`), so its weights keep their state_dict keys."""
+
+    def __init__(self, name: str, shortcut: nn.Module, act: nn.Module):
+        super().__init__()
+        self.name = name
+        setattr(self, name, shortcut)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(getattr(self, self.name)(x))
 
 
-def replacement(mod: nn.Module, removal: str) -> nn.Module:
+def replacement(mod: nn.Module, removal: str, share: bool = False) -> nn.Module:
     if removal == "identity":
         return nn.Identity()
     if removal != "shortcut":
         raise ValueError(f"a {type(mod).__name__} without a residual path cannot be removed")
+    own = (lambda m: m) if share else copy.deepcopy
     if hasattr(mod, "downsample"):  # torchvision ResNet: relu(bn(conv(...)) + downsample(x))
-        return _ShortcutThenActivation(copy.deepcopy(mod.downsample), nn.ReLU())
+        return ShortcutThenActivation("downsample", own(mod.downsample), nn.ReLU())
     act = copy.deepcopy(mod.activation) if isinstance(getattr(mod, "activation", None), nn.Module) else nn.ReLU()
     if hasattr(act, "inplace"):
         act.inplace = False
-    return _ShortcutThenActivation(copy.deepcopy(mod.proj), act)  # RegNet: activation(proj(x) + f(x))
+    return ShortcutThenActivation("proj", own(mod.proj), act)  # RegNet: activation(proj(x) + f(x))
 
 
 FAMILY = register(Family("torchvision", find, replacement))

@@ -1,0 +1,139 @@
+"""Every command on a model of another family: a torchvision resnet18 trained with the project's stochastic depth
+on small colour images, then stats, stats --measure, prune (each strategy), binarize, eval, report and export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sdcompress.checkpoint import load_checkpoint
+from sdcompress.cli import main
+
+tvm = pytest.importorskip("torchvision.models")
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    """320 colour 32x32 images of 2 classes that differ in brightness: learnable in one short epoch."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 320).astype(np.uint8)
+    x = rng.integers(0, 96, (320, 32, 32, 3)).astype(np.uint8) + (y * 120).astype(np.uint8)[:, None, None, None]
+    path = tmp_path_factory.mktemp("data") / "colour.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture(scope="module")
+def resnet18_ckpt(colour_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "r18"
+    rc = main(["train", "--arch", "torchvision:resnet18", "--data", str(colour_data), "--epochs", "2", "--batch-size", "32",
+               "--lr", "0.05", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_train_records_statistics_of_every_block(resnet18_ckpt):
+    model, meta = load_checkpoint(resnet18_ckpt)
+    assert meta.spec.arch == "torchvision:resnet18" and meta.spec.blocks_total == 8
+    assert meta.spec.paths == ("layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1")
+    assert meta.spec.stages == (0, 0, 1, 1, 2, 2, 3, 3)
+    rows = meta.survival_stats.blocks
+    # linear rule over 8 blocks, p_L = 0.5: block 7 ran about half the 16 steps, and fewer times than block 0
+    assert rows[7].p_scheduled == pytest.approx(0.5) and rows[0].p_scheduled == pytest.approx(1 - 1 / 16)
+    assert 0 < rows[7].runs < 16 and rows[0].runs >= rows[7].runs
+    assert all(r.contribution is not None and r.contribution > 0 for r in rows)
+    # the sidecar names the builder; loading builds it from torchvision, no code from the file
+    side = json.loads((resnet18_ckpt / "model.json").read_text())
+    assert side["spec"]["arch"] == "torchvision:resnet18" and side["spec"]["args"] == {}
+
+
+def test_a_dropped_block_is_not_computed(resnet18_ckpt):
+    model, _ = load_checkpoint(resnet18_ckpt)
+    model.train()
+    ran = []
+    hooks = [model.net.get_submodule(p).conv1.register_forward_hook(lambda m, a, o, p=p: ran.append(p)) for p in model.spec.paths]
+    model(torch.rand(4, 3, 32, 32), {b: b not in (3, 6) for b in range(8)})
+    for h in hooks:
+        h.remove()
+    assert ran == [p for b, p in enumerate(model.spec.paths) if b not in (3, 6)]
+    # and the model is whole again afterwards
+    assert [type(model.net.get_submodule(p)).__name__ for p in model.spec.paths] == ["BasicBlock"] * 8
+
+
+@pytest.mark.parametrize("strategy", ["stats", "every-other", "sensitivity", "top"])
+def test_prune_each_strategy(resnet18_ckpt, colour_data, tmp_path, strategy):
+    out = tmp_path / "p"
+    rc = main(["prune", str(resnet18_ckpt), "--keep", "0.6", "--strategy", strategy, "--data", str(colour_data), "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    full, _ = load_checkpoint(resnet18_ckpt)
+    small, meta = load_checkpoint(out)
+    assert len(small.block_ids) == 5 and meta.spec.blocks_kept == tuple(small.block_ids)
+    state = torch.load(out / "model.pt", weights_only=True)
+    removed = [b for b in range(8) if b not in small.block_ids]
+    for b in removed:  # nothing of a removed block is saved but its projection shortcut
+        keys = [k for k in state if k.startswith(f"net.{meta.spec.paths[b]}.")]
+        assert all(".downsample." in k for k in keys), keys
+    assert sum(v.numel() for v in small.parameters()) < sum(v.numel() for v in full.parameters())
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["after"]["macs"] < rep["before"]["macs"] and rep["after"]["model"]["blocks_kept"] == small.block_ids
+
+
+def test_measure_then_prune_by_measured_effects(resnet18_ckpt, colour_data, tmp_path):
+    measured = tmp_path / "m"
+    assert main(["stats", str(resnet18_ckpt), "--measure", "--data", str(colour_data), "--batches", "8", "--rounds", "12",
+                 "--out", str(measured), "--no-plot"]) == 0
+    _, meta = load_checkpoint(measured)
+    assert meta.survival_stats.source == "measured"
+    assert sum(r.drop_effect is not None for r in meta.survival_stats.blocks) >= 6
+    assert main(["prune", str(measured), "--keep", "0.6", "--data", str(colour_data), "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+
+
+def test_binarize_eval_report_and_export(resnet18_ckpt, colour_data, tmp_path, capsys):
+    binary = tmp_path / "b"
+    assert main(["binarize", str(resnet18_ckpt), "--data", str(colour_data), "--out", str(binary), "--no-progress"]) == 0
+    model, meta = load_checkpoint(binary)
+    # regular convs inside the blocks, their projection shortcuts too; the stem and the classifier stay float
+    assert "net.conv1" not in meta.spec.binarized and "net.fc" not in meta.spec.binarized
+    assert "net.layer1.0.conv1" in meta.spec.binarized and "net.layer2.0.downsample.0" in meta.spec.binarized
+    assert (binary / "model.pt").stat().st_size < (resnet18_ckpt / "model.pt").stat().st_size / 8
+    capsys.readouterr()
+    assert main(["eval", str(binary), "--data", str(colour_data)]) == 0
+    assert "torchvision:resnet18" in capsys.readouterr().out
+    assert main(["report", str(binary), "--json", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["params"]["by_bits"]["1"] > 10 * rep["params"]["by_bits"]["32"]
+    out = tmp_path / "e"
+    assert main(["export", str(binary), "--format", "onnx", "--data", str(colour_data), "--out", str(out)]) == 0
+    exp = json.loads((out / "report.json").read_text())
+    assert exp["formats"]["onnx"]["verification"]["ok"]
+    assert exp["formats"]["onnx"]["bytes"] < (resnet18_ckpt / "model.pt").stat().st_size / 8  # bits stored as bits
+
+
+def test_train_from_weights_of_the_plain_model(colour_data, tmp_path, capsys):
+    torch.manual_seed(1)
+    plain = tvm.resnet18(num_classes=1000)
+    torch.save(plain.state_dict(), tmp_path / "r18.pt")
+    out = tmp_path / "ft"
+    assert main(["train", "--arch", "torchvision:resnet18", "--weights", str(tmp_path / "r18.pt"), "--data", str(colour_data),
+                 "--epochs", "1", "--batch-size", "32", "--lr", "0.01", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr()
+    assert "fc.bias, fc.weight left freshly initialized" in err.out + err.err
+    model, _ = load_checkpoint(out)
+    # one short epoch at a low rate: a block's convolution is still close to the weights it started from
+    start = plain.layer1[0].conv1.weight
+    assert (model.net.layer1[0].conv1.weight - start).norm() < 0.2 * start.norm()
+
+
+def test_bad_weights_and_archs_are_one_line(colour_data, tmp_path, capsys):
+    torch.save(tvm.mobilenet_v2().state_dict(), tmp_path / "mnv2.pt")
+    for argv in (["--arch", "torchvision:resnet18", "--weights", str(tmp_path / "mnv2.pt")],
+                 ["--arch", "torchvision:alexnet"], ["--arch", "torchvision:no_such_model"], ["--arch", "resnet20", "--weights", str(tmp_path / "mnv2.pt")]):
+        capsys.readouterr()
+        rc = main(["train", *argv, "--data", str(colour_data), "--epochs", "1", "--out", str(tmp_path / "x"), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, (argv, err)
+        assert not (tmp_path / "x").exists()
