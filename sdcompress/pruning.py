@@ -193,14 +193,20 @@ def footprint(model: ResNet, input_shape) -> dict:
     return {"blocks": len(model.block_ids), "params": count_params(model), "macs": count_macs(model, tuple(input_shape))["total"]}
 
 
+def removable(model) -> list[int]:
+    """Present blocks that can be removed (all of them in the project's ResNets)."""
+    return [b for b in model.block_ids if b not in model.spec.fixed]
+
+
 # ---- policy --------------------------------------------------------------------------------------------------
 def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Callable[[ResNet], float] | None = None) -> list[int]:
-    """Which present blocks to remove under the config's keep ratio, explicit list or budget."""
-    present = model.block_ids
+    """Which present blocks to remove under the config's keep ratio, explicit list or budget. `keep` is a fraction
+    of the removable blocks: a block without a residual path (a MobileNet block that changes the width) stays."""
+    present = removable(model)
     if cfg.blocks_to_keep is not None:
-        bad = sorted(set(cfg.blocks_to_keep) - set(present))
+        bad = sorted(set(cfg.blocks_to_keep) - set(model.block_ids))
         if bad:
-            raise InputError(f"--blocks-to-keep names blocks {bad} that this model does not have (present: {present})")
+            raise InputError(f"--blocks-to-keep names blocks {bad} that this model does not have (present: {model.block_ids})")
         return [l for l in present if l not in set(cfg.blocks_to_keep)]
 
     order_cache: list[int] | None = None
@@ -274,7 +280,7 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
     if cfg.blocks_to_keep is not None:
         record["ranking"] = {"by": "the blocks named", "warning": None}
     elif cfg.strategy == "stats":
-        by, warning = stats_basis(meta.survival_stats, model.block_ids)
+        by, warning = stats_basis(meta.survival_stats, removable(model))
         record["ranking"] = {"by": by, "warning": warning}
     else:
         record["ranking"] = {"by": {"top": "depth (highest first)", "every-other": "position (evenly spread)",

@@ -137,3 +137,22 @@ def test_bad_weights_and_archs_are_one_line(colour_data, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1, (argv, err)
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "convnext_tiny"])
+def test_core_ml_export_of_a_pruned_torchvision_model(arch, colour_data, tmp_path):
+    """Pruned at keep 0.6, converted to an ML program and checked op by op against PyTorch on the data's images
+    (float32, so the logits themselves are compared, not only saturated probabilities)."""
+    pytest.importorskip("coremltools")
+    ckpt, small, out = tmp_path / "c", tmp_path / "s", tmp_path / "x"
+    assert main(["train", "--arch", f"torchvision:{arch}", "--data", str(colour_data), "--epochs", "1", "--batch-size", "32",
+                 "--train-limit", "64", "--out", str(ckpt), "--no-progress"]) == 0
+    assert main(["prune", str(ckpt), "--keep", "0.6", "--strategy", "every-other", "--data", str(colour_data), "--out", str(small),
+                 "--no-progress"]) == 0
+    assert main(["export", str(small), "--format", "coreml", "--precision", "float32", "--data", str(colour_data), "--out", str(out)]) == 0
+    v = json.loads((out / "report.json").read_text())["formats"]["coreml"]["verification"]
+    model, meta = load_checkpoint(small)
+    assert len(model.block_ids) < meta.spec.blocks_total
+    assert v["ok"] and v["top1_agreement"] == 1.0 and v["max_abs_diff_logits"] < 1e-3, v
+    assert (out / "model.mlpackage" / "Manifest.json").exists()

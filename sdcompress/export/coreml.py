@@ -290,6 +290,50 @@ def run_program(prog, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             y = F.pad(x, torch_pad, value=float(op.constant_val.val))
         elif t == "reduce_mean":
             y = x.mean(dim=tuple(int(a) for a in arg(op, "axes").tolist()), keepdim=bool(op.keep_dims.val))
+        elif t in ("max_pool", "avg_pool"):
+            y = _pool(op, x, arg)
+        elif t == "clip":
+            y = torch.clamp(x, float(arg(op, "alpha")), float(arg(op, "beta")))
+        elif t == "transpose":
+            y = x.permute(*[int(d) for d in arg(op, "perm").tolist()])
+        elif t == "layer_norm":
+            axes = [int(a) % x.dim() for a in arg(op, "axes").tolist()]
+            mean = x.mean(dim=axes, keepdim=True)
+            var = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+            y = (x - mean) / torch.sqrt(var + float(arg(op, "epsilon", torch.tensor(1e-5))))
+            g, b = arg(op, "gamma"), arg(op, "beta")
+            y = y * g if g is not None else y
+            y = y + b if b is not None else y
+        elif t == "batch_norm":
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            y = (x - arg(op, "mean").view(shape)) / torch.sqrt(arg(op, "variance").view(shape) + float(arg(op, "epsilon", torch.tensor(1e-5))))
+            g, b = arg(op, "gamma"), arg(op, "beta")
+            y = y * g.view(shape) if g is not None else y
+            y = y + b.view(shape) if b is not None else y
+        elif t == "gelu":
+            mode = op.mode.val if op.mode is not None else "EXACT"
+            y = F.gelu(x, approximate="tanh" if mode == "TANH_APPROXIMATION" else "none") if mode != "SIGMOID_APPROXIMATION" else x * torch.sigmoid(1.702 * x)
+        elif t == "sigmoid":
+            y = torch.sigmoid(x)
+        elif t == "silu":
+            y = F.silu(x)
+        elif t == "sigmoid_hard":
+            y = torch.clamp(float(arg(op, "alpha")) * x + float(arg(op, "beta")), 0.0, 1.0)
+        elif t == "matmul":
+            a, b = x, arg(op, "y")
+            a = a.transpose(-1, -2) if op.transpose_x is not None and op.transpose_x.val else a
+            b = b.transpose(-1, -2) if op.transpose_y is not None and op.transpose_y.val else b
+            y = torch.matmul(a, b)
+        elif t == "concat":
+            y = torch.cat([val(v) for v in op.values], dim=int(op.axis.val))
+        elif t in ("squeeze", "expand_dims"):
+            axes = [int(a) for a in arg(op, "axes").tolist()] if op.axes is not None else None
+            if t == "squeeze":
+                y = x.squeeze() if axes is None else x.squeeze(tuple(a % x.dim() for a in axes))
+            else:
+                y = x
+                for a in sorted(a % (x.dim() + len(axes)) for a in axes):
+                    y = y.unsqueeze(a)
         elif t == "reshape":
             y = x.reshape([int(s) for s in arg(op, "shape").tolist()])
         elif t == "softmax":
@@ -301,6 +345,36 @@ def run_program(prog, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             raise NotImplementedError(f"reference evaluation has no op {t!r}")
         env[op.outputs[0].name] = y
     return env
+
+
+def _pool(op, x: torch.Tensor, arg) -> torch.Tensor:
+    """MIL max_pool / avg_pool (custom or valid padding; `same` computed as TensorFlow does)."""
+    import torch.nn.functional as F
+
+    k = [int(v) for v in arg(op, "kernel_sizes").tolist()]
+    st = [int(v) for v in arg(op, "strides").tolist()]
+    kind = op.pad_type.val
+    if kind == "custom":
+        pad = [int(v) for v in arg(op, "pad").tolist()]
+    elif kind == "valid":
+        pad = [0] * 4
+    elif kind == "same":
+        pad = []
+        for d, (kk, ss) in enumerate(zip(k, st)):
+            n = x.shape[2 + d]
+            total = max((math.ceil(n / ss) - 1) * ss + kk - n, 0)
+            pad += [total // 2, total - total // 2]
+    else:
+        raise NotImplementedError(f"pool pad_type {kind}")
+    ceil = bool(op.ceil_mode.val) if op.ceil_mode is not None else False
+    if op.op_type == "max_pool":
+        x = F.pad(x, (pad[2], pad[3], pad[0], pad[1]), value=-math.inf)
+        return F.max_pool2d(x, k, st, ceil_mode=ceil)
+    exclude = bool(op.exclude_padding_from_average.val) if op.exclude_padding_from_average is not None else False
+    ones = F.pad(torch.ones_like(x[:1, :1]), (pad[2], pad[3], pad[0], pad[1]))
+    x = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
+    y = F.avg_pool2d(x, k, st, ceil_mode=ceil)
+    return y / F.avg_pool2d(ones, k, st, ceil_mode=ceil) if exclude else y
 
 
 def _reference_outputs(path: Path, inputs: np.ndarray, input_name: str, verbose: bool):
