@@ -10,12 +10,16 @@ Loading restores latent weights equal to sign * alpha, the same network. Each la
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import check_lr, check_number
+from .errors import InputError
 
 STE_CLIP = 1.0
 
@@ -122,6 +126,17 @@ def to_binary(m: nn.Module) -> nn.Module:
     return b.to(m.weight.device)
 
 
+def apply_binary(model: nn.Module, names) -> None:
+    """Replace the named Conv2d / Linear layers of `model` by binary copies, in place."""
+    layers = dict(model.named_modules())
+    unknown = [n for n in names if not isinstance(layers.get(n), (nn.Conv2d, nn.Linear))]
+    if unknown:
+        raise ValueError(f"binarized layers {unknown[:3]} are not conv or linear layers of this network")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, to_binary(layers[name]))
+
+
 def bits_per_value(m: nn.Module) -> int:
     """The precision a layer declares for its weight (32 unless it says otherwise)."""
     return getattr(m, "weight_bits_per_value", 32)
@@ -205,8 +220,6 @@ class BinarizeConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from .config import check_lr, check_number
-
         check_number("--recalibrate", self.recalibrate, 0, 100_000)
         check_number("--finetune", self.finetune, 0, 10_000)
         check_lr("--finetune-lr", self.finetune_lr)
@@ -217,8 +230,6 @@ class BinarizeConfig:
 
 def binarize_model(model, cfg: BinarizeConfig):
     """A binarized copy of a network: the chosen layers become 1-bit layers, latent weights from the originals."""
-    from .errors import InputError
-    from .nets import build_model
 
     if model.spec.binarized:
         raise InputError(f"the checkpoint is already binarized ({len(model.spec.binarized)} layers); binarize the full-precision checkpoint")
@@ -230,6 +241,31 @@ def binarize_model(model, cfg: BinarizeConfig):
         raise InputError(str(e)) from None
     if not names:
         raise InputError("nothing left to binarize")
-    new = build_model(replace(model.spec, binarized=tuple(names)))
-    new.load_state_dict(model.state_dict())  # a plain `weight` becomes the latent weight of a binary layer
+    new = copy.deepcopy(model).cpu()
+    apply_binary(new, names)  # a plain `weight` becomes the latent weight of a binary layer
+    new.spec = replace(model.spec, binarized=tuple(names))
     return new.eval()
+
+
+def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Module, dict]:
+    """The binarize stage: binarize, re-estimate BatchNorm on training images, optionally fine-tune with the STE.
+
+    Args:
+        model, meta: the network and its sidecar.
+        cfg: the binarize config.
+        calib: training images for BatchNorm recalibration (never evaluation data).
+        tune: `tune(model, epochs, lr, survival, seed)` trains in place and returns a record.
+    """
+    from .data import Normalize, train_augmentation
+    from .loops import recalibrate_bn
+
+    new = binarize_model(model, cfg)
+    record = {"layers": list(new.spec.binarized), "recalibrated_images": 0, "finetune": None}
+    if cfg.recalibrate:
+        if calib is None:
+            raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
+        norm = Normalize(meta.data.mean, meta.data.std)
+        record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))
+    if cfg.finetune:
+        record["finetune"] = tune(new, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed)
+    return new, record

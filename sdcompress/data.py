@@ -309,3 +309,21 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -
         mask = torch.rand(n, device=x.device, generator=generator) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def augmentation(cfg, shape: tuple[int, int, int]) -> tuple[int, bool]:
+    """(pad, flip) for a dataset: CIFAR's 4-pixel crop scales with image size; flips only for colour images."""
+    mode = cfg.augment
+    if mode == "auto":
+        mode = "standard" if shape[0] == 3 else "none"
+    if mode not in ("standard", "crop", "none"):
+        raise InputError(f"--augment must be auto, standard, crop or none, got {cfg.augment!r}")
+    pad = max(1, shape[1] // 8) if mode in ("standard", "crop") else 0
+    return pad, mode == "standard"
+
+
+def train_augmentation(meta) -> tuple[int, bool]:
+    """(pad, flip) that a checkpoint was trained with, from its sidecar."""
+    from .config import TrainConfig
+
+    return augmentation(TrainConfig.from_dict(meta.train_config), meta.data.input_shape)

@@ -28,3 +28,7 @@ def check_interrupt() -> None:
 def clear_pending() -> None:
     """Forget received signals: each command starts and ends with none."""
     _pending.clear()
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; the last good checkpoint is kept."""

@@ -11,7 +11,7 @@ from .checkpoint import Sidecar
 from .data import Dataset, ImageSet, Normalize, load_dataset, load_eval_set
 from .errors import InputError
 from .nets import ResNet
-from .train import evaluate
+from .loops import evaluate
 from .zoo import bundled_calib_set, bundled_eval_set, same_data_as_bundled
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .binarize import apply_binary
 from .survival import survival_probs
 
 # Blocks per stage (n) of each registered architecture: depth = 6n + 2.
@@ -261,16 +262,7 @@ def build_model(spec: NetSpec) -> nn.Module:
         model = FamilyNet(spec)
     else:
         model = ResNet(spec)
-    if spec.binarized:
-        from .binarize import to_binary
-
-        layers = dict(model.named_modules())
-        unknown = [n for n in spec.binarized if not isinstance(layers.get(n), (nn.Conv2d, nn.Linear))]
-        if unknown:
-            raise ValueError(f"binarized layers {unknown[:3]} are not conv or linear layers of this network")
-        for name in spec.binarized:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, to_binary(layers[name]))
+    apply_binary(model, spec.binarized)
     return model
 
 

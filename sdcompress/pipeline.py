@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .binarize import BinarizeConfig, binarize_model
+from .binarize import BinarizeConfig, binarize_stage
 from .checkpoint import Sidecar, load_checkpoint, resolve, save_checkpoint
 from .files import atomic_write_bytes, atomic_write_json, check_output_folder, output_folder, path_bytes
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt
-from .pruning import PruneConfig, prune_model, recalibrate_bn
+from .pruning import PruneConfig, prune_model
+from .loops import evaluate, finetune
 from .report import binarize_markdown, export_markdown, format_stats_table, model_report, plot_stats, prune_markdown
-from .train import evaluate, finetune, train_augmentation
+from .data import train_augmentation
 
 
 def _accuracy(model, meta: Sidecar, images, name) -> dict | None:
@@ -84,16 +85,7 @@ def run_binarize(ckpt, cfg: BinarizeConfig, out: Path, data=None, data_dir=None,
     """Binarize a checkpoint into `out` (model.pt with packed sign bits, model.json, report.json, report.md)."""
 
     def transform(model, meta, calib, tune):
-        new = binarize_model(model, cfg)
-        record = {"layers": list(new.spec.binarized), "recalibrated_images": 0, "finetune": None}
-        if cfg.recalibrate:
-            if calib is None:
-                raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
-            norm = Normalize(meta.data.mean, meta.data.std)
-            record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))
-        if cfg.finetune:
-            record["finetune"] = tune(new, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed)
-        return new, record
+        return binarize_stage(model, meta, cfg, calib, tune)
 
     need = bool(cfg.recalibrate) or cfg.finetune > 0
     return _run_stage("binarize", ckpt, out, cfg, need, transform, data, data_dir, device, progress, measure_before,

@@ -17,14 +17,14 @@ from typing import Callable
 
 import torch
 
-from .data import ImageSet, Normalize, augment
+from .data import ImageSet, Normalize, train_augmentation
 from .checkpoint import Sidecar, SurvivalTable
 from .config import check_lr, check_number
 from .errors import InputError
 from .nets import ResNet, build_model, count_macs, count_params
-from .train import train_augmentation
+from .loops import batch_loss, recalibrate_bn
 
-STRATEGIES = ("stats", "top", "every-other", "sensitivity")
+STRATEGIES = ("stats", "top", "every-other", "sensitivity")  # every-other is a policy of position; the rest score blocks (IMPORTANCE)
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class PruneConfig:
         return asdict(self)
 
 
-# ---- importance ----------------------------------------------------------------------------------------------
+# ---- what the importance functions read ----------------------------------------------------------------------
 def _need(table: SurvivalTable | None) -> SurvivalTable:
     if table is None:
         raise InputError("strategy 'stats' needs the survival statistics of training; this checkpoint has none (use --strategy top)")
@@ -145,42 +145,6 @@ def remove_blocks(model: ResNet, remove) -> ResNet:
     return new.to(next(model.parameters()).device)
 
 
-@torch.no_grad()
-def recalibrate_bn(model: ResNet, images: ImageSet, normalize: Normalize, batches: int, batch_size: int, seed: int = 0,
-                   pad: int = 0, flip: bool = False) -> int:
-    """Re-estimate BatchNorm statistics on the evaluation-time network. Returns the number of images used.
-
-    Batches get the training augmentation (`pad`, `flip`, as in training): the weights were learned against
-    statistics of augmented batches. Clean batches cost accuracy even with no block removed
-    (`tools/bench_prune.py`, bundled constant-depth ResNet-56, keep 1.0, 5k validation split: 87.7% before,
-    85.3% after recalibrating on clean batches, 87.6% on augmented ones).
-    """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all recalibration batches
-    model.eval()
-    for m in bns:
-        m.train()
-    g = torch.Generator().manual_seed(seed)
-    per_pass = max(1, len(images) // batch_size)
-    used = 0
-    try:
-        for i in range(batches):  # more batches than the data holds: new passes, new augmentation draws
-            if i % per_pass == 0:
-                order = torch.randperm(len(images), generator=g)
-            idx = order[(i % per_pass) * batch_size : (i % per_pass + 1) * batch_size]
-            x = augment(images.images[idx], pad, flip, g)
-            model(normalize(x))  # keep=None: every kept block, scaled by p_l, as at evaluation
-            used += len(idx)
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-        model.eval()
-    return used
-
-
 # ---- footprint -----------------------------------------------------------------------------------------------
 def state_bytes(model: ResNet) -> int:
     """Bytes of model.pt as `save_checkpoint` writes it."""
@@ -198,7 +162,73 @@ def removable(model) -> list[int]:
     return [b for b in model.block_ids if b not in model.spec.fixed]
 
 
-# ---- policy --------------------------------------------------------------------------------------------------
+# ---- importance: one score per removable block, lower = removed first ------------------------------------------
+@dataclass(frozen=True)
+class Candidates:
+    """What an importance function scores: the model, its sidecar, its removable blocks, and (for `sensitivity`)
+    the loss of a candidate network on training images."""
+
+    model: ResNet
+    meta: Sidecar
+    present: list[int]
+    loss_fn: Callable[[ResNet], float] | None = None
+
+
+Importance = Callable[[Candidates, int, "dict[int, float] | None"], "dict[int, float]"]
+IMPORTANCE: dict[str, Importance] = {}  # strategy name -> scores(candidates, n_remove, scores so far)
+
+
+def importance(name: str):
+    def register(fn: Importance) -> Importance:
+        IMPORTANCE[name] = fn
+        return fn
+
+    return register
+
+
+@importance("stats")
+def stats_scores(c: Candidates, n_remove: int, prior=None) -> dict[int, float]:
+    """Rank in `stats_order` (learned or measured drop effect; contribution where drop effects say nothing)."""
+    order = stats_order(c.meta.survival_stats, c.present, stats_basis(c.meta.survival_stats, c.present)[0])
+    return {b: float(i) for i, b in enumerate(order)}
+
+
+@importance("top")
+def top_scores(c: Candidates, n_remove: int, prior=None) -> dict[int, float]:
+    """Depth: the highest block first (the rule for networks trained without layer dropout)."""
+    return {b: -float(b) for b in c.present}
+
+
+@importance("sensitivity")
+def sensitivity_scores(c: Candidates, n_remove: int, prior: dict[int, float] | None = None) -> dict[int, float]:
+    """Step of the greedy search at which a block is removed (`sensitivity_order`); blocks not reached score inf.
+    `prior`, scores of a shorter search, is extended rather than repeated."""
+    if c.loss_fn is None:
+        raise InputError("strategy 'sensitivity' needs data to measure the loss on")
+    start = sorted((b for b, v in (prior or {}).items() if v != math.inf), key=lambda b: prior[b])
+    order = sensitivity_order(c.model, c.present, n_remove, c.loss_fn, start)
+    return {b: float(order.index(b)) if b in order else math.inf for b in c.present}
+
+
+# ---- policy: how many, and which -------------------------------------------------------------------------------
+class Ranking:
+    """The blocks to remove for any count: scores computed once by the strategy's importance function (extended
+    when a greedy search must go further), or for `every-other` positions spread over the depth."""
+
+    def __init__(self, strategy: str, candidates: Candidates):
+        self.strategy, self.c = strategy, candidates
+        self.scores: dict[int, float] | None = None
+        self.scored = -1  # the largest count the scores are valid for
+
+    def removal(self, n_remove: int) -> list[int]:
+        if self.strategy == "every-other":
+            return every_other(self.c.present, n_remove)
+        if self.scored < n_remove:
+            self.scores = IMPORTANCE[self.strategy](self.c, n_remove, self.scores)
+            self.scored = len(self.c.present) if self.strategy != "sensitivity" else n_remove
+        return sorted(self.c.present, key=lambda b: (self.scores[b], b))[:n_remove]
+
+
 def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Callable[[ResNet], float] | None = None) -> list[int]:
     """Which present blocks to remove under the config's keep ratio, explicit list or budget. `keep` is a fraction
     of the removable blocks: a block without a residual path (a MobileNet block that changes the width) stays."""
@@ -208,50 +238,21 @@ def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Ca
         if bad:
             raise InputError(f"--blocks-to-keep names blocks {bad} that this model does not have (present: {model.block_ids})")
         return [l for l in present if l not in set(cfg.blocks_to_keep)]
-
-    order_cache: list[int] | None = None
-
-    def removal(n_remove: int) -> list[int]:
-        nonlocal order_cache
-        if cfg.strategy == "every-other":
-            return every_other(present, n_remove)
-        if cfg.strategy == "top":
-            return sorted(present, reverse=True)[:n_remove]
-        if cfg.strategy == "stats":
-            return stats_order(meta.survival_stats, present, stats_basis(meta.survival_stats, present)[0])[:n_remove]
-        if order_cache is None or len(order_cache) < n_remove:  # sensitivity: greedy, nested
-            if loss_fn is None:
-                raise InputError("strategy 'sensitivity' needs data to measure the loss on")
-            order_cache = sensitivity_order(model, present, n_remove, loss_fn, order_cache)
-        return order_cache[:n_remove]
-
+    ranking = Ranking(cfg.strategy, Candidates(model, meta, present, loss_fn))
     if cfg.max_size is None and cfg.max_params is None:
         n_keep = math.floor(cfg.keep * len(present) + 0.5)
-        return removal(len(present) - n_keep)
+        return ranking.removal(len(present) - n_keep)
     for n_remove in range(len(present) + 1):  # the most blocks that fit
-        candidate = remove_blocks(model, removal(n_remove))
+        candidate = remove_blocks(model, ranking.removal(n_remove))
         size = state_bytes(candidate) if cfg.max_size is not None else count_params(candidate)
         if size <= (cfg.max_size if cfg.max_size is not None else cfg.max_params):
-            return removal(n_remove)
+            return ranking.removal(n_remove)
     smallest = remove_blocks(model, present)
     what = f"{state_bytes(smallest):,} bytes" if cfg.max_size is not None else f"{count_params(smallest):,} parameters"
     raise InputError(f"no model meets the budget: even with every block removed it has {what}")
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def batch_loss(model: ResNet, images: ImageSet, normalize: Normalize, batches: int, batch_size: int) -> float:
-    """Mean cross-entropy of the evaluation-time network on the first `batches` batches."""
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(min(batches, math.ceil(len(images) / batch_size))):
-        x = normalize(images.images[i * batch_size : (i + 1) * batch_size])
-        y = images.labels[i * batch_size : (i + 1) * batch_size]
-        total += torch.nn.functional.cross_entropy(model(x), y, reduction="sum").item()
-        n += len(y)
-    return total / n
-
-
 def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet | None,
                 finetune: Callable[[ResNet], dict] | None = None) -> tuple[ResNet, dict]:
     """Remove blocks, recalibrate BatchNorm and optionally fine-tune. Returns the pruned model and a record.

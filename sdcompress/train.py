@@ -10,71 +10,20 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .checkpoint import SCHEMA, Sidecar, read_sidecar, save_checkpoint
 from .config import TrainConfig, check_lr, check_number
-from .data import Dataset, ImageSet, Normalize, augment, load_dataset
+from .data import Dataset, ImageSet, Normalize, augment, augmentation, load_dataset
 from .distributed import Dist, setup
-from .errors import InputError
+from .errors import InputError, TrainingDiverged
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, output_folder, read_untrusted_check
 from .nets import NetSpec, ResNet, build_model
+from .loops import evaluate, resolve_device, train_step
 from .survival import SurvivalStats, draw_keep_mask
 
 TRAIN_STATE = "train_state.pt"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became non-finite; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda:"):  # a torchrun rank's own GPU
-        return torch.device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
-def augmentation(cfg: TrainConfig, shape: tuple[int, int, int]) -> tuple[int, bool]:
-    """(pad, flip) for a dataset: CIFAR's 4-pixel crop scales with image size; flips only for colour images."""
-    mode = cfg.augment
-    if mode == "auto":
-        mode = "standard" if shape[0] == 3 else "none"
-    if mode not in ("standard", "crop", "none"):
-        raise InputError(f"--augment must be auto, standard, crop or none, got {cfg.augment!r}")
-    pad = max(1, shape[1] // 8) if mode in ("standard", "crop") else 0
-    return pad, mode == "standard"
-
-
-def train_augmentation(meta: Sidecar) -> tuple[int, bool]:
-    """(pad, flip) that a checkpoint was trained with, from its sidecar."""
-    return augmentation(TrainConfig.from_dict(meta.train_config), meta.data.input_shape)
-
-
-@torch.no_grad()
-def evaluate(model: ResNet, data: ImageSet, normalize: Normalize, batch_size: int = 500, device: torch.device | None = None) -> dict:
-    """Top-1 accuracy and mean cross-entropy of the evaluation-time network (every block, scaled by p_l)."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct, loss_sum, n = 0, 0.0, len(data)
-    try:
-        for i in range(0, n, batch_size):
-            x = normalize(data.images[i : i + batch_size].to(device))
-            y = data.labels[i : i + batch_size].to(device)
-            out = model(x).float()
-            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-            correct += (out.argmax(1) == y).sum().item()
-    finally:
-        model.train(was_training)
-    return {"top1": correct / n if n else math.nan, "loss": loss_sum / n if n else math.nan, "n": n}
 
 
 def data_meta(ds: Dataset, cfg: TrainConfig) -> dict:
@@ -122,18 +71,6 @@ def load_start_weights(model, path: str) -> None:
     model.net.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
     if resized or missing:
         tqdm.write(f"--weights: {', '.join(resized + missing)} left freshly initialized (another number of classes)")
-
-
-def train_step(model: ResNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               keep: dict[int, bool] | None, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on one mini-batch with the given drop draw. Returns (loss, logits), not synchronized."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(x, keep)
-        loss = F.cross_entropy(logits.float(), y)
-    opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None, so SGD leaves it untouched
-    loss.backward()
-    opt.step()
-    return loss.detach(), logits.detach()
 
 
 @dataclass
@@ -408,46 +345,3 @@ def _or_nan(v: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     return v if v is not None else torch.tensor(math.nan, device=device)
 
 
-def finetune(model: ResNet, ds: Dataset, epochs: int, lr: float = 0.01, survival: bool = False, batch_size: int = 128,
-             seed: int = 0, device: str = "auto", progress: bool = True, augment_with: tuple[int, bool] | None = None) -> dict:
-    """Plain training of an existing (e.g. pruned) network in place, cosine schedule from `lr`.
-
-    With `survival` off the evaluation-time network itself is trained (every kept block, scaled by p_l), so
-    what is trained is what is evaluated and exported; with it on, kept blocks keep dropping at their p_l.
-    `augment_with` is the (pad, flip) the network was trained with (`train_augmentation(meta)`); None: the
-    default for the data.
-    """
-    dev = resolve_device(device)
-    model.to(dev)
-    steps = len(ds.train) // batch_size
-    if steps == 0:
-        raise InputError(f"the training split has {len(ds.train)} images, fewer than the batch size {batch_size}")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, epochs * steps) / (epochs * steps))))
-    gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
-    pad, flip = augment_with if augment_with is not None else augmentation(TrainConfig(), ds.input_shape)
-    normalize = Normalize(ds.mean, ds.std, dev)
-    ids = model.block_ids
-    probs = torch.tensor([model.block_survival()[b] for b in ids])
-    x_all, y_all = ds.train.images.to(dev), ds.train.labels.to(dev)
-    t0 = time.perf_counter()
-    model.train()
-    for step in tqdm(range(epochs * steps), disable=not progress, unit="step", dynamic_ncols=True, desc="fine-tune"):
-        i = step % steps
-        if i == 0:
-            perm = torch.randperm(len(y_all), generator=gen).to(dev)
-        idx = perm[i * batch_size : (i + 1) * batch_size]
-        keep = dict(zip(ids, draw_keep_mask(probs, gen).tolist())) if survival else None
-        loss, _ = train_step(model, opt, normalize(augment(x_all[idx], pad, flip, aug_gen)), y_all[idx], keep, dev.type == "cuda")
-        sched.step()
-        if (step + 1) % 10 == 0 or step + 1 == epochs * steps:  # the guard of training: stop before saving garbage
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"fine-tuning loss became non-finite at step {step + 1} of {epochs * steps}; nothing was "
-                                       f"written; try a lower --finetune-lr (it was {lr:g})")
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise TrainingDiverged(f"fine-tuning left non-finite weights; nothing was written; try a lower --finetune-lr (it was {lr:g})")
-    model.eval()
-    val = evaluate(model, ds.val, normalize) if ds.val is not None else None
-    return {"epochs": epochs, "lr": lr, "survival": survival, "seconds": round(time.perf_counter() - t0, 1),
-            "val_top1": val and val["top1"]}

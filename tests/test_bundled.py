@@ -10,7 +10,7 @@ import torch
 
 from sdcompress.checkpoint import load_checkpoint, read_sidecar
 from sdcompress.data import Normalize, load_eval_set
-from sdcompress.train import evaluate
+from sdcompress.loops import evaluate
 from sdcompress.zoo import DEFAULT_MODEL, EVAL_SET, bundled, models_dir
 from tests.conftest import ROOT
 

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from sdcompress.checkpoint import SCHEMA, Sidecar, load_checkpoint, save_checkpoint
-from sdcompress.cli import main, parse_size
+from sdcompress.cli import main
+from sdcompress.cli.prune import parse_size
 from sdcompress.data import Normalize
 from sdcompress.errors import InputError
 from sdcompress.nets import NetSpec, build_model, count_params
-from sdcompress.pruning import STRATEGIES, PruneConfig, blocks_to_remove, every_other, recalibrate_bn, remove_blocks, stats_order
+from sdcompress.loops import recalibrate_bn
+from sdcompress.pruning import STRATEGIES, PruneConfig, blocks_to_remove, every_other, remove_blocks, stats_order
 
 
 def _meta(n_blocks=9, effects=None):
@@ -88,7 +90,8 @@ def test_recalibration_rescues_a_pruned_network(tmp_path):
     """A trained net with a middle block removed: stale BatchNorm statistics hurt; recalibration restores them."""
     from sdcompress.data import load_dataset
     from sdcompress.config import TrainConfig
-    from sdcompress.train import evaluate, train
+    from sdcompress.loops import evaluate
+    from sdcompress.train import train
 
     ds = load_dataset("digits")
     torch.manual_seed(0)

@@ -533,7 +533,7 @@ def test_non_finite_fine_tuning_writes_nothing(digits_run, tmp_path, monkeypatch
     """Fine-tuning shares training's guard: a non-finite loss stops it before anything is saved (exit 1)."""
     import torch
 
-    import sdcompress.train as tr
+    import sdcompress.loops as tr
 
     real = tr.train_step
 

@@ -26,8 +26,9 @@ from sdcompress.checkpoint import load_checkpoint  # noqa: E402
 
 from sdcompress.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from sdcompress.data import Normalize, load_dataset, load_eval_set  # noqa: E402
-from sdcompress.pruning import STRATEGIES, PruneConfig, batch_loss, blocks_to_remove, recalibrate_bn, remove_blocks, sensitivity_order  # noqa: E402
-from sdcompress.train import evaluate, train_augmentation  # noqa: E402
+from sdcompress.data import train_augmentation  # noqa: E402
+from sdcompress.loops import batch_loss, evaluate, recalibrate_bn  # noqa: E402
+from sdcompress.pruning import STRATEGIES, PruneConfig, blocks_to_remove, remove_blocks, sensitivity_order  # noqa: E402
 from sdcompress.zoo import bundled, bundled_calib_set  # noqa: E402
 
 MODELS = ("resnet56-sd", "resnet56-constant")

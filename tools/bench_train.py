@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdcompress.nets import NetSpec, build_model, count_macs  # noqa: E402
 from sdcompress.survival import draw_keep_mask  # noqa: E402
-from sdcompress.train import resolve_device, train_step  # noqa: E402
+from sdcompress.loops import resolve_device, train_step  # noqa: E402
 
 
 def predicted_ratio(spec: NetSpec) -> float:

@@ -23,7 +23,7 @@ from sdcompress.files import atomic_write_bytes  # noqa: E402
 from sdcompress.data import Normalize, load_dataset, load_eval_set  # noqa: E402
 from sdcompress.nets import count_macs, count_params  # noqa: E402
 from sdcompress.report import plot_stats  # noqa: E402
-from sdcompress.train import evaluate  # noqa: E402
+from sdcompress.loops import evaluate  # noqa: E402
 from sdcompress.zoo import EVAL_SET, models_dir  # noqa: E402
 
 DATA_SOURCE = (

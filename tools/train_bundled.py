@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sdcompress.nets import NetSpec, build_model  # noqa: E402
-from sdcompress.train import resolve_device, train_step  # noqa: E402
+from sdcompress.loops import resolve_device, train_step  # noqa: E402
 
 MODELS = {"resnet56-sd": ("linear", 0.5), "resnet56-constant": ("none", 0.5)}
 

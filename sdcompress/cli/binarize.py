@@ -1,0 +1,38 @@
+"""`sdcompress binarize`: 1-bit weights (sign * per-channel alpha), stored as bits."""
+
+from __future__ import annotations
+
+from .common import OUT_ROOT, _ckpt_arg, _fresh_out, _model_name, _names, _recovery_args, _resolve_ckpt
+
+
+def add_parser(sub) -> None:
+    from ..binarize import BinarizeConfig
+
+    d = BinarizeConfig()
+    p = sub.add_parser("binarize", help="1-bit weights (sign * per-channel alpha), stored as bits",
+                       description="Binarize the conv weights inside the residual blocks; optionally fine-tune with the STE.")
+    _ckpt_arg(p)
+    p.add_argument("--binarize-stem", action="store_true", help="binarize the first conv too")
+    p.add_argument("--binarize-head", action="store_true", help="binarize the classifier too")
+    p.add_argument("--full-precision", type=_names, default=(), metavar="LAYER,...", help="layers to keep in full precision, e.g. blocks.0.conv1")
+    _recovery_args(p, d, "sdcompress-out/NAME-binarize")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from ..binarize import BinarizeConfig
+    from ..pipeline import run_binarize
+    from ..report import format_bytes
+
+    cfg = BinarizeConfig(a.binarize_stem, a.binarize_head, a.full_precision, a.recalibrate, a.finetune, a.finetune_lr,
+                         a.finetune_survival, a.seed)
+    path = _resolve_ckpt(a.ckpt)
+    name = _model_name(path)
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force, (path,))
+    r = run_binarize(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress)
+    b, f = r["before"], r["after"]
+    acc = f", top-1 {100 * b['accuracy']['top1']:.1f}% -> {100 * f['accuracy']['top1']:.1f}%" if b.get("accuracy") and f.get("accuracy") else ""
+    print(f"{len(r['binarize']['layers'])} layers binarized, 1-bit params {f['params']['by_bits'].get('1', 0):,}, "
+          f"size {format_bytes(b['bytes']['checkpoint'])} -> {format_bytes(f['bytes']['checkpoint'])}{acc}")
+    print(f"wrote {out}/model.pt, {out}/report.json, {out}/report.md")
+    return 0

@@ -1,0 +1,70 @@
+"""Argument types and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+OUT_ROOT = Path("sdcompress-out")
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {s!r}")
+
+
+def _names(s: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in s.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one layer")
+    return names
+
+
+def _fresh_out(out: Path, force: bool, inputs: tuple = ()) -> Path:
+    """An output folder checked before any work (see checkpoint.check_output_folder)."""
+    from ..files import check_output_folder
+
+    return check_output_folder(out, force, inputs)
+
+
+def _ckpt_arg(p) -> None:
+    p.add_argument("ckpt", nargs="?", default=None, help="checkpoint file or folder (default: the bundled model)")
+
+
+def _model_name(path: Path) -> str:
+    """The name output folders are called after: the checkpoint's folder."""
+    from ..files import checkpoint_folder
+
+    return checkpoint_folder(path).name
+
+
+def _resolve_ckpt(ckpt):
+    from ..zoo import bundled
+
+    return Path(ckpt) if ckpt else bundled()
+
+
+def _recovery_args(p, d, out_default: str) -> None:
+    """Flags shared by the stages that change a trained network: recovery, data, output."""
+    p.add_argument("--recalibrate", type=int, default=d.recalibrate, metavar="N", help="BatchNorm recalibration batches (0: off)")
+    p.add_argument("--finetune", type=int, default=d.finetune, metavar="EPOCHS", help="fine-tuning epochs afterwards (needs --data)")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    p.add_argument("--finetune-survival", type=_bool, default=d.finetune_survival, metavar="on|off",
+                   help=f"stochastic depth while fine-tuning (default {'on' if d.finetune_survival else 'off'})")
+    p.add_argument("--data", default=None, help="training data for recalibration/fine-tuning, and evaluation data (default: bundled sets or the checkpoint's data)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {out_default})")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--no-progress", action="store_true")

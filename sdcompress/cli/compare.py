@@ -1,0 +1,33 @@
+"""`sdcompress compare`: reports side by side: old -> new with ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compare", help="reports side by side: old -> new with ratios",
+                       description="Any reports sdcompress writes (report, eval, prune, binarize, export, sweep points), "
+                                   "side by side: one row per metric, the first file as the baseline.")
+    p.add_argument("reports", nargs="+", type=Path, help="two or more report JSON files")
+    p.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite --json")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from ..files import atomic_write_json
+    from ..compare import compare, load_report, render
+
+    if len(a.reports) < 2:
+        raise InputError("compare needs at least two reports")
+    if a.json and a.json.exists() and not a.force:
+        raise InputError(f"--json {a.json}: exists; pass --force to overwrite")
+    reports = [load_report(p) for p in a.reports]
+    cmp = compare(reports, [str(p) for p in a.reports])
+    print(render(cmp), end="")
+    if a.json:
+        atomic_write_json(a.json, cmp)
+    return 0

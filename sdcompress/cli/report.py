@@ -1,0 +1,47 @@
+"""`sdcompress report`: footprint per block and layer: parameters, memory and MACs by precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .common import _ckpt_arg, _resolve_ckpt
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="footprint per block and layer: parameters, memory and MACs by precision",
+                       description="The footprint of one model per block and per layer, totals, exported files beside the "
+                                   "checkpoint, and accuracy when data is given (or for the bundled model).")
+    _ckpt_arg(p)
+    p.add_argument("--data", default=None, help="measure top-1 on this data (default: none, except the bundled model's evaluation set)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+    p.add_argument("--md", type=Path, default=None, help="write the rendered tables (Markdown) here")
+    p.add_argument("--force", action="store_true", help="overwrite --json / --md")
+    p.set_defaults(func=run)
+
+
+def run(a) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..files import atomic_write_bytes, atomic_write_json
+    from ..evaluate import evaluate_checkpoint
+    from ..footprint import footprint, render_markdown
+
+    for f in (a.json, a.md):
+        if f is not None and f.exists() and not a.force:
+            raise InputError(f"{f}: exists; pass --force to overwrite")
+        if f is not None and not f.parent.is_dir():
+            raise InputError(f"{f}: folder {f.parent} does not exist")
+    path = _resolve_ckpt(a.ckpt)
+    model, meta = load_checkpoint(path)
+    acc = None
+    if a.data is not None or a.ckpt is None:
+        acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, "auto", 500)
+    fp = footprint(model, meta.data.input_shape, path, acc)
+    md = render_markdown(fp)
+    print(md, end="")
+    if a.json:
+        atomic_write_json(a.json, fp)
+    if a.md:
+        atomic_write_bytes(a.md, md.encode())
+    return 0
