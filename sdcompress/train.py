@@ -1,4 +1,5 @@
-"""The training loop with stochastic depth, evaluation, and resumable per-epoch checkpoints."""
+"""Training with stochastic depth: a run is set up (or resumed), then each epoch trains, records the survival
+statistics, validates and writes a resumable checkpoint as one unit."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from .checkpoint import SCHEMA, Sidecar, read_sidecar, save_checkpoint
 from .config import TrainConfig, check_lr, check_number
 from .data import Dataset, ImageSet, Normalize, augment, augmentation, load_dataset
-from .distributed import Dist, setup
+from .distributed import Dist, setup as setup_processes
 from .errors import InputError, TrainingDiverged
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, output_folder, read_untrusted_check
 from .nets import NetSpec, ResNet, build_model
@@ -100,40 +101,48 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]
     return lambda step: decay(step) * min(1.0, (step + 1) / warm) if warm else decay(step)
 
 
-def train(
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    resume: bool = False,
-    progress: bool = True,
-    on_epoch: Callable[[EpochRecord], None] | None = None,
-    dataset: Dataset | None = None,
-    on_step: Callable[[int, list[bool]], None] | None = None,
-) -> tuple[ResNet, Sidecar]:
-    """Train a stochastic-depth ResNet; write a checkpoint to `out_dir` after every epoch.
+@dataclass
+class Run:
+    """One training run between epochs: the network and its optimizer, the data on the device, the generators of
+    shuffling, drop draws and augmentation, and the statistics and history so far."""
 
-    Args:
-        cfg: the training config.
-        out_dir: checkpoint folder (model.pt, model.json, train_state.pt).
-        resume: continue from `out_dir/train_state.pt`.
-        progress: show a tqdm bar.
-        on_epoch: called with each epoch's record (the CLI prints it).
-        dataset: an already loaded dataset (else loaded from cfg).
-        on_step: called with the global step number and the drop draw of every step.
+    cfg: TrainConfig
+    dd: Dist
+    device: torch.device
+    ds: Dataset
+    spec: NetSpec
+    model: torch.nn.Module
+    net: torch.nn.Module  # what the training step calls: the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    shuffle_gen: torch.Generator
+    drop_gen: torch.Generator
+    aug_gen: torch.Generator
+    stats: SurvivalStats
+    steps_per_epoch: int
+    local_batch: int
+    history: list
+    start_epoch: int = 0
+    wall_before: float = 0.0
 
-    Under torchrun (see `distributed.py`) every process runs this with its shard of each global batch of
-    `cfg.batch_size` images; only rank 0 writes, logs and shows progress.
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
 
-    Returns:
-        The trained model and its sidecar.
-    """
+
+def _check_config(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.stats_window < 10:
         raise InputError("--epochs and --batch-size must be >= 1, --stats-window >= 10")
     check_lr("--lr", cfg.lr)
     check_number("--momentum", cfg.momentum, 0.0, 1.0, hi_open=True)
     check_number("--weight-decay", cfg.weight_decay, 0.0, 1.0, hi_open=True)
     check_number("--warmup-epochs", cfg.warmup_epochs, 0.0, cfg.epochs, hi_open=True)
-    out = Path(out_dir)
-    dd, device_name = setup(cfg.device)
+
+
+def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False) -> Run:
+    """Processes, device, data, network, optimizer and generators of a fresh run (`resume` then loads its state)."""
+    _check_config(cfg)
+    dd, device_name = setup_processes(cfg.device)
     if dd.world > 1 and cfg.batch_size % dd.world:
         raise InputError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of the {dd.world} processes")
     if cfg.sync_bn and not dd.enabled:
@@ -159,7 +168,7 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-    net = model  # what the training step calls: the model, or its DDP wrapper
+    net = model
     if dd.enabled:
         if cfg.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -177,153 +186,191 @@ def train(
     if dd.enabled and dd.main:
         tqdm.write(f"distributed: {dd.world} processes ({dd.backend}), global batch {cfg.batch_size} "
                    f"({local_batch} per process){', SyncBatchNorm' if cfg.sync_bn else ''}")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch))
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    drop_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 3 + 1000 * dd.rank)  # each rank its own crops
-    probs = spec.probs()
-    probs_t = torch.tensor(probs)
-    stats = SurvivalStats(probs, cfg.stats_window)
-    pad, flip = augmentation(cfg, ds.input_shape)
-    normalize = Normalize(ds.mean, ds.std, device)
-    history: list[dict] = []
-    start_epoch, wall_before = 0, 0.0
+    return Run(cfg, dd, device, ds, spec, model, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch)),
+               shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1), drop_gen=torch.Generator().manual_seed(cfg.seed + 2),
+               aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 3 + 1000 * dd.rank),  # each rank its own crops
+               stats=SurvivalStats(spec.probs(), cfg.stats_window), steps_per_epoch=steps_per_epoch, local_batch=local_batch,
+               history=[])
 
-    if resume:
-        state_path = out / TRAIN_STATE
-        if not state_path.exists():
-            raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
-        read_untrusted_check(state_path, 2 * MAX_WEIGHTS_BYTES, "training state")
-        try:
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - refused pickle, truncated file
-            raise InputError(f"--resume: {state_path} cannot be loaded ({first_line(e)})") from None
-        if st.get("world_size", 1) != dd.world:
-            raise InputError(f"--resume: the run in {out} used {st.get('world_size', 1)} processes; resume it with as many")
-        if st["config"] != cfg.to_dict():
-            changed = sorted(k for k in st["config"] if st["config"][k] != cfg.to_dict().get(k))
-            raise InputError(f"--resume: the run in {out} used a different config ({', '.join(changed)}); use the same flags")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        shuffle_gen.set_state(st["shuffle_gen"])
-        drop_gen.set_state(st["drop_gen"])
-        aug_gen.set_state((st["aug_gen_ranks"] if "aug_gen_ranks" in st else [st["aug_gen"]])[dd.rank].to(aug_gen.get_state().device))
-        torch.set_rng_state(st["torch_rng"])
-        stats.load_state_dict(st["stats"])
-        history = list(st["history"])
-        start_epoch, wall_before = st["epoch"], st["wall_s"]
 
-    train_x = ds.train.images.to(device)
-    train_y = ds.train.labels.to(device)
-    meta = {"data": data_meta(ds, cfg), "stages": [{"stage": "train", "config": cfg.to_dict()}], "binarized": False}
-    t_start = time.perf_counter()
-    meta["distributed"] = {"world_size": dd.world, "global_batch": cfg.batch_size, "per_process_batch": local_batch,
-                           "backend": dd.backend, "sync_bn": cfg.sync_bn}
-    bar = tqdm(total=(cfg.epochs - start_epoch) * steps_per_epoch, disable=not (progress and dd.main), unit="step", dynamic_ncols=True)
+def resume_from(run: Run, out: Path) -> None:
+    """Load `out/train_state.pt` into a freshly set-up run: weights, optimizer, schedule, every generator, statistics."""
+    state_path = out / TRAIN_STATE
+    if not state_path.exists():
+        raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
+    read_untrusted_check(state_path, 2 * MAX_WEIGHTS_BYTES, "training state")
+    try:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - refused pickle, truncated file
+        raise InputError(f"--resume: {state_path} cannot be loaded ({first_line(e)})") from None
+    cfg, dd = run.cfg, run.dd
+    if st.get("world_size", 1) != dd.world:
+        raise InputError(f"--resume: the run in {out} used {st.get('world_size', 1)} processes; resume it with as many")
+    if st["config"] != cfg.to_dict():
+        changed = sorted(k for k in st["config"] if st["config"][k] != cfg.to_dict().get(k))
+        raise InputError(f"--resume: the run in {out} used a different config ({', '.join(changed)}); use the same flags")
+    run.model.load_state_dict(st["model"])
+    run.opt.load_state_dict(st["optimizer"])
+    run.sched.load_state_dict(st["scheduler"])
+    run.shuffle_gen.set_state(st["shuffle_gen"])
+    run.drop_gen.set_state(st["drop_gen"])
+    aug = (st["aug_gen_ranks"] if "aug_gen_ranks" in st else [st["aug_gen"]])[dd.rank]
+    run.aug_gen.set_state(aug.to(run.aug_gen.get_state().device))
+    torch.set_rng_state(st["torch_rng"])
+    run.stats.load_state_dict(st["stats"])
+    run.history = list(st["history"])
+    run.start_epoch, run.wall_before = st["epoch"], st["wall_s"]
+
+
+def run_epoch(run: Run, epoch: int, train_x: torch.Tensor, train_y: torch.Tensor, bar, out: Path,
+              on_step: Callable[[int, list[bool]], None] | None = None) -> EpochRecord:
+    """One epoch: a drop draw per mini-batch, an SGD step, the survival statistics recorded, then validation."""
+    cfg, dd, model, device = run.cfg, run.dd, run.model, run.device
+    pad, flip = augmentation(cfg, run.ds.input_shape)
+    normalize = Normalize(run.ds.mean, run.ds.std, device)
+    probs_t = torch.tensor(run.spec.probs())
     block_ids = model.block_ids
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        if dd.enabled:  # this rank's shard, reshuffled every epoch
-            sampler = DistributedSampler(range(len(train_y)), dd.world, dd.rank, shuffle=True, seed=cfg.seed + 1, drop_last=True)
-            sampler.set_epoch(epoch)
-            perm = torch.tensor(list(sampler), dtype=torch.long).to(device)
-        else:
-            perm = torch.randperm(len(train_y), generator=shuffle_gen).to(device)
-        losses, correct, keeps, contribs = [], [], [], []
-        for i in range(steps_per_epoch):
-            idx = perm[i * local_batch : (i + 1) * local_batch]
-            xb = normalize(augment(train_x[idx], pad, flip, aug_gen))
-            yb = train_y[idx]
-            if cuda and cfg.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            keep = draw_keep_mask(probs_t, drop_gen)
-            record = cfg.contrib_every > 0 and i % cfg.contrib_every == 0
-            model.set_record_contribution(record)
-            if on_step:
-                on_step(epoch * steps_per_epoch + i, keep.tolist())
-            loss, logits = train_step(net, opt, xb, yb, dict(zip(block_ids, keep.tolist())), cuda and cfg.amp)
-            sched.step()
-            losses.append(loss.detach())
-            correct.append((logits.argmax(1) == yb).sum())
-            keeps.append(keep.numpy())
-            if record:  # a dropped block measured nothing this step: NaN, skipped when recorded
-                contribs.append(torch.stack([_or_nan(c, device) for c in model.contributions().values()]))
-            else:
-                contribs.append(None)
-            if (i + 1) % 25 == 0 or i + 1 == steps_per_epoch:
-                recent = dd.all_mean(torch.stack(losses[-25:]).float())  # every rank stops together
-                if not torch.isfinite(recent).all():
-                    bar.close()
-                    raise TrainingDiverged(
-                        f"loss became non-finite in epoch {epoch + 1}; the last good checkpoint is kept in {out}; try a lower --lr"
-                    )
-                done = (i + 1) * cfg.batch_size
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{recent.mean().item():.3f}",
-                                img_s=f"{done / (time.perf_counter() - t0):.0f}")
-            bar.update(1)
-        # the drop-effect regression uses the loss of the global batch: the mean over ranks, step by step
-        loss_arr = dd.all_mean(torch.stack(losses).float()).cpu().numpy()
-        measured = [c for c in contribs if c is not None]
-        measured = iter(dd.all_mean(torch.stack(measured).float()).cpu().tolist()) if measured else iter(())
-        for k, l, c in zip(keeps, loss_arr, contribs):
-            # a block's contribution counts only on steps it ran
-            ran = dict(zip(block_ids, next(measured))) if c is not None else {}
-            stats.record(k, float(l), {b: v for b, v in ran.items() if k[b]})
-        stats.refresh()
-        train_s = time.perf_counter() - t0
-        train_top1 = dd.all_sum(torch.stack(correct).sum()).item() / (steps_per_epoch * cfg.batch_size)
-        if dd.enabled:  # BatchNorm running statistics of rank 0 everywhere: the model that is saved and validated
-            for b in model.buffers():
-                torch.distributed.broadcast(b, 0)
-        val = _validate(model, ds.val, normalize, dd) if ds.val is not None else None
-        rec = EpochRecord(epoch + 1, float(loss_arr.mean()), train_top1, val and val["top1"], val and val["loss"],
-                          sched.get_last_lr()[0], train_s, steps_per_epoch * cfg.batch_size / train_s)
-        history.append(rec.to_dict())
-        wall = wall_before + time.perf_counter() - t_start
-        metrics = {
+    model.train()
+    t0 = time.perf_counter()
+    if dd.enabled:  # this rank's shard, reshuffled every epoch
+        sampler = DistributedSampler(range(len(train_y)), dd.world, dd.rank, shuffle=True, seed=cfg.seed + 1, drop_last=True)
+        sampler.set_epoch(epoch)
+        perm = torch.tensor(list(sampler), dtype=torch.long).to(device)
+    else:
+        perm = torch.randperm(len(train_y), generator=run.shuffle_gen).to(device)
+    losses, correct, keeps, contribs = [], [], [], []
+    for i in range(run.steps_per_epoch):
+        idx = perm[i * run.local_batch : (i + 1) * run.local_batch]
+        xb = normalize(augment(train_x[idx], pad, flip, run.aug_gen))
+        yb = train_y[idx]
+        if run.cuda and cfg.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        keep = draw_keep_mask(probs_t, run.drop_gen)
+        record = cfg.contrib_every > 0 and i % cfg.contrib_every == 0
+        model.set_record_contribution(record)
+        if on_step:
+            on_step(epoch * run.steps_per_epoch + i, keep.tolist())
+        loss, logits = train_step(run.net, run.opt, xb, yb, dict(zip(block_ids, keep.tolist())), run.cuda and cfg.amp)
+        run.sched.step()
+        losses.append(loss.detach())
+        correct.append((logits.argmax(1) == yb).sum())
+        keeps.append(keep.numpy())
+        # a dropped block measured nothing this step: NaN, skipped when recorded
+        contribs.append(torch.stack([_or_nan(c, device) for c in model.contributions().values()]) if record else None)
+        if (i + 1) % 25 == 0 or i + 1 == run.steps_per_epoch:
+            recent = dd.all_mean(torch.stack(losses[-25:]).float())  # every rank stops together
+            if not torch.isfinite(recent).all():
+                bar.close()
+                raise TrainingDiverged(f"loss became non-finite in epoch {epoch + 1}; the last good checkpoint is kept in {out}; try a lower --lr")
+            done = (i + 1) * cfg.batch_size
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{recent.mean().item():.3f}",
+                            img_s=f"{done / (time.perf_counter() - t0):.0f}")
+        bar.update(1)
+    # the drop-effect regression uses the loss of the global batch: the mean over ranks, step by step
+    loss_arr = dd.all_mean(torch.stack(losses).float()).cpu().numpy()
+    measured = [c for c in contribs if c is not None]
+    measured = iter(dd.all_mean(torch.stack(measured).float()).cpu().tolist()) if measured else iter(())
+    for k, l, c in zip(keeps, loss_arr, contribs):
+        ran = dict(zip(block_ids, next(measured))) if c is not None else {}  # a contribution counts only where the block ran
+        run.stats.record(k, float(l), {b: v for b, v in ran.items() if k[b]})
+    run.stats.refresh()
+    train_s = time.perf_counter() - t0
+    train_top1 = dd.all_sum(torch.stack(correct).sum()).item() / (run.steps_per_epoch * cfg.batch_size)
+    if dd.enabled:  # BatchNorm running statistics of rank 0 everywhere: the model that is saved and validated
+        for b in model.buffers():
+            torch.distributed.broadcast(b, 0)
+    val = _validate(model, run.ds.val, normalize, dd) if run.ds.val is not None else None
+    return EpochRecord(epoch + 1, float(loss_arr.mean()), train_top1, val and val["top1"], val and val["loss"],
+                       run.sched.get_last_lr()[0], train_s, run.steps_per_epoch * cfg.batch_size / train_s)
+
+
+def save_epoch(run: Run, out: Path, epoch: int, meta: dict, aug_states: list) -> None:
+    """The epoch's checkpoint and training state, written as one unit (never a mix of two epochs); rank 0 only."""
+    with output_folder(out) as folder:
+        atomic_torch_save(
+            {
+                "epoch": epoch + 1,
+                "wall_s": meta["metrics"]["wall_s"],
+                "config": run.cfg.to_dict(),
+                "model": {k: v.cpu() for k, v in run.model.state_dict().items()},
+                "optimizer": run.opt.state_dict(),
+                "scheduler": run.sched.state_dict(),
+                "shuffle_gen": run.shuffle_gen.get_state(),
+                "drop_gen": run.drop_gen.get_state(),
+                "aug_gen_ranks": aug_states,  # one augmentation generator per rank (older runs saved one "aug_gen")
+                "world_size": run.dd.world,
+                "torch_rng": torch.get_rng_state(),
+                "stats": run.stats.state_dict(),
+                "history": run.history,
+            },
+            folder / TRAIN_STATE,
+        )
+        save_checkpoint(folder, run.model, meta)
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    dataset: Dataset | None = None,
+    on_step: Callable[[int, list[bool]], None] | None = None,
+) -> tuple[torch.nn.Module, Sidecar]:
+    """Train a network with stochastic depth; write a checkpoint to `out_dir` after every epoch.
+
+    Args:
+        cfg: the training config.
+        out_dir: checkpoint folder (model.pt, model.json, train_state.pt).
+        resume: continue from `out_dir/train_state.pt`.
+        progress: show a tqdm bar.
+        on_epoch: called with each epoch's record (the CLI prints it).
+        dataset: an already loaded dataset (else loaded from cfg).
+        on_step: called with the global step number and the drop draw of every step.
+
+    Under torchrun (see `distributed.py`) every process runs this with its shard of each global batch of
+    `cfg.batch_size` images; only rank 0 writes, logs and shows progress.
+
+    Returns:
+        The trained model and its sidecar.
+    """
+    out = Path(out_dir)
+    run = setup(cfg, dataset, resume)
+    if resume:
+        resume_from(run, out)
+    dd, model = run.dd, run.model
+    train_x, train_y = run.ds.train.images.to(run.device), run.ds.train.labels.to(run.device)
+    meta = {"data": data_meta(run.ds, cfg), "stages": [{"stage": "train", "config": cfg.to_dict()}], "binarized": False,
+            "distributed": {"world_size": dd.world, "global_batch": cfg.batch_size, "per_process_batch": run.local_batch,
+                            "backend": dd.backend, "sync_bn": cfg.sync_bn}}
+    t_start = time.perf_counter()
+    bar = tqdm(total=(cfg.epochs - run.start_epoch) * run.steps_per_epoch, disable=not (progress and dd.main), unit="step",
+               dynamic_ncols=True)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        rec = run_epoch(run, epoch, train_x, train_y, bar, out, on_step)
+        run.history.append(rec.to_dict())
+        meta.update(metrics={
             "epochs": epoch + 1,
             "val_top1": rec.val_top1,
             "val_loss": rec.val_loss,
-            "val_n": len(ds.val) if ds.val is not None else 0,
-            "wall_s": round(wall, 1),
-            "train_images_per_s": round(float(np.median([h["images_per_s"] for h in history])), 1),
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            "val_n": len(run.ds.val) if run.ds.val is not None else 0,
+            "wall_s": round(run.wall_before + time.perf_counter() - t_start, 1),
+            "train_images_per_s": round(float(np.median([h["images_per_s"] for h in run.history])), 1),
+            "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
             "torch": torch.__version__,
-        }
-        meta.update(metrics=metrics, history=history, survival_stats=stats.to_dict())
-        aug_states = dd.gather_objects(aug_gen.get_state().cpu())
+        }, history=run.history, survival_stats=run.stats.to_dict())
+        aug_states = dd.gather_objects(run.aug_gen.get_state().cpu())
         if not dd.main:
             dd.barrier()
             continue
-        with output_folder(out) as folder:  # the epoch's three files as one unit: never a mix of two epochs
-            atomic_torch_save(
-                {
-                    "epoch": epoch + 1,
-                    "wall_s": wall,
-                    "config": cfg.to_dict(),
-                    "model": {k: v.cpu() for k, v in model.state_dict().items()},
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "shuffle_gen": shuffle_gen.get_state(),
-                    "drop_gen": drop_gen.get_state(),
-                    "aug_gen_ranks": aug_states,  # one augmentation generator per rank (older runs saved one "aug_gen")
-                    "world_size": dd.world,
-                    "torch_rng": torch.get_rng_state(),
-                    "stats": stats.state_dict(),
-                    "history": history,
-                },
-                folder / TRAIN_STATE,
-            )
-            save_checkpoint(folder, model, meta)
+        save_epoch(run, out, epoch, meta, aug_states)
         if on_epoch:
             on_epoch(rec)
         dd.barrier()
     bar.close()
     model.set_record_contribution(False)
     model.eval()
-    if start_epoch >= cfg.epochs:  # resumed a finished run: nothing left to do
+    if run.start_epoch >= cfg.epochs:  # resumed a finished run: nothing left to do
         return model, read_sidecar(out / "model.json")
     return model, Sidecar.from_dict({**meta, "schema": SCHEMA, "spec": model.spec.to_dict()})
 
