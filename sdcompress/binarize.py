@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_lr, check_number
+from .config import check_distill, check_lr, check_number
 from .errors import InputError
 
 STE_CLIP = 1.0
@@ -218,11 +218,15 @@ class BinarizeConfig:
     finetune_lr: float = 0.01
     finetune_survival: bool = True  # stochastic depth on while fine-tuning (the network was trained with it)
     seed: int = 0
+    distill: bool = True  # fine-tune from the full-precision model as teacher as well as from the labels
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
 
     def __post_init__(self):
         check_number("--recalibrate", self.recalibrate, 0, 100_000)
         check_number("--finetune", self.finetune, 0, 10_000)
         check_lr("--finetune-lr", self.finetune_lr)
+        check_distill(self.distill_temperature, self.distill_alpha)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,7 +258,7 @@ def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Mo
         model, meta: the network and its sidecar.
         cfg: the binarize config.
         calib: training images for BatchNorm recalibration (never evaluation data).
-        tune: `tune(model, epochs, lr, survival, seed)` trains in place and returns a record.
+        tune: `tune(model, cfg)` fine-tunes in place as `cfg` says and returns a record.
     """
     from .data import Normalize, train_augmentation
     from .loops import recalibrate_bn
@@ -267,5 +271,5 @@ def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Mo
         norm = Normalize(meta.data.mean, meta.data.std)
         record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))
     if cfg.finetune:
-        record["finetune"] = tune(new, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed)
+        record["finetune"] = tune(new, cfg)
     return new, record

@@ -24,6 +24,12 @@ def check_lr(flag: str, v: float) -> float:
     return check_number(flag, v, 0.0, MAX_LR, lo_open=True)
 
 
+def check_distill(temperature: float, alpha: float) -> None:
+    """The distillation settings of fine-tuning (`loops.Distill`)."""
+    check_number("--distill-temperature", temperature, 0.0, 100.0, lo_open=True)
+    check_number("--distill-alpha", alpha, 0.0, 1.0)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Training as in the stochastic depth paper unless told otherwise."""

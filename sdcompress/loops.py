@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +52,35 @@ def evaluate(model: nn.Module, data: ImageSet, normalize: Normalize, batch_size:
     return {"top1": correct / n if n else math.nan, "loss": loss_sum / n if n else math.nan, "n": n}
 
 
+@dataclass(frozen=True)
+class Distill:
+    """Learning from a teacher (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"): the loss is
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * cross-entropy(student, labels).
+    T^2 keeps the soft term's gradients at the scale of the hard one's as T grows."""
+
+    teacher: nn.Module  # the network before the stage: unpruned, or full precision
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    """The `Distill` loss of one batch (mean over the batch)."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True)
+    return alpha * t * t * soft + (1.0 - alpha) * F.cross_entropy(logits, y)
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               keep: dict[int, bool] | None, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on one mini-batch with the given drop draw. Returns (loss, logits), not synchronized."""
+               keep: dict[int, bool] | None, bf16: bool = False, teacher_logits: torch.Tensor | None = None,
+               distill: "Distill | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on one mini-batch with the given drop draw (and, with `distill`, the teacher's logits of the
+    same batch). Returns (loss, logits), not synchronized."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(x, keep)
-        loss = F.cross_entropy(logits.float(), y)
+        if distill is None:
+            loss = F.cross_entropy(logits.float(), y)
+        else:
+            loss = distill_loss(logits.float(), teacher_logits.float(), y, distill.temperature, distill.alpha)
     opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None, so SGD leaves it untouched
     loss.backward()
     opt.step()
@@ -113,8 +137,10 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, normalize: Normalize, bat
 
 
 def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survival: bool = False, batch_size: int = 128,
-             seed: int = 0, device: str = "auto", progress: bool = True, augment_with: tuple[int, bool] | None = None) -> dict:
-    """Plain training of an existing (e.g. pruned) network in place, cosine schedule from `lr`.
+             seed: int = 0, device: str = "auto", progress: bool = True, augment_with: tuple[int, bool] | None = None,
+             distill: Distill | None = None) -> dict:
+    """Training of an existing (e.g. pruned) network in place, cosine schedule from `lr`; with `distill`, from a
+    teacher as well as the labels (the teacher's logits computed once per batch, on the same augmented images).
 
     With `survival` off the evaluation-time network itself is trained (every kept block, scaled by p_l), so
     what is trained is what is evaluated and exported; with it on, kept blocks keep dropping at their p_l.
@@ -135,16 +161,24 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     ids = model.block_ids
     probs = torch.tensor([model.block_survival()[b] for b in ids])
     x_all, y_all = ds.train.images.to(dev), ds.train.labels.to(dev)
+    teacher = distill.teacher.to(dev).eval() if distill is not None else None
     t0 = time.perf_counter()
     model.train()
-    for step in tqdm(range(epochs * steps), disable=not progress, unit="step", dynamic_ncols=True, desc="fine-tune"):
+    bar = tqdm(range(epochs * steps), disable=not progress, unit="step", dynamic_ncols=True,
+               desc="fine-tune" + (" (distilled)" if distill is not None else ""))
+    for step in bar:
         i = step % steps
         if i == 0:
             perm = torch.randperm(len(y_all), generator=gen).to(dev)
         idx = perm[i * batch_size : (i + 1) * batch_size]
         keep = dict(zip(ids, draw_keep_mask(probs, gen).tolist())) if survival else None
-        loss, _ = train_step(model, opt, normalize(augment(x_all[idx], pad, flip, aug_gen)), y_all[idx], keep, dev.type == "cuda")
+        x = normalize(augment(x_all[idx], pad, flip, aug_gen))
+        with torch.no_grad():
+            soft = teacher(x) if teacher is not None else None
+        loss, _ = train_step(model, opt, x, y_all[idx], keep, dev.type == "cuda", soft, distill)
         sched.step()
+        if (step + 1) % 25 == 0:
+            bar.set_postfix(epoch=f"{step // steps + 1}/{epochs}", loss=f"{loss.item():.3f}")
         if (step + 1) % 10 == 0 or step + 1 == epochs * steps:  # the guard of training: stop before saving garbage
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"fine-tuning loss became non-finite at step {step + 1} of {epochs * steps}; nothing was "
@@ -154,4 +188,6 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     model.eval()
     val = evaluate(model, ds.val, normalize) if ds.val is not None else None
     return {"epochs": epochs, "lr": lr, "survival": survival, "seconds": round(time.perf_counter() - t0, 1),
-            "val_top1": val and val["top1"]}
+            "val_top1": val and val["top1"],
+            "distill": {"temperature": distill.temperature, "alpha": distill.alpha} if distill is not None else None}
+

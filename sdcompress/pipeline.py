@@ -12,7 +12,7 @@ from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt
 from .pruning import PruneConfig, prune_model
-from .loops import evaluate, finetune
+from .loops import Distill, evaluate, finetune
 from .report import binarize_markdown, export_markdown, format_stats_table, model_report, plot_stats, prune_markdown
 from .data import train_augmentation
 
@@ -42,11 +42,12 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
     calib, ds, calib_name = calibration_images(meta, ckpt, data, data_dir) if need_train else (None, None, None)
     before = model_report(model, meta.data.input_shape, resolve(ckpt)[0], _accuracy(model, meta, images, eval_name) if measure_before else None)
 
-    def tune(m, epochs, lr, survival, seed):
+    def tune(m, c):  # c: the stage's config (finetune, finetune_lr, finetune_survival, seed, distill...)
         if ds is None:
             raise InputError("--finetune needs the training data: pass --data (and --data-dir)")
-        return finetune(m, ds, epochs, lr, survival, seed=seed, device=device, progress=progress,
-                        augment_with=train_augmentation(meta))
+        teacher = Distill(model, c.distill_temperature, c.distill_alpha) if c.distill else None  # the network before the stage
+        return finetune(m, ds, c.finetune, c.finetune_lr, c.finetune_survival, seed=c.seed, device=device, progress=progress,
+                        augment_with=train_augmentation(meta), distill=teacher)
 
     new, record = transform(model, meta, calib, tune)
     new = new.cpu().eval()
@@ -67,7 +68,7 @@ def run_prune(ckpt, cfg: PruneConfig, out: Path, data=None, data_dir=None, devic
     """Prune a checkpoint into `out` (model.pt, model.json, report.json, report.md, blocks.png)."""
 
     def transform(model, meta, calib, tune):
-        return prune_model(model, meta, cfg, calib, lambda m: tune(m, cfg.finetune, cfg.finetune_lr, cfg.finetune_survival, cfg.seed))
+        return prune_model(model, meta, cfg, calib, tune)
 
     def more_files(folder, report, meta):
         if meta.survival_stats is not None:

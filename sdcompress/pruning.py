@@ -19,7 +19,7 @@ import torch
 
 from .data import ImageSet, Normalize, train_augmentation
 from .checkpoint import Sidecar, SurvivalTable
-from .config import check_lr, check_number
+from .config import check_distill, check_lr, check_number
 from .errors import InputError
 from .nets import ResNet, build_model, count_macs, count_params
 from .loops import batch_loss, recalibrate_bn
@@ -43,6 +43,9 @@ class PruneConfig:
     finetune_lr: float = 0.01
     finetune_survival: bool = False  # keep stochastic depth on while fine-tuning
     seed: int = 0
+    distill: bool = True  # fine-tune from the unpruned model as teacher as well as from the labels
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -57,6 +60,7 @@ class PruneConfig:
         check_number("--recalibrate", self.recalibrate, 0, 100_000)
         check_number("--finetune", self.finetune, 0, 10_000)
         check_lr("--finetune-lr", self.finetune_lr)
+        check_distill(self.distill_temperature, self.distill_alpha)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,7 +258,7 @@ def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Ca
 
 # ---- the stage -----------------------------------------------------------------------------------------------
 def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet | None,
-                finetune: Callable[[ResNet], dict] | None = None) -> tuple[ResNet, dict]:
+                finetune: Callable[[ResNet, PruneConfig], dict] | None = None) -> tuple[ResNet, dict]:
     """Remove blocks, recalibrate BatchNorm and optionally fine-tune. Returns the pruned model and a record.
 
     Args:
@@ -262,7 +266,8 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
         meta: its sidecar (survival statistics, data normalization).
         cfg: the prune config.
         calib: training images for BatchNorm recalibration and the sensitivity strategy (never evaluation data).
-        finetune: trains the pruned network in place when cfg.finetune > 0; returns a record.
+        finetune: `finetune(pruned, cfg)` trains the pruned network in place when cfg.finetune > 0 (from the
+            unpruned model as teacher when cfg.distill); returns a record.
     """
     normalize = Normalize(meta.data.mean, meta.data.std)
     loss_fn = None
@@ -294,6 +299,6 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
     if cfg.finetune:
         if finetune is None:
             raise InputError("--finetune needs training data (--data)")
-        record["finetune"] = finetune(pruned)
+        record["finetune"] = finetune(pruned, cfg)
         pruned.eval()
     return pruned, record

@@ -36,6 +36,7 @@ class SweepConfig:
     formats: tuple[str, ...] = ("onnx", "coreml")
     strategy: str = "stats"
     finetune: int = 0  # epochs after pruning and after binarizing (needs training data)
+    distill: bool = True  # fine-tuning learns from the model before each stage as teacher
     precision: str = "float16"  # Core ML
     threads: int = 1  # onnxruntime threads for every latency figure
     latency_rounds: int = 5  # interleaved rounds over all points
@@ -79,11 +80,11 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
     if keep < 1.0:
         pruned = out / "points" / label(keep, False)
         if reprune or not (pruned / "report.json").exists():  # written after the checkpoint: the stage finished
-            acc = run_prune(ckpt, PruneConfig(keep=keep, strategy=cfg.strategy, finetune=cfg.finetune), pruned, data, data_dir,
+            acc = run_prune(ckpt, PruneConfig(keep=keep, strategy=cfg.strategy, finetune=cfg.finetune, distill=cfg.distill), pruned, data, data_dir,
                             device, progress=False, measure_before=False)["after"]["accuracy"]
         src = pruned
     if binary:
-        acc = run_binarize(src, BinarizeConfig(finetune=cfg.finetune), pdir, data, data_dir, device, progress=False,
+        acc = run_binarize(src, BinarizeConfig(finetune=cfg.finetune, distill=cfg.distill), pdir, data, data_dir, device, progress=False,
                            measure_before=False)["after"]["accuracy"]
         src = pdir
     exp = run_export(src, cfg.formats, pdir / "export", data, data_dir, cfg.threads, precision=cfg.precision)
@@ -96,6 +97,7 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
         "stage": "sweep-point", "label": label(keep, binary), "keep": keep, "binarized": binary,
         # fine-tuning recovers what a stage took; the unpruned float point is the starting model, not tuned
         "finetune_epochs": cfg.finetune if (keep < 1.0 or binary) else 0,
+        "distill": cfg.distill if cfg.finetune and (keep < 1.0 or binary) else None,
         "checkpoint": str(resolve(src)[0]), "files": {f: str(pdir / "export" / e["file"]) for f, e in exp["formats"].items()},
         "verification": {f: {k: e["verification"][k] for k in ("max_abs_diff", "top1_agreement", "n", "ok")} for f, e in exp["formats"].items()},
     }

@@ -61,6 +61,12 @@ def _recovery_args(p, d, out_default: str) -> None:
     p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
     p.add_argument("--finetune-survival", type=_bool, default=d.finetune_survival, metavar="on|off",
                    help=f"stochastic depth while fine-tuning (default {'on' if d.finetune_survival else 'off'})")
+    p.add_argument("--distill", type=_bool, default=d.distill, metavar="on|off",
+                   help=f"fine-tune from the model before this stage as teacher as well as from the labels (default {'on' if d.distill else 'off'})")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature, metavar="T",
+                   help=f"softmax temperature of the teacher's and student's outputs (default {d.distill_temperature:g})")
+    p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, metavar="A",
+                   help=f"weight of the teacher's term; 1 - A on the labels (default {d.distill_alpha:g})")
     p.add_argument("--data", default=None, help="training data for recalibration/fine-tuning, and evaluation data (default: bundled sets or the checkpoint's data)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--formats", type=_names, default=d.formats, metavar="onnx,coreml", help="files to export and verify per point")
     p.add_argument("--strategy", default=d.strategy, choices=list(STRATEGIES))
     p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="fine-tuning epochs after pruning and binarizing (needs --data)")
+    p.add_argument("--distill", type=_bool, default=d.distill, metavar="on|off",
+                   help="fine-tune from the model before each stage as teacher as well as from the labels (default on)")
     p.add_argument("--precision", choices=("float16", "float32"), default=d.precision, help="Core ML precision")
     p.add_argument("--threads", type=_positive_int, default=d.threads, help="onnxruntime threads for every latency figure")
     p.add_argument("--data", default=None, help="evaluation and calibration data (default: the bundled sets for bundled models)")
@@ -52,7 +54,7 @@ def run(a) -> int:
     if a.finetune < 0:
         raise InputError(f"--finetune must be >= 0, got {a.finetune}")
     cfg = SweepConfig(keeps=a.keep, binarize=a.binarize, formats=a.formats, strategy=a.strategy, finetune=a.finetune,
-                      precision=a.precision, threads=a.threads)
+                      distill=a.distill, precision=a.precision, threads=a.threads)
     path = _resolve_ckpt(a.ckpt)
     if not path.exists():
         raise InputError(f"checkpoint {path}: no such file or folder")
