@@ -56,6 +56,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    label_smoothing: float = 0.0  # cross-entropy against (1 - e) one-hot + e / K (the fast recipes use 0.1)
+    compile: bool = False  # torch.compile each block's residual branch (graphs that never change; the skipping stays eager)
     stats_window: int = 2000  # recent steps used by the drop-effect regression
     contrib_every: int = 4  # measure ||f(x)|| / ||x|| every this many steps (the norms cost a little)
     sync_bn: bool = False  # under torchrun: SyncBatchNorm (statistics over the global batch) instead of per-process BN

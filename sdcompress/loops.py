@@ -72,13 +72,13 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Te
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                keep: dict[int, bool] | None, bf16: bool = False, teacher_logits: torch.Tensor | None = None,
-               distill: "Distill | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+               distill: "Distill | None" = None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on one mini-batch with the given drop draw (and, with `distill`, the teacher's logits of the
     same batch). Returns (loss, logits), not synchronized."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(x, keep)
         if distill is None:
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         else:
             loss = distill_loss(logits.float(), teacher_logits.float(), y, distill.temperature, distill.alpha)
     opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None, so SGD leaves it untouched

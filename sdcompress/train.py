@@ -130,9 +130,27 @@ class Run:
         return self.device.type == "cuda"
 
 
+def compile_branches(model: torch.nn.Module) -> None:
+    """torch.compile the residual branch of every block of a project ResNet, each on its own.
+
+    With stochastic depth the network's graph changes every step (which blocks run is drawn per mini-batch), so
+    compiling the whole model would recompile nearly every step. A block's branch never changes: compiled alone,
+    it is one graph per block shape (5 for a CIFAR ResNet: three stages and two downsampling blocks, reused by
+    every block of that shape), and the draw still decides in Python which branches run at all.
+    """
+    if not isinstance(model, ResNet):
+        raise InputError("--compile is for the project's ResNets (resnet20 ... resnet1202)")
+    for block in model.blocks.values():
+        if hasattr(block, "branch"):
+            block.branch = torch.compile(block.branch, dynamic=False)
+
+
 def _check_config(cfg: TrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.stats_window < 10:
         raise InputError("--epochs and --batch-size must be >= 1, --stats-window >= 10")
+    check_number("--label-smoothing", cfg.label_smoothing, 0.0, 1.0, hi_open=True)
+    if cfg.compile and ":" in cfg.arch:
+        raise InputError(f"--compile is for the project's ResNets (resnet20 ... resnet1202), not {cfg.arch}")
     check_lr("--lr", cfg.lr)
     check_number("--momentum", cfg.momentum, 0.0, 1.0, hi_open=True)
     check_number("--weight-decay", cfg.weight_decay, 0.0, 1.0, hi_open=True)
@@ -163,6 +181,8 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
     if cfg.weights and not resume:
         load_start_weights(model, cfg.weights)
     model = model.to(device)
+    if cfg.compile:
+        compile_branches(model)
     cuda = device.type == "cuda"
     if cuda and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -206,8 +226,9 @@ def resume_from(run: Run, out: Path) -> None:
     cfg, dd = run.cfg, run.dd
     if st.get("world_size", 1) != dd.world:
         raise InputError(f"--resume: the run in {out} used {st.get('world_size', 1)} processes; resume it with as many")
-    if st["config"] != cfg.to_dict():
-        changed = sorted(k for k in st["config"] if st["config"][k] != cfg.to_dict().get(k))
+    saved = {**TrainConfig().to_dict(), **st["config"]}  # a run saved before a setting existed had its default
+    if saved != cfg.to_dict():
+        changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
         raise InputError(f"--resume: the run in {out} used a different config ({', '.join(changed)}); use the same flags")
     run.model.load_state_dict(st["model"])
     run.opt.load_state_dict(st["optimizer"])
@@ -250,7 +271,8 @@ def run_epoch(run: Run, epoch: int, train_x: torch.Tensor, train_y: torch.Tensor
         model.set_record_contribution(record)
         if on_step:
             on_step(epoch * run.steps_per_epoch + i, keep.tolist())
-        loss, logits = train_step(run.net, run.opt, xb, yb, dict(zip(block_ids, keep.tolist())), run.cuda and cfg.amp)
+        loss, logits = train_step(run.net, run.opt, xb, yb, dict(zip(block_ids, keep.tolist())), run.cuda and cfg.amp,
+                                  label_smoothing=cfg.label_smoothing)
         run.sched.step()
         losses.append(loss.detach())
         correct.append((logits.argmax(1) == yb).sum())

@@ -156,3 +156,20 @@ def test_eval_on_a_folder_of_other_images_scores_every_image(digits_run, tmp_pat
     assert "n=180)" in out and "validation split" in out, out
     assert main(["eval", str(digits_run), "--data", str(folder), "--split", "val"]) == 0  # asked for: a 10% split
     assert f"n={round(0.1 * n)})" in capsys.readouterr().out
+
+
+def test_fast_recipe_flags(tmp_path, capsys):
+    """Label smoothing is recorded and trains; --compile is refused, in one line, for a model it cannot compile."""
+    import json
+
+    out = tmp_path / "ls"
+    assert main(["train", "--arch", "resnet20", "--data", "digits", "--epochs", "1", "--label-smoothing", "0.1",
+                 "--out", str(out), "--no-progress"]) == 0
+    cfg = json.loads((out / "model.json").read_text())["stages"][0]["config"]
+    assert cfg["label_smoothing"] == 0.1 and cfg["compile"] is False
+    capsys.readouterr()
+    for argv in (["--label-smoothing", "1.0"], ["--arch", "torchvision:resnet18", "--compile", "on"]):
+        rc = main(["train", "--arch", "resnet20", "--data", "digits", "--epochs", "1", *argv, "--out", str(tmp_path / "x"), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and not (tmp_path / "x").exists(), err
+        assert ("--compile" if "--compile" in argv else "--label-smoothing") in err[0]

@@ -56,6 +56,11 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", type=_bool, default=d.amp, metavar="on|off", help="bf16 autocast on CUDA")
     p.add_argument("--channels-last", type=_bool, default=d.channels_last, metavar="on|off")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, metavar="E",
+                   help="cross-entropy against smoothed labels, (1 - E) one-hot + E / classes (default 0)")
+    p.add_argument("--compile", type=_bool, default=d.compile, metavar="on|off",
+                   help="torch.compile each residual branch once (static graphs; dropped blocks are still skipped); the "
+                        "project's ResNets only (default off)")
     p.add_argument("--stats-window", type=_positive_int, default=d.stats_window)
     p.add_argument("--contrib-every", type=int, default=d.contrib_every)
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm over the global batch (default: per-process BN)")
