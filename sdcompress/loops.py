@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .data import Dataset, ImageSet, Normalize, augment, augmentation
 from .config import TrainConfig
 from .errors import InputError, TrainingDiverged
-from .survival import draw_keep_mask
+from .survival import draw_run_mask
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,12 +71,12 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Te
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               keep: dict[int, bool] | None, bf16: bool = False, teacher_logits: torch.Tensor | None = None,
+               run_mask: dict[int, bool] | None, bf16: bool = False, teacher_logits: torch.Tensor | None = None,
                distill: "Distill | None" = None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on one mini-batch with the given drop draw (and, with `distill`, the teacher's logits of the
     same batch). Returns (loss, logits), not synchronized."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(x, keep)
+        logits = model(x, run_mask)
         if distill is None:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         else:
@@ -127,7 +127,7 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, normalize: Normalize, bat
                 order = torch.randperm(len(images), generator=g)
             idx = order[(i % per_pass) * batch_size : (i % per_pass + 1) * batch_size]
             x = augment(images.images[idx], pad, flip, g)
-            model(normalize(x))  # keep=None: every kept block, scaled by p_l, as at evaluation
+            model(normalize(x))  # run_mask None: every kept block, scaled by p_l, as at evaluation
             used += len(idx)
     finally:
         for m, mom in zip(bns, saved):
@@ -171,11 +171,11 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
         if i == 0:
             perm = torch.randperm(len(y_all), generator=gen).to(dev)
         idx = perm[i * batch_size : (i + 1) * batch_size]
-        keep = dict(zip(ids, draw_keep_mask(probs, gen).tolist())) if survival else None
+        run_mask = dict(zip(ids, draw_run_mask(probs, gen).tolist())) if survival else None
         x = normalize(augment(x_all[idx], pad, flip, aug_gen))
         with torch.no_grad():
             soft = teacher(x) if teacher is not None else None
-        loss, _ = train_step(model, opt, x, y_all[idx], keep, dev.type == "cuda", soft, distill)
+        loss, _ = train_step(model, opt, x, y_all[idx], run_mask, dev.type == "cuda", soft, distill)
         sched.step()
         if (step + 1) % 25 == 0:
             bar.set_postfix(epoch=f"{step // steps + 1}/{epochs}", loss=f"{loss.item():.3f}")

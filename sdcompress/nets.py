@@ -6,7 +6,7 @@ channels), so every block, the downsampling ones included, reduces exactly to it
 in training or removed by pruning.
 
 Scaling follows the paper: during training a block that runs adds its branch unscaled, f(x); the
-evaluation-time network runs every block and adds p_l * f(x). Which network runs is chosen by the `keep`
+evaluation-time network runs every block and adds p_l * f(x). Which network runs is chosen by the `run_mask`
 argument of `ResNet.forward`, not by train/eval mode, so BatchNorm can be put in train mode (for
 re-estimating its statistics) while the evaluation-time network runs.
 """
@@ -216,12 +216,12 @@ class ResNet(nn.Module):
         """Numbers of the residual blocks present (kept), ascending."""
         return [int(k) for k, m in self.blocks.items() if isinstance(m, BasicBlock)]
 
-    def forward(self, x: torch.Tensor, keep: dict[int, bool] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, run_mask: dict[int, bool] | None = None) -> torch.Tensor:
         """Run the network.
 
         Args:
             x: a normalized image batch, NCHW.
-            keep: None for the evaluation-time network (every block runs, branch scaled by p_l); otherwise
+            run_mask: None for the evaluation-time network (every block runs, branch scaled by p_l); otherwise
                 the training draw, block number -> runs. A block that does not run is not computed at all:
                 only its shortcut is, so its parameters get no gradient that step.
         """
@@ -229,9 +229,9 @@ class ResNet(nn.Module):
         for key, m in self.blocks.items():
             if not isinstance(m, BasicBlock):
                 x = m(x)
-            elif keep is None:
+            elif run_mask is None:
                 x = m(x, m.survival_prob)
-            elif keep[int(key)]:
+            elif run_mask[int(key)]:
                 x = m(x)
             else:
                 x = m.shortcut(x)  # the input is post-ReLU, so ReLU(shortcut(x)) == shortcut(x)

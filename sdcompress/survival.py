@@ -48,7 +48,7 @@ def survival_probs(rule: str, num_blocks: int, p_last: float) -> list[float]:
     return [1.0 - (l + 1) / num_blocks * (1.0 - p_last) for l in range(num_blocks)]
 
 
-def draw_keep_mask(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def draw_run_mask(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One Bernoulli draw per block for one mini-batch: True where the block runs."""
     return torch.rand(probs.shape, generator=generator) < probs
 
@@ -124,16 +124,16 @@ class SurvivalStats:
     def num_blocks(self) -> int:
         return len(self.probs)
 
-    def record(self, keep: np.ndarray, loss: float, contrib: dict[int, float] | None = None) -> None:
+    def record(self, run_mask: np.ndarray, loss: float, contrib: dict[int, float] | None = None) -> None:
         """Record one training step: which blocks ran, the step's loss, and the contributions measured."""
-        keep = np.asarray(keep, dtype=bool)
-        for l in np.flatnonzero(keep):
+        run_mask = np.asarray(run_mask, dtype=bool)
+        for l in np.flatnonzero(run_mask):
             self.runs[l] += 1
         for l, c in (contrib or {}).items():
             if math.isfinite(c):
                 self.contrib_sum[l] += c
                 self.contrib_count[l] += 1
-        self._dropped.append((~keep).astype(np.uint8))
+        self._dropped.append((~run_mask).astype(np.uint8))
         self._loss.append(float(loss))
         self._step.append(self.steps)
         self.steps += 1

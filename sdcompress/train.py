@@ -22,7 +22,7 @@ from .errors import InputError, TrainingDiverged
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, output_folder, read_untrusted_check
 from .nets import NetSpec, ResNet, build_model
 from .loops import evaluate, resolve_device, train_step
-from .survival import SurvivalStats, draw_keep_mask
+from .survival import SurvivalStats, draw_run_mask
 
 TRAIN_STATE = "train_state.pt"
 
@@ -259,24 +259,24 @@ def run_epoch(run: Run, epoch: int, train_x: torch.Tensor, train_y: torch.Tensor
         perm = torch.tensor(list(sampler), dtype=torch.long).to(device)
     else:
         perm = torch.randperm(len(train_y), generator=run.shuffle_gen).to(device)
-    losses, correct, keeps, contribs = [], [], [], []
+    losses, correct, masks, contribs = [], [], [], []
     for i in range(run.steps_per_epoch):
         idx = perm[i * run.local_batch : (i + 1) * run.local_batch]
         xb = normalize(augment(train_x[idx], pad, flip, run.aug_gen))
         yb = train_y[idx]
         if run.cuda and cfg.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        keep = draw_keep_mask(probs_t, run.drop_gen)
+        run_mask = draw_run_mask(probs_t, run.drop_gen)
         record = cfg.contrib_every > 0 and i % cfg.contrib_every == 0
         model.set_record_contribution(record)
         if on_step:
-            on_step(epoch * run.steps_per_epoch + i, keep.tolist())
-        loss, logits = train_step(run.net, run.opt, xb, yb, dict(zip(block_ids, keep.tolist())), run.cuda and cfg.amp,
+            on_step(epoch * run.steps_per_epoch + i, run_mask.tolist())
+        loss, logits = train_step(run.net, run.opt, xb, yb, dict(zip(block_ids, run_mask.tolist())), run.cuda and cfg.amp,
                                   label_smoothing=cfg.label_smoothing)
         run.sched.step()
         losses.append(loss.detach())
         correct.append((logits.argmax(1) == yb).sum())
-        keeps.append(keep.numpy())
+        masks.append(run_mask.numpy())
         # a dropped block measured nothing this step: NaN, skipped when recorded
         contribs.append(torch.stack([_or_nan(c, device) for c in model.contributions().values()]) if record else None)
         if (i + 1) % 25 == 0 or i + 1 == run.steps_per_epoch:
@@ -292,7 +292,7 @@ def run_epoch(run: Run, epoch: int, train_x: torch.Tensor, train_y: torch.Tensor
     loss_arr = dd.all_mean(torch.stack(losses).float()).cpu().numpy()
     measured = [c for c in contribs if c is not None]
     measured = iter(dd.all_mean(torch.stack(measured).float()).cpu().tolist()) if measured else iter(())
-    for k, l, c in zip(keeps, loss_arr, contribs):
+    for k, l, c in zip(masks, loss_arr, contribs):
         ran = dict(zip(block_ids, next(measured))) if c is not None else {}  # a contribution counts only where the block ran
         run.stats.record(k, float(l), {b: v for b, v in ran.items() if k[b]})
     run.stats.refresh()

@@ -61,8 +61,8 @@ def test_dropped_block_gets_no_gradient_and_is_not_computed():
     model = build_model(NetSpec("resnet20")).train()
     calls = []
     model.blocks["4"].conv1.register_forward_hook(lambda *a: calls.append(1))
-    keep = {l: l != 4 for l in range(9)}
-    model(torch.randn(8, 3, 32, 32), keep).sum().backward()
+    run_mask = {l: l != 4 for l in range(9)}
+    model(torch.randn(8, 3, 32, 32), run_mask).sum().backward()
     assert calls == []
     assert all(p.grad is None for p in model.blocks["4"].parameters())
     assert all(p.grad is not None for p in model.blocks["5"].parameters())

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcompress.survival import SurvivalStats, draw_keep_mask, fit_drop_effect, survival_probs
+from sdcompress.survival import SurvivalStats, draw_run_mask, fit_drop_effect, survival_probs
 
 
 def test_linear_rule_at_both_ends():
@@ -33,13 +33,13 @@ def test_unknown_rule():
 def test_measured_drop_rate_matches_schedule():
     probs = torch.tensor(survival_probs("linear", 27, 0.5))
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([draw_keep_mask(probs, g) for _ in range(4000)]).float()
+    draws = torch.stack([draw_run_mask(probs, g) for _ in range(4000)]).float()
     assert (draws.mean(0) - probs).abs().max() < 0.03
 
 
 def test_draws_are_seeded():
     probs = torch.full((10,), 0.5)
-    a = [draw_keep_mask(probs, torch.Generator().manual_seed(3)) for _ in range(2)]
+    a = [draw_run_mask(probs, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(a[0], a[1])
 
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdcompress.nets import NetSpec, build_model, count_macs  # noqa: E402
-from sdcompress.survival import draw_keep_mask  # noqa: E402
+from sdcompress.survival import draw_run_mask  # noqa: E402
 from sdcompress.loops import resolve_device, train_step  # noqa: E402
 from sdcompress.train import compile_branches  # noqa: E402
 
@@ -81,8 +81,8 @@ def main() -> None:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
-            keep = dict(zip(ids, draw_keep_mask(probs, g).tolist()))
-            train_step(model, opt, x, y, keep, bf16=cuda, label_smoothing=0.1 if rule == "fast" else 0.0)
+            run_mask = dict(zip(ids, draw_run_mask(probs, g).tolist()))
+            train_step(model, opt, x, y, run_mask, bf16=cuda, label_smoothing=0.1 if rule == "fast" else 0.0)
         if cuda:
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / steps

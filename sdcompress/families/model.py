@@ -110,8 +110,8 @@ def _set(root: nn.Module, path: str, new: nn.Module) -> None:
 class FamilyNet(nn.Module):
     """A torchvision or timm model (`self.net`) with the interface the project's commands use.
 
-    `forward(x, keep)` runs the model with the blocks that `keep` marks False replaced by their residual path for
-    that pass; `keep=None` is the evaluation-time network (every present block, unscaled). Removed blocks are
+    `forward(x, run_mask)` runs the model with the blocks that `run_mask` marks False replaced by their residual path for
+    that pass; `run_mask=None` is the evaluation-time network (every present block, unscaled). Removed blocks are
     replaced permanently at construction, so they hold no parameters.
     """
 
@@ -151,8 +151,8 @@ class FamilyNet(nn.Module):
     def contributions(self) -> dict[int, torch.Tensor | None]:
         return {b: self._contrib.get(b) for b in self.block_ids}
 
-    def forward(self, x: torch.Tensor, keep: dict[int, bool] | None = None) -> torch.Tensor:
-        dropped = [b for b, runs in (keep or {}).items() if not runs and b in self._skip]
+    def forward(self, x: torch.Tensor, run_mask: dict[int, bool] | None = None) -> torch.Tensor:
+        dropped = [b for b, runs in (run_mask or {}).items() if not runs and b in self._skip]
         if not dropped:
             return self.net(x)
         try:
