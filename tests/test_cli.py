@@ -173,3 +173,23 @@ def test_fast_recipe_flags(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and not (tmp_path / "x").exists(), err
         assert ("--compile" if "--compile" in argv else "--label-smoothing") in err[0]
+
+
+def test_every_option_has_help_and_says_its_default():
+    import argparse
+
+    from sdcompress.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            text = fmt._get_help_string(a) if a.help else ""
+            needs_default = a.default is not None and a.default is not False and a.default != argparse.SUPPRESS and a.nargs != 0
+            if not text or (needs_default and "default" not in text):
+                missing.append(f"{name} {a.option_strings[0]}")
+    assert not missing, missing
+    assert "(default 0)" in sub.choices["train"].format_help().replace("\n", " ").replace("  ", " ")  # --seed 0 is a default too

@@ -20,6 +20,46 @@ from . import binarize, compare, eval, export, prune, report, stats, sweep, trai
 COMMANDS = (train, eval, stats, prune, binarize, export, report, sweep, compare)
 
 
+HELP = {  # options several subcommands share, or whose meaning the flag name alone carries
+    "split_seed": "seed of the train/validation split",
+    "epochs": "training epochs",
+    "batch_size": "images per batch (under torchrun: the global batch)",
+    "lr": "peak learning rate of SGD",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "L2 weight decay",
+    "schedule": "learning-rate schedule: cosine (per step), or step (lr / 10 at 50%% and 75%% of the epochs, as the paper)",
+    "survival_rule": "survival probabilities: linear (the paper's), uniform, or none (constant depth)",
+    "augment": "training augmentation: auto (crop and flip for colour images, none otherwise), standard, crop, none",
+    "seed": "seed of the weights, shuffling, drop draws and augmentation",
+    "device": "where to run: auto (CUDA when available), cpu or cuda",
+    "channels_last": "channels_last memory format on CUDA",
+    "stats_window": "recent steps the drop-effect regression uses",
+    "contrib_every": "measure each block's contribution every this many steps (0: never)",
+    "no_progress": "no progress bar",
+    "data_dir": "folder of a torchvision dataset, or of the --data images (never downloaded)",
+    "blocks_to_keep": "keep exactly these blocks (numbers, comma-separated) instead of --keep",
+    "strategy": "which blocks go: stats (drop effect), top (highest first), every-other (spread evenly), sensitivity "
+                "(greedy on the measured loss)",
+    "sensitivity_batches": "batches of training images per candidate removal of the sensitivity strategy",
+    "finetune_lr": "fine-tuning learning rate (cosine schedule from it)",
+}
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option says its default (a tuple as the comma-separated list it is typed as)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if action.option_strings and "default" not in text and d is not None and d is not False \
+                and d != argparse.SUPPRESS and action.nargs != 0:
+            shown = ",".join(("on" if v else "off") if isinstance(v, bool) else str(v) for v in d) if isinstance(d, tuple) else (
+                ("on" if d else "off") if isinstance(d, bool) else "%(default)s")
+            text = f"{text} (default {shown})" if text else f"default {shown}"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the usage text stays behind --help)."""
 
@@ -38,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_parser(sub)
     for p in sub.choices.values():  # `--debug` works before or after the command
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.formatter_class = _Help
+        for action in p._actions:
+            if action.option_strings and not action.help:
+                action.help = HELP.get(action.dest)
     return parser
 
 

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     from ..nets import ARCHS
     from ..survival import SURVIVAL_RULES
 
-    p = sub.add_parser("train", help="train a stochastic-depth ResNet", description="Train a stochastic-depth ResNet.")
+    p = sub.add_parser("train", help="train a network with stochastic depth", description="Train a network with stochastic depth: the project's CIFAR ResNets, or a torchvision or timm residual network.")
     d = TrainConfig()
     p.add_argument("--arch", default=d.arch, type=_arch, metavar="ARCH",
                    help=f"{', '.join(ARCHS)}; or torchvision:NAME (resnet18, mobilenet_v2, convnext_tiny, ...) or timm:NAME")
