@@ -205,7 +205,7 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
 
 
 def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
-    """Ratios against the full float model, the Pareto fronts and the goals, as data."""
+    """Ratios against the full float model, the Pareto fronts and a three-number summary, as data."""
     by = {(p["keep"], p["binarized"]): p for p in points}
     full = by.get((1.0, False))
     rows = []
@@ -227,18 +227,17 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
     for r in rows:
         r["pareto_size"] = r["label"] in front_size
         r["pareto_latency"] = r["label"] in front_lat
-    goals = {}
+    summary = {}  # what the table shows, in three numbers
     lr = [abs(r["latency_ratio"] - r["macs_ratio"]) for r in rows if "latency_ratio" in r and not r["binarized"]]
     if lr:
-        goals["latency_tracks_macs"] = {"max_gap": max(lr), "met": max(lr) <= 0.05}
+        summary["latency_vs_macs_ratio_max_gap"] = max(lr)
     lb = [r["latency_vs_float"] for r in rows if "latency_vs_float" in r]
     if lb:
-        goals["binary_costs_no_latency"] = {"max_ratio": max(lb), "met": max(lb) <= 1.05}
+        summary["binary_latency_vs_float_max"] = max(lb)
     k6 = next((r for r in rows if r["binarized"] and abs(r["keep"] - 0.6) < 1e-9 and "fraction_of_full_onnx" in r), None)
     if k6 is not None:
-        fr = {f: v for f, v in k6["fraction_of_full_onnx"].items() if v is not None}
-        goals["keep0.6_binary_at_most_1_25"] = {"fractions": fr, "met": bool(fr) and all(v <= 1 / 25 for v in fr.values())}
-    return {"schema": SWEEP_SCHEMA, "checkpoint": str(ckpt), "config": cfg.to_dict(), "points": rows, "goals": goals,
+        summary["keep0.6_binary_fraction_of_full_onnx"] = {f: v for f, v in k6["fraction_of_full_onnx"].items() if v is not None}
+    return {"schema": SWEEP_SCHEMA, "checkpoint": str(ckpt), "config": cfg.to_dict(), "points": rows, "summary": summary,
             "dataset": points[0]["accuracy"]["dataset"] if points else None}
 
 
@@ -258,19 +257,15 @@ def render_markdown(sweep: dict) -> str:
         cells += [f"{r['latency_ms']:.3f}", f"{r.get('macs_ratio', float('nan')):.3f}", f"{r.get('latency_ratio', float('nan')):.3f}",
                   ("yes" if r["pareto_size"] else "-") + " / " + ("yes" if r["pareto_latency"] else "-")]
         lines.append("| " + " | ".join(cells) + " |")
-    g = sweep["goals"]
+    g = sweep.get("summary", {})
     lines.append("")
-    if "latency_tracks_macs" in g:
-        x = g["latency_tracks_macs"]
-        lines.append(f"- latency ratio within 0.05 of the MACs ratio at every keep (float points): largest gap {x['max_gap']:.3f}, "
-                     f"{'met' if x['met'] else 'not met'}")
-    if "binary_costs_no_latency" in g:
-        x = g["binary_costs_no_latency"]
-        lines.append(f"- binarized latency against the float file at the same keep: at most {x['max_ratio']:.3f}x, {'met' if x['met'] else 'not met'} (goal 1.05)")
-    if "keep0.6_binary_at_most_1_25" in g:
-        x = g["keep0.6_binary_at_most_1_25"]
-        fr = ", ".join(f"{f} 1/{1 / v:.1f}" for f, v in x["fractions"].items())
-        lines.append(f"- keep 0.6 binarized against the full float32 ONNX file: {fr}, {'met' if x['met'] else 'not met'} (goal 1/25)")
+    if "latency_vs_macs_ratio_max_gap" in g:
+        lines.append(f"- latency ratio against MACs ratio (float points): largest gap {g['latency_vs_macs_ratio_max_gap']:.3f}")
+    if "binary_latency_vs_float_max" in g:
+        lines.append(f"- binarized latency against the float file at the same keep: at most {g['binary_latency_vs_float_max']:.3f}x")
+    if "keep0.6_binary_fraction_of_full_onnx" in g:
+        fr = ", ".join(f"{f} 1/{1 / v:.1f}" for f, v in g["keep0.6_binary_fraction_of_full_onnx"].items())
+        lines.append(f"- keep 0.6 binarized against the full float32 ONNX file: {fr}")
     lines += ["", "![tradeoff](tradeoff.png)", ""]
     return "\n".join(lines)
 
