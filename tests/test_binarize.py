@@ -96,9 +96,14 @@ def test_prune_then_binarize_and_binarize_then_prune(sd_run, tmp_path):
     assert set(a.spec.binarized) == set(b.spec.binarized) and all(n.split(".")[1] in map(str, a.block_ids) for n in b.spec.binarized)
 
 
-def test_binarize_finetune_with_ste(sd_run, tmp_path):
+def test_binarize_finetune_with_ste(sd_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["binarize", str(sd_run), "--data", "digits", "--out", str(tmp_path / "noft"), "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()  # without fine-tuning: one warning line, with the accuracy lost
+    assert len(err) == 1 and "warning: not fine-tuned" in err[0] and "top-1" in err[0], err
     out = tmp_path / "ft"
     assert main(["binarize", str(sd_run), "--finetune", "1", "--data", "digits", "--out", str(out), "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
     assert rep["binarize"]["finetune"]["epochs"] == 1 and rep["binarize"]["finetune"]["survival"] is True
     model, _ = load_checkpoint(out)

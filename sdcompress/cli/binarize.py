@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from .common import OUT_ROOT, _ckpt_arg, _fresh_out, _model_name, _names, _recovery_args, _resolve_ckpt
 
 
@@ -35,4 +37,9 @@ def run(a) -> int:
     print(f"{len(r['binarize']['layers'])} layers binarized, 1-bit params {f['params']['by_bits'].get('1', 0):,}, "
           f"size {format_bytes(b['bytes']['checkpoint'])} -> {format_bytes(f['bytes']['checkpoint'])}{acc}")
     print(f"wrote {out}/model.pt, {out}/report.json, {out}/report.md")
+    if not cfg.finetune:
+        lost = (f" (top-1 {100 * b['accuracy']['top1']:.1f}% -> {100 * f['accuracy']['top1']:.1f}% here)"
+                if b.get("accuracy") and f.get("accuracy") else "")
+        print(f"sdcompress binarize: warning: not fine-tuned: 1-bit weights lose accuracy until they are trained{lost}; "
+              f"--finetune EPOCHS --data DATA recovers it", file=sys.stderr)
     return 0
