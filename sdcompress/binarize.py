@@ -270,6 +270,7 @@ def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Mo
             raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
         norm = Normalize(meta.data.mean, meta.data.std)
         record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))
+        record["calibration_set_size"] = len(calib)
     if cfg.finetune:
         record["finetune"] = tune(new, cfg)
     return new, record

@@ -294,6 +294,7 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
     if cfg.recalibrate and removed:
         if calib is None:
             raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
+        record["calibration_set_size"] = len(calib)
         record["recalibrated_images"] = recalibrate_bn(pruned, calib, normalize, cfg.recalibrate, cfg.batch_size, cfg.seed,
                                                        *train_augmentation(meta))
     if cfg.finetune:

@@ -48,6 +48,14 @@ def stats_rows(meta: Sidecar) -> list[dict]:
             for b in meta.survival_stats.blocks]
 
 
+def recalibration_text(rec: dict) -> str:
+    """`5,120 augmented images (2.0 passes over the 2,560 images of NAME)`, or `2,560 images of NAME`."""
+    used, size, name = rec["recalibrated_images"], rec.get("calibration_set_size"), rec["calibration_data"]
+    if size and used > size:
+        return f"{used:,} augmented images ({used / size:.1f} passes over the {size:,} images of {name})"
+    return f"{used:,} augmented images of {name}"
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -167,7 +175,7 @@ def prune_markdown(report: dict, stats_table: str) -> str:
         f"- strategy `{rec['config']['strategy']}`, ranked by {rec.get('ranking', {}).get('by', 'drop effect')}; removed blocks "
         f"{rec['removed']}; kept {len(rec['kept'])} of {report['before']['model']['blocks_total']}",
         *([f"- **warning**: {rec['ranking']['warning']}"] if (rec.get("ranking") or {}).get("warning") else []),
-        f"- BatchNorm recalibrated on {rec['recalibrated_images']} images of {rec['calibration_data']}" if rec["recalibrated_images"] else "- no BatchNorm recalibration",
+        f"- BatchNorm recalibrated on {recalibration_text(rec)}" if rec["recalibrated_images"] else "- no BatchNorm recalibration",
         f"- accuracy on {acc.get('dataset')} (n={acc.get('n')})" if acc else "- no evaluation data given",
         "",
         "```",
@@ -223,7 +231,7 @@ def binarize_markdown(report: dict) -> str:
         "",
         f"{len(rec['layers'])} layers with 1-bit weights (sign(w) * alpha, one alpha per output channel); "
         "the stem and classifier stay full precision unless asked.",
-        f"BatchNorm recalibrated on {rec['recalibrated_images']} images of {rec['calibration_data']}." if rec["recalibrated_images"] else "No BatchNorm recalibration.",
+        f"BatchNorm recalibrated on {recalibration_text(rec)}." if rec["recalibrated_images"] else "No BatchNorm recalibration.",
         f"Fine-tuned {ft['epochs']} epochs (straight-through estimator, stochastic depth {'on' if ft['survival'] else 'off'})." if ft else "Not fine-tuned.",
         f"Accuracy on {acc.get('dataset')} (n={acc.get('n')})." if acc else "No evaluation data given.",
         "",

@@ -163,3 +163,11 @@ def test_sweep_tiny_completes_and_resumes(digits_run, tmp_path, monkeypatch):
     assert tuned == {"keep1.00": 0, "keep1.00-bin": 1, "keep0.50": 1, "keep0.50-bin": 1}, tuned
     # a point's json is a report compare reads
     assert main(["compare", str(out / "points/keep1.00/point.json"), str(out / "points/keep0.50-bin/point.json")]) == 0
+
+
+def test_recalibration_counts_images_and_passes():
+    from sdcompress.report import recalibration_text
+
+    rec = {"recalibrated_images": 5120, "calibration_set_size": 2560, "calibration_data": "bundled calibration set"}
+    assert recalibration_text(rec) == "5,120 augmented images (2.0 passes over the 2,560 images of bundled calibration set)"
+    assert recalibration_text({**rec, "recalibrated_images": 1280}) == "1,280 augmented images of bundled calibration set"
