@@ -25,6 +25,14 @@ METRICS = (
 )
 
 
+def timing_run() -> str:
+    """A new id for latencies measured together (one machine, one session, interleaved): only latencies with the
+    same id are divided by `compare`; on a shared machine two separate runs can differ by 2x or more."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
 def load_report(path: str | Path) -> dict:
     """A report file sdcompress wrote, or an InputError saying why it is not one."""
     from .files import parse_untrusted_json
@@ -54,9 +62,14 @@ def _get(d: dict, key: str):
     return d if isinstance(d, (int, float)) and not isinstance(d, bool) else None
 
 
-def compare(reports: list[dict], names: list[str]) -> dict:
-    """One row per metric: the values, each one's ratio to the first (or change in points, for accuracy)."""
+def compare(reports: list[dict], names: list[str], divide_latencies: bool = False) -> dict:
+    """One row per metric: the values, each one's ratio to the first (or change in points, for accuracy).
+
+    Latencies are divided only when they were timed in the same run (the same `latency_ms.timing_run`), or when
+    `divide_latencies` says to; otherwise the row says they come from separate runs.
+    """
     parts = [model_part(r) for r in reports]
+    runs = [((p.get("latency_ms") or {}).get("timing_run") if isinstance(p.get("latency_ms"), dict) else None) for p in parts]
     rows = []
     for key, label, unit in METRICS:
         values = [_get(p, key) for p in parts]
@@ -68,6 +81,10 @@ def compare(reports: list[dict], names: list[str]) -> dict:
             row["delta_points"] = [None if v is None or base is None else 100 * (v - base) for v in values]
         else:
             row["ratio"] = [None if v is None or not base else v / base for v in values]
+            if unit == "ms":
+                row["separate_runs"] = [runs[i] is None or runs[i] != runs[0] for i in range(len(values))]
+                if not divide_latencies:
+                    row["ratio"] = [None if sep else q for q, sep in zip(row["ratio"], row["separate_runs"])]
         rows.append(row)
     return {"schema": COMPARE_SCHEMA, "files": names, "baseline": names[0], "rows": rows}
 
@@ -97,6 +114,8 @@ def render(cmp: dict) -> str:
                 cells.append(f"{old} -> {_fmt(v, r['unit'])}" + ("" if d is None else f" ({d:+.2f} pts)"))
             else:
                 q = r["ratio"][i]
-                cells.append(f"{old} -> {_fmt(v, r['unit'])}" + ("" if q is None else f" ({q:.3f}x)"))
+                sep = r.get("separate_runs", [False] * len(r["values"]))[i] and v is not None
+                note = f" ({q:.3f}x{', separate runs' if sep else ''})" if q is not None else (" (separate runs, not divided)" if sep else "")
+                cells.append(f"{old} -> {_fmt(v, r['unit'])}" + note)
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

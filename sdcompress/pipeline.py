@@ -7,6 +7,7 @@ from typing import Callable
 
 from .binarize import BinarizeConfig, binarize_stage
 from .checkpoint import Sidecar, load_checkpoint, resolve, save_checkpoint
+from .compare import timing_run
 from .files import atomic_write_bytes, atomic_write_json, check_output_folder, output_folder, path_bytes
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
@@ -131,7 +132,8 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
         rep = model_report(model, meta.data.input_shape, resolve(ckpt)[0], None)
         for fmt in FORMATS:
             rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
-        rep["latency_ms"] = {"onnxruntime_cpu_b1": files["onnx"]["latency_ms"]["onnxruntime_cpu_b1"]} if "onnx" in files else None
+        rep["latency_ms"] = {"onnxruntime_cpu_b1": files["onnx"]["latency_ms"]["onnxruntime_cpu_b1"],
+                             "timing_run": timing_run()} if "onnx" in files else None
         result = {**rep, "stage": "export", "formats": files}
         atomic_write_json(folder / "report.json", result)
         atomic_write_bytes(folder / "report.md", export_markdown(result).encode())

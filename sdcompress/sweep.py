@@ -193,8 +193,10 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
             onnx_bytes[p["label"]] = export_onnx(m, meta)[0]
     input_shape = read_sidecar(resolve(ckpt)[1]).data.input_shape
     lat = _latency(points, input_shape, cfg, onnx_bytes)
+    run_id = timing_run()  # every point timed together, interleaved: their latencies may be divided
     for p in points:
-        p["latency_ms"] = {"onnxruntime_cpu_b1": lat[p["label"]], "threads": cfg.threads, "runs": cfg.latency_rounds * cfg.latency_runs}
+        p["latency_ms"] = {"onnxruntime_cpu_b1": lat[p["label"]], "threads": cfg.threads, "runs": cfg.latency_rounds * cfg.latency_runs,
+                           "timing_run": run_id}
         atomic_write_json(out / "points" / p["label"] / "point.json", p)
     sweep = summarize(points, cfg, ckpt)
     sweep["reused_points"] = reused

@@ -84,10 +84,10 @@ def test_report_command_file_sizes_and_accuracy(digits_run, tmp_path, capsys):
     assert main(["report", str(out), "--json", str(tmp_path / "r.json")]) == 2  # exists, no --force
 
 
-def _hand_report(params, macs, onnx, top1, latency):
+def _hand_report(params, macs, onnx, top1, latency, run="r1"):
     return {"schema": "sdcompress.report/1", "stage": "export",
             "model": {"params": {"total": params}, "macs": macs, "bytes": {"checkpoint": None, "onnx": onnx, "coreml": None},
-                      "latency_ms": {"onnxruntime_cpu_b1": latency}, "accuracy": {"top1": top1}}}
+                      "latency_ms": {"onnxruntime_cpu_b1": latency, "timing_run": run}, "accuracy": {"top1": top1}}}
 
 
 def test_compare_ratios_and_deltas(tmp_path, capsys):
@@ -106,6 +106,17 @@ def test_compare_ratios_and_deltas(tmp_path, capsys):
     assert "1,000 -> 600 (0.600x)" in text and "90.00% -> 87.50% (-2.50 pts)" in text
     assert main(["compare", str(a), str(b), "--json", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["rows"] == cmp["rows"]
+
+
+def test_compare_divides_latencies_of_one_timing_run_only(tmp_path, capsys):
+    a, b = _hand_report(1000, 4_000_000, 8000, 0.90, 2.0, run="r1"), _hand_report(600, 1_000_000, 320, 0.875, 1.5, run="r2")
+    row = next(r for r in compare([a, b], ["a", "b"])["rows"] if r["unit"] == "ms")
+    assert row["ratio"][1] is None and row["separate_runs"] == [False, True]
+    assert "2.000 -> 1.500 (separate runs, not divided)" in render(compare([a, b], ["a", "b"]))
+    forced = next(r for r in compare([a, b], ["a", "b"], divide_latencies=True)["rows"] if r["unit"] == "ms")
+    assert forced["ratio"][1] == pytest.approx(0.75) and "(0.750x, separate runs)" in render(compare([a, b], ["a", "b"], True))
+    del b["model"]["latency_ms"]["timing_run"]  # a report from before timing runs were recorded: never the same run
+    assert next(r for r in compare([a, b], ["a", "b"])["rows"] if r["unit"] == "ms")["ratio"][1] is None
 
 
 @pytest.mark.parametrize("content", ["not json", json.dumps({"schema": "other/1"}), json.dumps([1, 2]),

@@ -14,6 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("reports", nargs="+", type=Path, help="two or more report JSON files")
     p.add_argument("--json", type=Path, default=None, help="write the comparison as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite --json")
+    p.add_argument("--divide-latencies", action="store_true",
+                   help="divide latencies timed in separate runs too (by default only those timed together, as in one sweep)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +28,7 @@ def run(a) -> int:
     if a.json and a.json.exists() and not a.force:
         raise InputError(f"--json {a.json}: exists; pass --force to overwrite")
     reports = [load_report(p) for p in a.reports]
-    cmp = compare(reports, [str(p) for p in a.reports])
+    cmp = compare(reports, [str(p) for p in a.reports], a.divide_latencies)
     print(render(cmp), end="")
     if a.json:
         atomic_write_json(a.json, cmp)
