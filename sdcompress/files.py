@@ -178,6 +178,17 @@ def checkpoint_folder(path: str | Path) -> Path:
     return p if p.is_dir() else p.parent
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB pieces)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
 def path_bytes(path: str | Path) -> int:
     """Size of a file, or of every file under a folder (a .mlpackage)."""
     p = Path(path)

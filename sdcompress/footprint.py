@@ -91,8 +91,27 @@ def block_rows(layers: list[dict], shapes: dict[str, list[int]], paths: dict[int
     return list(groups.values())
 
 
-def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path | None = None, accuracy: dict | None = None) -> dict:
-    """The footprint report of a model as data (what `sdcompress report` renders); `input_shape` is one image's."""
+def _exports_of(weights: Path | None, folder: Path | None) -> dict[str, int]:
+    """Sizes of the exported files in `folder` when its report.json says they were exported from these very weights
+    (the SHA-256 of model.pt); nothing otherwise (a stale export of another model, or of an older version)."""
+    from .files import file_sha256, parse_untrusted_json
+
+    if folder is None or weights is None or not (folder / "report.json").is_file():
+        return {}
+    try:
+        rep = parse_untrusted_json(folder / "report.json", "export report")
+    except Exception:  # noqa: BLE001 - an unreadable report: its files are not known to be this model's
+        return {}
+    if not isinstance(rep, dict) or rep.get("checkpoint_sha256") != file_sha256(weights):
+        return {}
+    return {f: path_bytes(folder / f) for f in EXPORTED[1:] if (folder / f).exists()}
+
+
+def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path | None = None, accuracy: dict | None = None,
+              exports: Path | None = None) -> dict:
+    """The footprint report of a model as data (what `sdcompress report` renders); `input_shape` is one image's.
+    Exported files are looked for beside the checkpoint and in `exports` (export's output folder, taken only when
+    its report says it holds this network)."""
     shape = tuple(input_shape)
     owners = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     paths = {b: model.spec.block_path(b) for b in model.block_ids}
@@ -102,6 +121,7 @@ def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path
     blocks = block_rows(layers, shapes, paths)
     folder = checkpoint_folder(ckpt) if ckpt is not None else None
     files = {f: path_bytes(folder / f) for f in EXPORTED if folder is not None and (folder / f).exists()}
+    files = {**_exports_of(folder / "model.pt" if "model.pt" in files else None, exports), **files}
     rep = model_report(model, shape, folder / "model.pt" if "model.pt" in files else None, accuracy, macs)
     rep["bytes"]["onnx"] = files.get("model.onnx")
     rep["bytes"]["coreml"] = files.get("model.mlpackage")

@@ -8,7 +8,7 @@ from typing import Callable
 from .binarize import BinarizeConfig, binarize_stage
 from .checkpoint import Sidecar, load_checkpoint, resolve, save_checkpoint
 from .compare import timing_run
-from .files import atomic_write_bytes, atomic_write_json, check_output_folder, output_folder, path_bytes
+from .files import file_sha256, atomic_write_bytes, atomic_write_json, check_output_folder, output_folder, path_bytes
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt
@@ -134,7 +134,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
             rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
         rep["latency_ms"] = {"onnxruntime_cpu_b1": files["onnx"]["latency_ms"]["onnxruntime_cpu_b1"],
                              "timing_run": timing_run()} if "onnx" in files else None
-        result = {**rep, "stage": "export", "formats": files}
+        result = {**rep, "stage": "export", "formats": files, "checkpoint_sha256": file_sha256(resolve(ckpt)[0])}
         atomic_write_json(folder / "report.json", result)
         atomic_write_bytes(folder / "report.md", export_markdown(result).encode())
     return result

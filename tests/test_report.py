@@ -182,3 +182,20 @@ def test_recalibration_counts_images_and_passes():
     rec = {"recalibrated_images": 5120, "calibration_set_size": 2560, "calibration_data": "bundled calibration set"}
     assert recalibration_text(rec) == "5,120 augmented images (2.0 passes over the 2,560 images of bundled calibration set)"
     assert recalibration_text({**rec, "recalibrated_images": 1280}) == "1,280 augmented images of bundled calibration set"
+
+
+def test_report_finds_the_default_export_of_these_weights_only(digits_run, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    ck = tmp_path / "mine"
+    shutil.copytree(digits_run, ck)
+    assert main(["export", str(ck), "--format", "onnx", "--data", "digits"]) == 0  # to sdcompress-out/mine-export
+    onnx = tmp_path / "sdcompress-out" / "mine-export" / "model.onnx"
+    assert main(["report", str(ck), "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["bytes"]["onnx"] == onnx.stat().st_size
+    state = torch.load(ck / "model.pt", weights_only=True)  # new weights in the same folder: that export is stale
+    state["fc.bias"] += 1
+    torch.save(state, ck / "model.pt")
+    assert main(["report", str(ck), "--json", str(tmp_path / "r2.json")]) == 0
+    assert json.loads((tmp_path / "r2.json").read_text())["bytes"]["onnx"] is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError
-from .common import _ckpt_arg, _resolve_ckpt
+from .common import OUT_ROOT, _ckpt_arg, _model_name, _resolve_ckpt
 
 
 def add_parser(sub) -> None:
@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
                        description="The footprint of one model per block and per layer, totals, exported files beside the "
                                    "checkpoint, and accuracy when data is given (or for the bundled model).")
     _ckpt_arg(p)
-    p.add_argument("--data", default=None, help="measure top-1 on this data (default: none, except the bundled model's evaluation set)")
+    p.add_argument("--data", default=None, help="measure top-1 on this data (default: the bundled evaluation set for the bundled "
+                                                "models and those pruned or binarized from them; else none)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--md", type=Path, default=None, help="write the rendered tables (Markdown) here")
@@ -26,6 +27,7 @@ def run(a) -> int:
     from ..files import atomic_write_bytes, atomic_write_json
     from ..evaluate import evaluate_checkpoint
     from ..footprint import footprint, render_markdown
+    from ..zoo import same_data_as_bundled
 
     for f in (a.json, a.md):
         if f is not None and f.exists() and not a.force:
@@ -35,9 +37,10 @@ def run(a) -> int:
     path = _resolve_ckpt(a.ckpt)
     model, meta = load_checkpoint(path)
     acc = None
-    if a.data is not None or a.ckpt is None:
+    if a.data is not None or a.ckpt is None or same_data_as_bundled(path, meta):
         acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, "auto", 500)
-    fp = footprint(model, meta.data.input_shape, path, acc)
+    exports = OUT_ROOT / f"{_model_name(path)}-export"  # where `sdcompress export` writes by default
+    fp = footprint(model, meta.data.input_shape, path, acc, exports if exports.is_dir() else None)
     md = render_markdown(fp)
     print(md, end="")
     if a.json:
