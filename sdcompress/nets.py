@@ -29,6 +29,9 @@ MAX_CLASSES = 100_000  # classifier outputs (ImageNet-21k has 21,841); more is a
 MAX_IN_CHANNELS = 64  # input image channels
 
 
+SHORTCUT_NAMES = ("downsample", "proj", "shortcut")  # what a removed block of another family keeps (its own projection)
+
+
 @dataclass(frozen=True)
 class NetSpec:
     """Everything needed to rebuild a network before its weights are loaded."""
@@ -124,8 +127,11 @@ class NetSpec:
     def with_kept(self, kept) -> "NetSpec":
         """The spec with only `kept` blocks (binarized layers of removed blocks are gone with them)."""
         kept = tuple(sorted(kept))
-        gone = {f"{self.block_path(b)}." for b in self.kept if b not in kept}
-        return replace(self, blocks_kept=kept, binarized=tuple(n for n in self.binarized if not n.startswith(tuple(gone))))
+        gone = tuple(f"{self.block_path(b)}." for b in self.kept if b not in kept)
+        # a removed block of another family leaves its projection shortcut (families.replacement), layers included
+        left = tuple(f"{g}{name}." for g in gone for name in SHORTCUT_NAMES) if self.family != "cifar_resnet" else ()
+        return replace(self, blocks_kept=kept,
+                       binarized=tuple(n for n in self.binarized if not n.startswith(gone) or n.startswith(left)))
 
 
 def block_layout(arch: str) -> list[tuple[int, int, int]]:

@@ -24,7 +24,7 @@ from .errors import InputError
 from .nets import ResNet, build_model, count_macs, count_params
 from .loops import batch_loss, recalibrate_bn
 
-STRATEGIES = ("stats", "top", "every-other", "sensitivity")  # every-other is a policy of position; the rest score blocks (IMPORTANCE)
+STRATEGIES = ("stats", "top", "every-other", "sensitivity")  # IMPORTANCE's entries, and the positional every-other
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,11 @@ def sensitivity_order(model: ResNet, present: list[int], n_remove: int, loss_fn:
             if l in removed:
                 continue
             loss = loss_fn(remove_blocks(model, removed + [l]))
-            if loss < best_loss:
+            if loss < best_loss:  # a NaN loss is never the best
                 best, best_loss = l, loss
+        if best is None:
+            raise InputError(f"strategy 'sensitivity': every candidate removal gave a non-finite loss after removing {removed}; "
+                             f"the model or the data is broken")
         removed.append(best)
     return removed
 
@@ -180,30 +183,35 @@ class Candidates:
 
 Importance = Callable[[Candidates, int, "dict[int, float] | None"], "dict[int, float]"]
 IMPORTANCE: dict[str, Importance] = {}  # strategy name -> scores(candidates, n_remove, scores so far)
+RANKED_BY: dict[str, str] = {"every-other": "position (evenly spread)"}  # what each strategy ranks by, for reports
+GREEDY: set[str] = set()  # strategies whose scores are only valid up to the count asked for (extended, not redone)
 
 
-def importance(name: str):
+def importance(name: str, ranked_by: str, greedy: bool = False):
+    """Register an importance function under a strategy name, with what it ranks by (shown in reports)."""
     def register(fn: Importance) -> Importance:
-        IMPORTANCE[name] = fn
+        IMPORTANCE[name], RANKED_BY[name] = fn, ranked_by
+        if greedy:
+            GREEDY.add(name)
         return fn
 
     return register
 
 
-@importance("stats")
+@importance("stats", "drop effect")
 def stats_scores(c: Candidates, n_remove: int, prior=None) -> dict[int, float]:
     """Rank in `stats_order` (learned or measured drop effect; contribution where drop effects say nothing)."""
     order = stats_order(c.meta.survival_stats, c.present, stats_basis(c.meta.survival_stats, c.present)[0])
     return {b: float(i) for i, b in enumerate(order)}
 
 
-@importance("top")
+@importance("top", "depth (highest first)")
 def top_scores(c: Candidates, n_remove: int, prior=None) -> dict[int, float]:
     """Depth: the highest block first (the rule for networks trained without layer dropout)."""
     return {b: -float(b) for b in c.present}
 
 
-@importance("sensitivity")
+@importance("sensitivity", "measured loss of each removal", greedy=True)
 def sensitivity_scores(c: Candidates, n_remove: int, prior: dict[int, float] | None = None) -> dict[int, float]:
     """Step of the greedy search at which a block is removed (`sensitivity_order`); blocks not reached score inf.
     `prior`, scores of a shorter search, is extended rather than repeated."""
@@ -229,7 +237,7 @@ class Ranking:
             return every_other(self.c.present, n_remove)
         if self.scored < n_remove:
             self.scores = IMPORTANCE[self.strategy](self.c, n_remove, self.scores)
-            self.scored = len(self.c.present) if self.strategy != "sensitivity" else n_remove
+            self.scored = n_remove if self.strategy in GREEDY else len(self.c.present)
         return sorted(self.c.present, key=lambda b: (self.scores[b], b))[:n_remove]
 
 
@@ -257,6 +265,15 @@ def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Ca
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
+def _sensitivity_loss(calib: ImageSet | None, normalize: Normalize, cfg: PruneConfig) -> Callable[[ResNet], float]:
+    """The loss a candidate network is ranked by: its cross-entropy on a fixed sample of training images."""
+    if calib is None:
+        raise InputError("strategy 'sensitivity' needs training data (--data)")
+    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed))
+    sample = calib.subset(order[: cfg.sensitivity_batches * cfg.batch_size])
+    return lambda candidate: batch_loss(candidate, sample, normalize, cfg.sensitivity_batches, cfg.batch_size)
+
+
 def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet | None,
                 finetune: Callable[[ResNet, PruneConfig], dict] | None = None) -> tuple[ResNet, dict]:
     """Remove blocks, recalibrate BatchNorm and optionally fine-tune. Returns the pruned model and a record.
@@ -270,16 +287,7 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
             unpruned model as teacher when cfg.distill); returns a record.
     """
     normalize = Normalize(meta.data.mean, meta.data.std)
-    loss_fn = None
-    if cfg.strategy == "sensitivity":
-        if calib is None:
-            raise InputError("strategy 'sensitivity' needs training data (--data)")
-        order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed))
-        sens_images = calib.subset(order[: cfg.sensitivity_batches * cfg.batch_size])
-
-        def loss_fn(candidate: ResNet) -> float:
-            return batch_loss(candidate, sens_images, normalize, cfg.sensitivity_batches, cfg.batch_size)
-
+    loss_fn = _sensitivity_loss(calib, normalize, cfg) if cfg.strategy == "sensitivity" else None
     removed = sorted(blocks_to_remove(model, meta, cfg, loss_fn))
     pruned = remove_blocks(model, removed).eval()
     record = {"removed": removed, "kept": pruned.block_ids, "recalibrated_images": 0, "finetune": None}
@@ -289,8 +297,7 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
         by, warning = stats_basis(meta.survival_stats, removable(model))
         record["ranking"] = {"by": by, "warning": warning}
     else:
-        record["ranking"] = {"by": {"top": "depth (highest first)", "every-other": "position (evenly spread)",
-                                    "sensitivity": "measured loss of each removal"}[cfg.strategy], "warning": None}
+        record["ranking"] = {"by": RANKED_BY[cfg.strategy], "warning": None}
     if cfg.recalibrate and removed:
         if calib is None:
             raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")

@@ -19,6 +19,7 @@ import numpy as np
 
 from .binarize import BinarizeConfig
 from .checkpoint import load_checkpoint, read_sidecar, resolve
+from .compare import timing_run
 from .files import atomic_write_bytes, atomic_write_json
 from .errors import InputError
 from .evaluate import evaluate_checkpoint
@@ -70,6 +71,8 @@ def _settings(cfg: SweepConfig, ckpt, data) -> dict:
     d = cfg.to_dict()
     for k in ("keeps", "binarize", "threads", "latency_rounds", "latency_runs"):
         d.pop(k)  # adding points or re-timing does not invalidate finished points
+    if not cfg.finetune:
+        d.pop("distill")  # no fine-tuning: distillation changes nothing (and older sweeps did not record it)
     return {**d, "checkpoint": str(Path(ckpt).resolve()), "data": data}
 
 

@@ -49,7 +49,7 @@ def net_spec(cfg: TrainConfig, ds: Dataset) -> NetSpec:
     from .families.model import describe
 
     try:
-        return describe(cfg.arch, ds.input_shape[0], len(ds.classes), cfg.survival_rule, cfg.p_last)
+        return describe(cfg.arch, ds.input_shape, len(ds.classes), cfg.survival_rule, cfg.p_last)
     except ValueError as e:
         raise InputError(f"--arch {cfg.arch}: {e}") from None
 
@@ -135,14 +135,25 @@ def compile_branches(model: torch.nn.Module) -> None:
 
     With stochastic depth the network's graph changes every step (which blocks run is drawn per mini-batch), so
     compiling the whole model would recompile nearly every step. A block's branch never changes: compiled alone,
-    it is one graph per block shape (5 for a CIFAR ResNet: three stages and two downsampling blocks, reused by
-    every block of that shape), and the draw still decides in Python which branches run at all.
+    it is one graph per block shape and mode (5 shapes for a CIFAR ResNet: three stages and two downsampling
+    blocks, each in training and in evaluation mode: 10 graphs, reused by every block of that shape), and the draw
+    still decides in Python which branches run at all. All blocks share one code object, so the recompile limit
+    is raised above those 10 (at the default 8, two shapes would fall back to eager). `uncompile_branches` undoes it.
     """
+    import torch._dynamo.config as dynamo_config
+
     if not isinstance(model, ResNet):
         raise InputError("--compile is for the project's ResNets (resnet20 ... resnet1202)")
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 32)
     for block in model.blocks.values():
         if hasattr(block, "branch"):
             block.branch = torch.compile(block.branch, dynamic=False)
+
+
+def uncompile_branches(model: torch.nn.Module) -> None:
+    """The plain methods back (a compiled one bound to a block would follow the block into a deepcopy)."""
+    for block in getattr(model, "blocks", {}).values():
+        block.__dict__.pop("branch", None)
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -169,10 +180,11 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
     if cfg.sync_bn and device.type != "cuda":
         raise InputError("--sync-bn needs CUDA devices (SyncBatchNorm runs only on GPUs); drop it to keep per-process BatchNorm")
     ds = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.val_size, cfg.split_seed)
-    if len(ds.train) < cfg.batch_size:
-        raise InputError(f"the training split has {len(ds.train)} images, fewer than --batch-size {cfg.batch_size}")
     if cfg.train_limit is not None:
         ds = ds.limit_train(cfg.train_limit)
+    if len(ds.train) < cfg.batch_size:
+        raise InputError(f"the training split has {len(ds.train)} images{' (--train-limit)' if cfg.train_limit else ''}, "
+                         f"fewer than --batch-size {cfg.batch_size}")
     spec = net_spec(cfg, ds)
     if spec.family != "cifar_resnet" and dd.enabled:
         raise InputError(f"{cfg.arch}: training under torchrun is for the project's own ResNets; train it in one process")
@@ -391,6 +403,7 @@ def train(
         dd.barrier()
     bar.close()
     model.set_record_contribution(False)
+    uncompile_branches(model)
     model.eval()
     if run.start_epoch >= cfg.epochs:  # resumed a finished run: nothing left to do
         return model, read_sidecar(out / "model.json")

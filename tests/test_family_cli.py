@@ -131,7 +131,9 @@ def test_train_from_weights_of_the_plain_model(colour_data, tmp_path, capsys):
 def test_bad_weights_and_archs_are_one_line(colour_data, tmp_path, capsys):
     torch.save(tvm.mobilenet_v2().state_dict(), tmp_path / "mnv2.pt")
     for argv in (["--arch", "torchvision:resnet18", "--weights", str(tmp_path / "mnv2.pt")],
-                 ["--arch", "torchvision:alexnet"], ["--arch", "torchvision:no_such_model"], ["--arch", "resnet20", "--weights", str(tmp_path / "mnv2.pt")]):
+                 ["--arch", "torchvision:alexnet"], ["--arch", "torchvision:no_such_model"], ["--arch", "resnet20", "--weights", str(tmp_path / "mnv2.pt")],
+                 ["--arch", "torchvision:vit_b_32"],  # built for 224x224: refused before training, not at its first step
+                 ["--arch", "torchvision:resnet18", "--train-limit", "16"]):  # fewer images than a batch
         capsys.readouterr()
         rc = main(["train", *argv, "--data", str(colour_data), "--epochs", "1", "--out", str(tmp_path / "x"), "--no-progress"])
         err = capsys.readouterr().err.strip().splitlines()
@@ -156,3 +158,46 @@ def test_core_ml_export_of_a_pruned_torchvision_model(arch, colour_data, tmp_pat
     assert len(model.block_ids) < meta.spec.blocks_total
     assert v["ok"] and v["top1_agreement"] == 1.0 and v["max_abs_diff_logits"] < 1e-3, v
     assert (out / "model.mlpackage" / "Manifest.json").exists()
+
+
+def test_prune_after_binarize_keeps_the_binary_shortcut(resnet18_ckpt, colour_data, tmp_path):
+    """A removed block with a projection keeps it: binarized, it stays binarized in the pruned model."""
+    binary, small = tmp_path / "b", tmp_path / "bp"
+    assert main(["binarize", str(resnet18_ckpt), "--data", str(colour_data), "--out", str(binary), "--no-progress"]) == 0
+    assert main(["prune", str(binary), "--blocks-to-keep", "0,1,3,4,5,6,7", "--data", str(colour_data), "--out", str(small),
+                 "--no-progress"]) == 0
+    model, meta = load_checkpoint(small)
+    assert 2 not in model.block_ids and "net.layer2.0.downsample.0" in meta.spec.binarized
+    assert not any(n.startswith("net.layer2.0.conv") for n in meta.spec.binarized)
+    state = torch.load(small / "model.pt", weights_only=True)
+    assert "net.layer2.0.downsample.0.weight_bits" in state and "net.layer2.0.conv1.weight_bits" not in state
+
+
+def test_recording_contributions_runs_no_shortcut_twice_and_copies_cleanly(resnet18_ckpt):
+    import copy
+
+    model, _ = load_checkpoint(resnet18_ckpt)
+    model.train()
+    model.set_record_contribution(True)
+    bn = model.net.layer2[0].downsample[1]
+    before = int(bn.num_batches_tracked)
+    model(torch.rand(4, 3, 32, 32))
+    assert int(bn.num_batches_tracked) == before + 1  # once, by the block's own forward
+    assert all(v is not None for v in model.contributions().values())
+    twin = copy.deepcopy(model)  # the copy carries none of the original's recording hooks
+    assert sum(len(m._forward_hooks) for m in twin.modules()) == 0
+    model.set_record_contribution(False)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
+
+
+def test_a_timm_model_through_the_commands(colour_data, tmp_path):
+    pytest.importorskip("timm", reason="timm is not installed (pip install 'sdcompress[timm]')")
+    ckpt, measured, small = tmp_path / "t", tmp_path / "m", tmp_path / "p"
+    assert main(["train", "--arch", "timm:resnet10t", "--data", str(colour_data), "--epochs", "1", "--batch-size", "32",
+                 "--out", str(ckpt), "--no-progress"]) == 0
+    assert main(["stats", str(ckpt), "--measure", "--data", str(colour_data), "--batches", "8", "--rounds", "12",
+                 "--out", str(measured), "--no-plot"]) == 0
+    assert main(["prune", str(measured), "--keep", "0.5", "--data", str(colour_data), "--out", str(small), "--no-progress"]) == 0
+    model, meta = load_checkpoint(small)
+    assert meta.spec.arch == "timm:resnet10t" and meta.spec.blocks_total == 4 and len(model.block_ids) == 2
+    assert meta.survival_stats.source == "measured"

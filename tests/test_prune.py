@@ -178,3 +178,9 @@ def test_pruned_macs_by_hand():
     stage3_block = 2 * 8 * 8 * 64 * 64 * 9
     assert count_macs(pruned, (3, 32, 32))["total"] == 40_551_040 - stage1_block - down_block - stage3_block
     assert pruned(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_every_strategy_is_registered_with_what_it_ranks_by():
+    from sdcompress.pruning import IMPORTANCE, RANKED_BY
+
+    assert set(STRATEGIES) == set(IMPORTANCE) | {"every-other"} and set(RANKED_BY) == set(STRATEGIES)

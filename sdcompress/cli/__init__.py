@@ -23,7 +23,7 @@ COMMANDS = (train, eval, stats, prune, binarize, export, report, sweep, compare)
 HELP = {  # options several subcommands share, or whose meaning the flag name alone carries
     "split_seed": "seed of the train/validation split",
     "epochs": "training epochs",
-    "batch_size": "images per batch (under torchrun: the global batch)",
+    "batch_size": "images per training batch (under torchrun: the global batch)",
     "lr": "peak learning rate of SGD",
     "momentum": "SGD momentum",
     "nesterov": "Nesterov momentum",
@@ -31,7 +31,7 @@ HELP = {  # options several subcommands share, or whose meaning the flag name al
     "schedule": "learning-rate schedule: cosine (per step), or step (lr / 10 at 50%% and 75%% of the epochs, as the paper)",
     "survival_rule": "survival probabilities: linear (the paper's), uniform, or none (constant depth)",
     "augment": "training augmentation: auto (crop and flip for colour images, none otherwise), standard, crop, none",
-    "seed": "seed of the weights, shuffling, drop draws and augmentation",
+    "seed": "seed of the weights, shuffling, drop draws and augmentation",  # train's; the stages give their own
     "device": "where to run: auto (CUDA when available), cpu or cuda",
     "channels_last": "channels_last memory format on CUDA",
     "stats_window": "recent steps the drop-effect regression uses",

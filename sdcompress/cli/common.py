@@ -70,7 +70,7 @@ def _recovery_args(p, d, out_default: str) -> None:
     p.add_argument("--data", default=None, help="training data for recalibration/fine-tuning, and evaluation data (default: bundled sets or the checkpoint's data)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the recalibration batches, the sensitivity sample and fine-tuning")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {out_default})")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--no-progress", action="store_true")

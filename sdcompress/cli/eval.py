@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="auto", choices=["auto", "val", "test", "train", "all"],
                    help="auto: the test split if the data has one; else, on the checkpoint's own training data, the validation "
                         "split held out in training, and on any other data every image")
-    p.add_argument("--batch-size", type=_positive_int, default=500)
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="images per evaluation batch")
     p.add_argument("--json", type=Path, default=None, help="write a report.json here")
     p.add_argument("--force", action="store_true", help="overwrite --json")
     p.set_defaults(func=run)

@@ -79,14 +79,24 @@ def build_plain(arch: str, num_classes: int, args: dict | None = None) -> nn.Mod
     return _builder(family, name)(num_classes=num_classes, **(args or {}))
 
 
-def describe(arch: str, in_channels: int, num_classes: int, survival_rule: str, p_last: float, args: dict | None = None):
-    """The NetSpec of a fresh model of another family: builds it once to find its blocks."""
+def describe(arch: str, input_shape: tuple[int, int, int], num_classes: int, survival_rule: str, p_last: float,
+             args: dict | None = None):
+    """The NetSpec of a fresh model of another family for images of `input_shape` (CHW): builds it once, runs one
+    batch of that size through it (a ViT built for 224x224 refuses 32x32 here, not at the first training step),
+    and finds its blocks."""
     from ..nets import NetSpec
 
+    in_channels = input_shape[0]
     if in_channels != 3:
         raise ValueError(f"{arch} takes 3-channel (colour) images; this data has {in_channels} channel(s)")
     probe = NetSpec(arch, in_channels, num_classes, survival_rule, p_last, args=tuple((args or {}).items()), paths=("x",), stages=(0,))
-    _, blocks = family_of(build_plain(arch, num_classes, dict(probe.args)))
+    plain = build_plain(arch, num_classes, dict(probe.args)).eval()
+    try:
+        with torch.no_grad():
+            plain(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001 - the library's own refusal, e.g. "Wrong image height! Expected 224 but got 32!"
+        raise ValueError(f"does not take {input_shape[1]}x{input_shape[2]} images ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    _, blocks = family_of(plain)
     return NetSpec(arch, in_channels, num_classes, survival_rule, p_last, args=probe.args, paths=tuple(b.path for b in blocks),
                    fixed=tuple(b.index for b in blocks if not b.removable), stages=tuple(b.stage for b in blocks))
 
@@ -164,25 +174,48 @@ class FamilyNet(nn.Module):
                 _set(self.net, self._block[b].path, self._module[b])
 
     def set_record_contribution(self, on: bool) -> None:
-        """Record ||block(x) - removed(x)|| / ||removed(x)|| of every block that runs, on each forward pass."""
+        """Record ||block(x) - removed(x)|| / ||removed(x)|| of every block that runs, on each forward pass.
+
+        removed(x) is what the block's forward computed anyway: its input (identity removal), or the output of its
+        own projection shortcut, caught on the way (then the activation after the addition), never run a second
+        time (which would update a shortcut BatchNorm's running statistics twice).
+        """
         for h in self._hooks:
             h.remove()
         self._hooks, self._contrib = [], {}
         if not on:
             return
+        caught: dict[int, torch.Tensor] = {}
         for b, mod in self._module.items():
-            if b not in self._skip:
+            skip = self._skip.get(b)
+            if skip is None:
                 continue
+            projection = getattr(skip, getattr(skip, "name", ""), None) if not isinstance(skip, nn.Identity) else None
+            if projection is not None:
+                def catch(m, args, out, b=b):
+                    caught[b] = out.detach()
 
-            def hook(m, args, out, b=b):
-                if torch.is_tensor(args[0]) and torch.is_tensor(out):
-                    with torch.no_grad():
-                        rest = self._skip[b](args[0]).float()
-                        self._contrib[b] = (out.float() - rest).norm() / rest.norm().clamp_min(1e-12)
+                self._hooks.append(projection.register_forward_hook(catch))
+
+            def hook(m, args, out, b=b, skip=skip, projection=projection):
+                if not (torch.is_tensor(args[0]) and torch.is_tensor(out)):
+                    return
+                with torch.no_grad():
+                    rest = args[0] if projection is None else skip.act(caught.pop(b))
+                    rest = rest.float()
+                    self._contrib[b] = (out.float() - rest).norm() / rest.norm().clamp_min(1e-12)
 
             self._hooks.append(mod.register_forward_hook(hook))
 
-    def __getstate__(self):  # deepcopy and pickling: hooks are not copied
+    def __getstate__(self):  # deepcopy and pickling: our recording hooks stay with the original
         state = self.__dict__.copy()
-        state["_hooks"] = []
+        state["_hook_ids"] = [h.id for h in self._hooks]
+        state["_hooks"], state["_contrib"] = [], {}
         return state
+
+    def __setstate__(self, state):
+        ids = state.pop("_hook_ids", [])
+        super().__setstate__(state)
+        for m in self.modules():  # the copied submodules hold copies of the hook tables: drop ours from them
+            for i in ids:
+                m._forward_hooks.pop(i, None)

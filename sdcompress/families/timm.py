@@ -54,7 +54,7 @@ def _removal(mod: nn.Module, how: str) -> str:
 
 
 def find(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    if not type(model).__module__.startswith("timm."):
+    if not any(type(m).__module__.startswith("timm.") for m in model.modules()):  # a timm model, or one wrapping it
         return []
     found, inside = [], ()
     for path, mod in model.named_modules():
