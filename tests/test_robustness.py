@@ -537,8 +537,8 @@ def test_non_finite_fine_tuning_writes_nothing(digits_run, tmp_path, monkeypatch
 
     real = tr.train_step
 
-    def poisoned(model, opt, x, y, keep, bf16=False):
-        loss, logits = real(model, opt, x, y, keep, bf16)
+    def poisoned(model, opt, *rest, **kw):
+        loss, logits = real(model, opt, *rest, **kw)
         with torch.no_grad():
             for p in model.parameters():
                 p.fill_(float("nan"))  # what a learning rate of 1e5 does within a few steps
