@@ -111,6 +111,8 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, normalize: Normalize, bat
     85.3% after recalibrating on clean batches, 87.6% on augmented ones).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:  # LayerNorm / GroupNorm only (ConvNeXt, ViT): no running statistics to re-estimate
+        return 0
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -150,8 +150,8 @@ def test_core_ml_export_of_a_pruned_torchvision_model(arch, colour_data, tmp_pat
     ckpt, small, out = tmp_path / "c", tmp_path / "s", tmp_path / "x"
     assert main(["train", "--arch", f"torchvision:{arch}", "--data", str(colour_data), "--epochs", "1", "--batch-size", "32",
                  "--train-limit", "64", "--out", str(ckpt), "--no-progress"]) == 0
-    assert main(["prune", str(ckpt), "--keep", "0.6", "--strategy", "every-other", "--data", str(colour_data), "--out", str(small),
-                 "--no-progress"]) == 0
+    assert main(["prune", str(ckpt), "--keep", "0.6", "--strategy", "every-other", "--recalibrate", "4", "--data", str(colour_data),
+                 "--out", str(small), "--no-progress"]) == 0
     assert main(["export", str(small), "--format", "coreml", "--precision", "float32", "--data", str(colour_data), "--out", str(out)]) == 0
     v = json.loads((out / "report.json").read_text())["formats"]["coreml"]["verification"]
     model, meta = load_checkpoint(small)
