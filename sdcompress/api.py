@@ -28,11 +28,6 @@ from .families import Block, family_of, replacement
 from .survival import fit_drop_effect
 
 
-def _set(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def _shape_through(model: nn.Module, paths: list[str], example_input: torch.Tensor) -> dict[str, tuple]:
     """(input shape, output shape) of each named module on one evaluation-time forward pass."""
     seen: dict[str, tuple] = {}
@@ -108,7 +103,7 @@ def remove_blocks(model: nn.Module, remove: Iterable[Block | int], blocks: list[
     chosen = [blocks[r] if isinstance(r, int) else r for r in remove]
     new = copy.deepcopy(model)
     for b in chosen:
-        _set(new, b.path, _replacement(model, b))
+        new.set_submodule(b.path, _replacement(model, b))
     return new
 
 
@@ -156,7 +151,7 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
             for x, y in batches:
                 mask = gen.random(len(idx)) < rates
                 for k, i in enumerate(idx):
-                    _set(work, blocks[i].path, removed_form[i] if mask[k] else originals[i])
+                    work.set_submodule(blocks[i].path, removed_form[i] if mask[k] else originals[i])
                 losses.append(float(loss_fn(work(x), y)))
                 dropped.append(mask.astype(np.uint8))
     if len(losses) <= len(idx) + 1:

@@ -11,7 +11,8 @@ prune reports are reused, so a rerun continues.
     python tools/bench_family.py --data ../shared/data/cifar10/train --out runs/bench-family
 
 Why resnet18: it is the fastest torchvision residual network on this CPU at 32x32 (its ImageNet stem brings
-32x32 to 8x8 before the first block); the depthwise networks (MobileNet, EfficientNet) train 3-15x slower here.
+32x32 to 8x8 before the first block); the depthwise networks train slower here (FACTS.md, measured while another job shared the CPU: resnet18 about
+190 img/s, mobilenet_v2 63, efficientnet_b0 13, batch 128 at 32x32).
 """
 
 from __future__ import annotations

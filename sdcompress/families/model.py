@@ -112,11 +112,6 @@ def _no_own_drop_path(net: nn.Module) -> None:
             m.drop_prob = 0.0
 
 
-def _set(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 class FamilyNet(nn.Module):
     """A torchvision or timm model (`self.net`) with the interface the project's commands use.
 
@@ -143,7 +138,7 @@ class FamilyNet(nn.Module):
         self._p: dict[int, float] = {}
         for b in found:
             if b.index not in kept:
-                _set(self.net, b.path, replacement(self.net, b))
+                self.net.set_submodule(b.path, replacement(self.net, b))
                 continue
             self._block[b.index], self._module[b.index], self._p[b.index] = b, self.net.get_submodule(b.path), probs[b.index]
             if b.removable:
@@ -167,11 +162,11 @@ class FamilyNet(nn.Module):
             return self.net(x)
         try:
             for b in dropped:
-                _set(self.net, self._block[b].path, self._skip[b])
+                self.net.set_submodule(self._block[b].path, self._skip[b])
             return self.net(x)
         finally:
             for b in dropped:
-                _set(self.net, self._block[b].path, self._module[b])
+                self.net.set_submodule(self._block[b].path, self._module[b])
 
     def set_record_contribution(self, on: bool) -> None:
         """Record ||block(x) - removed(x)|| / ||removed(x)|| of every block that runs, on each forward pass.
