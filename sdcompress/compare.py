@@ -19,7 +19,8 @@ METRICS = (
     ("macs_split.binary_weight", "MACs on binary weights", "count"),
     ("bytes.checkpoint", "model.pt", "bytes"),
     ("bytes.onnx", "model.onnx", "bytes"),
-    ("bytes.coreml", "model.mlpackage", "bytes"),
+    ("bytes.ort", "model.ort", "bytes"),
+    ("bytes.coreml", "Core ML package", "bytes"),
     ("latency_ms.onnxruntime_cpu_b1", "latency, onnxruntime CPU batch 1 (ms)", "ms"),
     ("accuracy.top1", "top-1", "accuracy"),
 )

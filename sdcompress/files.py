@@ -62,12 +62,30 @@ def staged(path: str | Path):
 # anything else is never used as an output (replacing it would delete the user's files).
 OUTPUT_NAMES = frozenset({
     WEIGHTS, SIDECAR, "train_state.pt", "report.json", "report.md", "blocks.png", "stats.png", "stats.json", "model.onnx",
-    "model.mlpackage", "export", "point.json", "points", "sweep.json", "sweep.md", "tradeoff.png", "settings.json",
+    "model.ort", "model.required_operators.config", "model.mlpackage", "export", "point.json", "points", "sweep.json", "sweep.md", "tradeoff.png", "settings.json",
 })
 
 
-def _is_ours(name: str) -> bool:
-    return name in OUTPUT_NAMES or (name.startswith(".") and (".tmp" in name or ".old-" in name))  # leftovers of a kill
+def _is_ours(name: str, listed: frozenset = frozenset()) -> bool:
+    return name in OUTPUT_NAMES or name in listed or (name.startswith(".") and (".tmp" in name or ".old-" in name))  # leftovers of a kill
+
+
+def exported_files(folder: Path) -> dict[str, dict]:
+    """The files an export's report.json in `folder` lists (`{file: its entry}`), plain names only; {} where there
+    is no readable export report."""
+    try:
+        rep = parse_untrusted_json(folder / "report.json", "export report") if (folder / "report.json").is_file() else None
+    except Exception:  # noqa: BLE001 - unreadable: lists nothing
+        return {}
+    formats = rep.get("formats") if isinstance(rep, dict) and rep.get("stage") == "export" else None
+    if not isinstance(formats, dict):
+        return {}
+    out = {}
+    for entry in formats.values():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name and "/" not in name and "\\" not in name and not name.startswith("."):
+            out[name] = entry
+    return out
 
 
 def check_output_folder(out: str | Path, force: bool, inputs: tuple = (), flag: str = "--out") -> Path:
@@ -84,7 +102,8 @@ def check_output_folder(out: str | Path, force: bool, inputs: tuple = (), flag: 
             raise InputError(f"{flag} {out}: is the folder of the input checkpoint; write to another folder")
     if out.is_dir():
         names = sorted(p.name for p in out.iterdir())
-        foreign = [n for n in names if not _is_ours(n)]
+        listed = frozenset(exported_files(out))  # the Core ML package is named after the model
+        foreign = [n for n in names if not _is_ours(n, listed)]
         if foreign:
             raise InputError(f"{flag} {out}: holds files sdcompress did not write ({', '.join(foreign[:3])}); the output folder "
                              f"is replaced as a whole, so give an empty or new folder")

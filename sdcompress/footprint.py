@@ -16,7 +16,7 @@ from .files import checkpoint_folder, path_bytes
 from .nets import ResNet, count_macs, forward_with_hooks
 from .report import model_report
 
-EXPORTED = ("model.pt", "model.onnx", "model.mlpackage")
+EXPORTED = ("model.pt", "model.onnx", "model.ort", "model.mlpackage")
 
 
 def _grouper(model):
@@ -91,20 +91,26 @@ def block_rows(layers: list[dict], shapes: dict[str, list[int]], paths: dict[int
     return list(groups.values())
 
 
-def _exports_of(weights: Path | None, folder: Path | None) -> dict[str, int]:
+def _exports_of(weights: Path | None, folder: Path | None) -> tuple[dict[str, int], dict]:
     """Sizes of the exported files in `folder` when its report.json says they were exported from these very weights
-    (the SHA-256 of model.pt); nothing otherwise (a stale export of another model, or of an older version)."""
-    from .files import file_sha256, parse_untrusted_json
+    (the SHA-256 of model.pt), and that report's compression figures; nothing otherwise (a stale export of another
+    model, or of an older version)."""
+    from .files import exported_files, file_sha256, parse_untrusted_json
 
     if folder is None or weights is None or not (folder / "report.json").is_file():
-        return {}
+        return {}, {}
     try:
         rep = parse_untrusted_json(folder / "report.json", "export report")
     except Exception:  # noqa: BLE001 - an unreadable report: its files are not known to be this model's
-        return {}
+        return {}, {}
     if not isinstance(rep, dict) or rep.get("checkpoint_sha256") != file_sha256(weights):
-        return {}
-    return {f: path_bytes(folder / f) for f in EXPORTED[1:] if (folder / f).exists()}
+        return {}, {}
+    listed = exported_files(folder)
+    sizes = {f: path_bytes(folder / f) for f in listed if (folder / f).exists()}
+    ref = (rep.get("bytes") or {}).get("float32_onnx_reference")
+    ratios = {f: e.get("compression_ratio") for f, e in listed.items() if f in sizes and isinstance(e.get("compression_ratio"), (int, float))}
+    return sizes, ({"reference": "float32 ONNX export of the unpruned, float network", "reference_bytes": ref, "files": ratios}
+                   if isinstance(ref, int) and ratios else {})
 
 
 def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path | None = None, accuracy: dict | None = None,
@@ -121,10 +127,14 @@ def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path
     blocks = block_rows(layers, shapes, paths)
     folder = checkpoint_folder(ckpt) if ckpt is not None else None
     files = {f: path_bytes(folder / f) for f in EXPORTED if folder is not None and (folder / f).exists()}
-    files = {**_exports_of(folder / "model.pt" if "model.pt" in files else None, exports), **files}
+    weights = folder / "model.pt" if "model.pt" in files else None
+    beside, ratio_here = _exports_of(weights, folder)
+    found, ratio_there = _exports_of(weights, exports)
+    files = {**found, **beside, **files}
     rep = model_report(model, shape, folder / "model.pt" if "model.pt" in files else None, accuracy, macs)
     rep["bytes"]["onnx"] = files.get("model.onnx")
-    rep["bytes"]["coreml"] = files.get("model.mlpackage")
+    rep["bytes"]["ort"] = files.get("model.ort")
+    rep["bytes"]["coreml"] = next((n for f, n in files.items() if f.endswith(".mlpackage")), None)
     # totals in the footprint's terms, from the same precision profile as every report's
     mem, split = rep["memory_bytes"], rep["macs_split"]
     macs_total = split["binary_weight"] + split["full_precision"]
@@ -140,11 +150,11 @@ def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path
             "params": {"32": by_bits.get("32", 0), "1": by_bits.get("1", 0), "total": rep["params"]["total"]},
             "memory_bytes": {"32": mem.get("32", 0), "1": mem.get("1", 0), "scales": mem["scales"], "total": mem["total"]},
             "float32_equivalent_bytes": rep["float32_equivalent_bytes"],
-            "compression_ratio": rep["float32_equivalent_bytes"] / mem["total"] if mem["total"] else None,
             "macs": {**split, "total": macs_total},
             "binary_mac_share": split["binary_weight"] / macs_total if macs_total else 0.0,
         },
         "files": files,
+        "compression": ratio_here or ratio_there or None,  # pipeline.compression_ratio, as the export measured it
     }
 
 
@@ -196,13 +206,19 @@ def render_markdown(fp: dict) -> str:
         f"| parameters | {t['params']['total']:,} ({t['params']['32']:,} 32-bit, {t['params']['1']:,} 1-bit) |",
         f"| model size | {_kib(t['memory_bytes']['total'])} KiB |",
         f"| float32 equivalent | {_kib(t['float32_equivalent_bytes'])} KiB |",
-        f"| compression ratio | {t['compression_ratio']:.2f}x |",
         f"| MACs | {_m(t['macs']['total'])} M ({_m(t['macs']['binary_weight'])} M on binary weights) |",
         f"| share of MACs on binary weights | {100 * t['binary_mac_share']:.1f}% |",
     ]
     if fp["files"]:
         lines += ["", "## Files", "", "| file | bytes | KiB |", "|---|---:|---:|"]
         lines += [f"| {name} | {n:,} | {_kib(n)} |" for name, n in fp["files"].items()]
+    c = fp["compression"]
+    if c:
+        lines += ["", f"Compression ratio (the {c['reference']}, {c['reference_bytes']:,} bytes, over the file): " +
+                  ", ".join(f"{name} {r:.1f}x" for name, r in c["files"].items()) + "."]
+    else:
+        lines += ["", "Compression ratio: no export of this model found (`sdcompress export` measures it against the float32 "
+                  "ONNX export of the unpruned, float network)."]
     if fp["accuracy"]:
         a = fp["accuracy"]
         lines += ["", f"Top-1 {100 * a['top1']:.2f}% on {a['n']:,} images of {a['dataset']}."]

@@ -16,6 +16,7 @@ from .pruning import PruneConfig, prune_model
 from .loops import Distill, evaluate, finetune
 from .report import binarize_markdown, export_markdown, format_stats_table, model_report, plot_stats, prune_markdown
 from .data import train_augmentation
+from .zoo import own_card
 
 
 def _accuracy(model, meta: Sidecar, images, name) -> dict | None:
@@ -52,7 +53,7 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
 
     new, record = transform(model, meta, calib, tune)
     new = new.cpu().eval()
-    record.update(config=cfg.to_dict(), calibration_data=calib_name)
+    record.update(config=cfg.to_dict(), calibration_data=calib_name, source_card=own_card(ckpt, meta))
     after_acc = _accuracy(new, meta, images, eval_name)
     new_meta = meta.derive(new.spec, {"stage": stage, **record}, {"top1": after_acc and after_acc["top1"], "dataset": eval_name})
     with output_folder(out) as folder:
@@ -98,7 +99,7 @@ class VerificationFailed(RuntimeError):
     """An exported file does not reproduce the PyTorch model; nothing was written."""
 
 
-FORMATS = ("onnx", "coreml")
+FORMATS = ("onnx", "ort", "coreml")
 
 
 def check_formats(formats) -> None:
@@ -107,59 +108,128 @@ def check_formats(formats) -> None:
         raise InputError(f"unknown format {bad[0]!r}; formats are a comma-separated list of {', '.join(FORMATS)}")
 
 
-def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=None, threads: int = 1, batch: int = 64,
-               precision: str = "float16", coreml_input: str = "image", verbose: bool = False) -> dict:
+def compression_ratio(reference_bytes: int | None, artifact_bytes: int | None) -> float | None:
+    """The one compression ratio every report gives: bytes of the float32 ONNX export of the unpruned, float network
+    (same architecture, same batch) over the bytes of the artifact as shipped."""
+    return reference_bytes / artifact_bytes if reference_bytes and artifact_bytes else None
+
+
+def _reference_onnx_bytes(model, meta: Sidecar, batch) -> int:
+    """Bytes of the float32 ONNX export of the network before pruning and binarization. Its weights are drawn at
+    random: a file's size depends on their shapes, not their values, as long as no two are equal (the exporter stores
+    equal constants once, and freshly initialized BatchNorm layers are all equal)."""
+    from dataclasses import replace
+
+    import torch
+
+    from .export.onnx import export_onnx
+    from .nets import build_model
+
+    full = build_model(replace(model.spec, blocks_kept=None, binarized=())).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in [*full.named_parameters(), *full.named_buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var") else torch.randn(t.shape, generator=g) * 0.1)
+    return len(export_onnx(full, meta, "float", batch)[0])
+
+
+def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=None, threads: int = 1, batch_images: int = 64,
+               precision: str = "float16", coreml_input: str = "image", verbose: bool = False, weights: str = "auto",
+               batch: int | None = 1, name: str | None = None, deployment_target: str | None = None) -> dict:
     """Export a checkpoint, verify each file on real inputs, and report sizes, parity and latency.
 
     Each file is written under a temporary name, reloaded and checked against PyTorch, and only then renamed into
-    place; a file that fails verification is deleted and the command fails.
+    place; a file that fails verification is deleted and the command fails. `weights` is the ONNX / ORT weight form
+    (export.onnx.WEIGHTS); `batch` the fixed batch size of the ONNX / ORT graphs and a tensor Core ML input (None:
+    dynamic); `name` the Core ML package's (and Swift class's) name.
     """
     import torch
 
+    from .export.onnx import WEIGHTS
+
     check_formats(formats)
+    if weights not in WEIGHTS:
+        raise InputError(f"unknown weight form {weights!r}; choose one of {', '.join(WEIGHTS)}")
     check_output_folder(out, force=True, inputs=(ckpt,))
     model, meta = load_checkpoint(ckpt)
+    if weights == "1bit" and not meta.spec.binarized:
+        raise InputError("--weights 1bit needs a binarized model (sdcompress binarize first); this one has no 1-bit layers")
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
-    idx = torch.arange(min(batch, len(images)))
+    idx = torch.arange(min(batch_images, len(images)))
     files: dict[str, dict] = {}
+    reference = _reference_onnx_bytes(model, meta, batch) if {"onnx", "ort"} & set(formats) else None
     with output_folder(out) as folder:  # every file, or none: an interrupted export leaves the old folder as it was
         for fmt in formats:
             check_interrupt()
-            if fmt == "onnx":
-                files["onnx"] = _export_onnx(model, meta, folder, images.images[idx], eval_name, threads)
+            if fmt in ("onnx", "ort"):
+                files[fmt] = _export_onnx(model, meta, folder, images.images[idx], eval_name, threads, weights, batch, fmt)
             else:
-                files["coreml"] = _export_coreml(model, meta, ckpt, folder, images.images[idx], eval_name, precision, coreml_input, verbose)
+                files["coreml"] = _export_coreml(model, meta, ckpt, folder, images.images[idx], eval_name, precision, coreml_input,
+                                                 verbose, batch, name, deployment_target)
+        for f in files.values():
+            f["compression_ratio"] = compression_ratio(reference, f["bytes"]) if f["format"] != "coreml" else None
         rep = model_report(model, meta.data.input_shape, resolve(ckpt)[0], None)
         for fmt in FORMATS:
             rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
-        rep["latency_ms"] = {"onnxruntime_cpu_b1": files["onnx"]["latency_ms"]["onnxruntime_cpu_b1"],
-                             "timing_run": timing_run()} if "onnx" in files else None
+        rep["bytes"]["float32_onnx_reference"] = reference
+        timed = [f for f in files.values() if f.get("latency_ms")]
+        rep["latency_ms"] = {"onnxruntime_cpu_b1": timed[0]["latency_ms"]["onnxruntime_cpu_b1"], "file": timed[0]["file"],
+                             "timing_run": timing_run()} if timed else None
         result = {**rep, "stage": "export", "formats": files, "checkpoint_sha256": file_sha256(resolve(ckpt)[0])}
         atomic_write_json(folder / "report.json", result)
         atomic_write_bytes(folder / "report.md", export_markdown(result).encode())
     return result
 
 
-def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int) -> dict:
-    """model.onnx in `out` (the staging folder of `output_folder`: a failure here leaves nothing)."""
-    from .export.onnx import export_onnx, latency_ms, ort_session, verify_onnx
+def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, weights: str, batch, fmt: str) -> dict:
+    """model.onnx or model.ort in `out` (the staging folder of `output_folder`: a failure here leaves nothing)."""
+    import torch
+
+    from .export.onnx import (auto_form, compare_outputs, consumer_ort_bytes, export_onnx, latency_ms, mobile_usability, ort_format,
+                              ort_session, run_batches, verify_onnx)
 
     x = Normalize(meta.data.mean, meta.data.std)(images)
-    data_bytes, facts = export_onnx(model, meta)
-    (out / "model.onnx").write_bytes(data_bytes)
-    session = ort_session(str(out / "model.onnx"), threads)  # the file as written, reloaded
-    check = verify_onnx(session, model, x)
+    form = auto_form(model, fmt) if weights == "auto" else weights
+    try:
+        data_bytes, facts, reference = export_onnx(model, meta, form, batch)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    onnx_path = out / ("model.onnx" if fmt == "onnx" else "model.ort.onnx")
+    onnx_path.write_bytes(data_bytes)
+    extra: dict = {}
+    if fmt == "ort":
+        try:
+            extra = ort_format(onnx_path, out / "model.ort", out / "model.required_operators.config")
+        except ValueError as e:
+            raise InputError(f"{e} (--weights {form}); choose another --weights for --format ort") from None
+        usability = mobile_usability(onnx_path, optimize=extra["constant_folding"])
+        onnx_path.unlink()
+        path = out / "model.ort"
+    else:
+        path = onnx_path
+        usability = mobile_usability(path)
+        extra["consumer_conversion"] = {"tool": "onnxruntime.tools.convert_onnx_models_to_ort (defaults)", "bytes": consumer_ort_bytes(path)}
+    session = ort_session(str(path), threads)  # the file as written, reloaded
+    check = verify_onnx(session, reference, x)
     if not check["ok"]:
-        raise VerificationFailed(f"ONNX output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
+        path.unlink()
+        raise VerificationFailed(f"{path.name} output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
                                  f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
+    if facts["rounded"]:  # the float layers were rounded to the weight form: what that costs against the model
+        with torch.no_grad():
+            unrounded = model.cpu().eval()(x).numpy()
+        rounding = compare_outputs(run_batches(session, x.numpy()), unrounded, atol=1e30)
+        check["against_unrounded_model"] = {k: rounding[k] for k in ("max_abs_diff", "top1_agreement", "n")}
     lat = latency_ms(session, meta.data.input_shape)
-    return {"file": "model.onnx", "bytes": path_bytes(out / "model.onnx"), **facts,
-            "verification": {**check, "dataset": eval_name},
+    return {"file": path.name, "format": fmt, "bytes": path_bytes(path), **facts, **extra,
+            "mobile_usability": usability, "verification": {**check, "dataset": eval_name},
             "latency_ms": {"onnxruntime_cpu_b1": lat, "threads": threads, "runs": 50}}
 
 
-def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precision: str, input_kind: str, verbose: bool) -> dict:
-    """model.mlpackage in `out` (the staging folder of `output_folder`: a failure here leaves nothing)."""
+def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precision: str, input_kind: str, verbose: bool,
+                   batch, name: str | None, deployment_target: str | None) -> dict:
+    """NAME.mlpackage in `out` (the staging folder of `output_folder`: a failure here leaves nothing)."""
     from .export import coreml
     from .zoo import card_fields
 
@@ -167,12 +237,17 @@ def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precisi
         coreml.import_coremltools(verbose)
     except ImportError as e:
         raise InputError(f"--format coreml needs coremltools ({e}); install it with `pip install coremltools==9.0`") from None
-    ml, facts = coreml.convert(model, meta, precision, input_kind, card_fields(ckpt, meta), verbose)
-    pkg = out / "model.mlpackage"
+    try:
+        ml, facts = coreml.convert(model, meta, precision, input_kind, card_fields(ckpt, meta), verbose, batch=batch, target=deployment_target)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    from .files import checkpoint_folder
+
+    pkg = out / f"{name or coreml.package_name(checkpoint_folder(ckpt).name)}.mlpackage"
     coreml.save(ml, pkg, verbose)
     check = coreml.verify(pkg, model, meta, images, input_kind, precision, verbose)
     if not check["ok"]:
         raise VerificationFailed(f"Core ML output differs from PyTorch by {check['max_abs_diff']:.3g} in class probabilities "
                                  f"(top-1 agreement {check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
-    return {"file": "model.mlpackage", "bytes": path_bytes(out / "model.mlpackage"), **facts,
+    return {"file": pkg.name, "format": "coreml", "bytes": path_bytes(pkg), **facts,
             "verification": {**check, "dataset": eval_name}}

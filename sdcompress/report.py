@@ -201,7 +201,6 @@ def precision_table(before: dict, after: dict) -> str:
     def acc(r):
         return f"{100 * r['accuracy']['top1']:.2f}%" if r.get("accuracy") else "-"
 
-    ratio = before["bytes"]["checkpoint"] / after["bytes"]["checkpoint"] if after["bytes"]["checkpoint"] else None
     lines = [
         "| | before | after |",
         "|---|---|---|",
@@ -217,7 +216,8 @@ def precision_table(before: dict, after: dict) -> str:
         row("MACs on full-precision weights", lambda r: f"{r['macs_split']['full_precision'] / 1e6:.2f} M"),
         row("top-1", acc),
         "",
-        f"Checkpoint compression ratio: {ratio:.1f}x" if ratio else "",
+        "The compression ratio of a shipped file is measured by `sdcompress export` (against the float32 ONNX export of the "
+        "unpruned, float network).",
     ]
     return "\n".join(lines)
 
@@ -240,17 +240,45 @@ def binarize_markdown(report: dict) -> str:
     ])
 
 
+def _partitions(u: dict | None) -> str:
+    if not u:
+        return "-"
+    def one(d):
+        return f"{d['supported']}/{d['nodes']} nodes, {d['partitions']} partition{'s' if d['partitions'] != 1 else ''}"
+    return f"NNAPI {one(u['nnapi'])}; Core ML ML program {one(u['coreml_mlprogram'])}; Core ML NeuralNetwork {one(u['coreml_neuralnetwork'])}"
+
+
 def export_markdown(report: dict) -> str:
     """report.md of the export stage: one row per file with its size, verification and latency."""
     m = report["model"]
+    ref = report["bytes"].get("float32_onnx_reference")
     lines = [f"# Export: {m['arch']}, {len(m['blocks_kept'])} of {m['blocks_total']} blocks{', binarized' if m['binarized'] else ''}", "",
-             f"model.pt: {format_bytes(report['bytes']['checkpoint'])}", "",
-             "| file | size | format | verified on | max abs diff | top-1 agreement | latency (batch 1) |", "|---|---:|---|---|---:|---:|---|"]
+             f"model.pt: {format_bytes(report['bytes']['checkpoint'])}" + (f"; float32 ONNX of the unpruned, float network (the reference of "
+                                                                              f"every compression ratio): {format_bytes(ref)}" if ref else ""), "",
+             "| file | size | compression ratio | after onnxruntime's ORT conversion | form | verified on | max abs diff | top-1 agreement | "
+             "latency (batch 1) |", "|---|---:|---:|---:|---|---|---:|---:|---|"]
+    notes = []
     for f in report["formats"].values():
         v = f["verification"]
-        kind = (f"opset {f['opset']}" if "opset" in f else f"{f['precision']}, {f['input']} input, {f['deployment_target']}")
+        if f["format"] == "coreml":
+            kind = f"{f['precision']}, {f['input']} input, {f['deployment_target']}"
+        else:
+            kind = f"weights {f['weights']}, batch {f['batch']}, opset {f['opset']}"
         lat = f.get("latency_ms")
         lat_s = f"{lat['onnxruntime_cpu_b1']:.3f} ms (onnxruntime CPU, {lat['threads']} thread)" if lat else "-"
-        lines.append(f"| {f['file']} | {format_bytes(f['bytes'])} | {kind} | {v['n']} images of {v['dataset']} | {v['max_abs_diff']:.2g} | "
-                     f"{100 * v['top1_agreement']:.1f}% | {lat_s} |")
-    return "\n".join(lines) + "\n"
+        conv = f.get("consumer_conversion")
+        conv_s = "-" if conv is None else (format_bytes(conv["bytes"]) if conv["bytes"] else "refused")
+        ratio = f"{f['compression_ratio']:.1f}x" if f.get("compression_ratio") else "-"
+        lines.append(f"| {f['file']} | {format_bytes(f['bytes'])} | {ratio} | {conv_s} | {kind} | {v['n']} images of {v['dataset']} | "
+                     f"{v['max_abs_diff']:.2g} | {100 * v['top1_agreement']:.1f}% | {lat_s} |")
+        if f.get("mobile_usability"):
+            notes.append(f"- {f['file']}, onnxruntime's mobile usability check: {_partitions(f['mobile_usability'])}.")
+        if "against_unrounded_model" in v:
+            w = v["against_unrounded_model"]
+            notes.append(f"- {f['file']}: the float weights are rounded to {f['weights']}; against the unrounded model top-1 agreement is "
+                         f"{100 * w['top1_agreement']:.1f}% (max logit difference {w['max_abs_diff']:.2g}).")
+        if f["format"] == "ort":
+            notes.append(f"- {f['file']}: reduced-build operator configuration in {f['operator_config']}" +
+                         ("" if f["constant_folding"] else "; converted without constant folding, so the 1-bit weights stay bits in "
+                                                           "the file and are rebuilt on every run") + ".")
+    return "\n".join(lines + [""] + notes) + "\n"

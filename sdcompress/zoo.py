@@ -82,23 +82,37 @@ def bundled_calib_set() -> Path | None:
     return _bundled_file(CALIB_SET)
 
 
-def card_fields(ckpt: str | Path, meta) -> dict:
-    """Description, author and license for an exported file: from a MODEL_CARD.md beside the checkpoint (its
-    title; `| author |` and `| license |` rows), and the compression stages the checkpoint went through.
-    Without a card: a description from the sidecar, author sdcompress, license unspecified."""
-    from .files import checkpoint_folder
+CARD_FIELDS = ("description", "author", "license", "version")
 
-    fields = {"author": "sdcompress", "license": "unspecified"}
+
+def own_card(ckpt: str | Path, meta) -> dict:
+    """What a model's card says of it (description, author, license, version): from a MODEL_CARD.md beside the
+    checkpoint (its title; `| author |`, `| license |` and `| version |` rows), else as carried from the model it was
+    made from (prune and binarize record it in their stage), else nothing."""
+    from .files import checkpoint_folder, read_untrusted
+
     card = checkpoint_folder(ckpt) / "MODEL_CARD.md"
+    fields: dict = {}
     if card.is_file():
-        from .files import read_untrusted
-
         for line in read_untrusted(card, 1024**2, "model card").decode("utf-8", errors="replace").splitlines():
             if line.startswith("# ") and "description" not in fields:
                 fields["description"] = line[2:].strip()
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 2 and cells[0] in ("author", "license"):
+            if len(cells) == 2 and cells[0] in CARD_FIELDS[1:]:
                 fields[cells[0]] = cells[1]
+        return fields
+    for st in reversed(meta.stages):
+        carried = st.get("source_card")
+        if isinstance(carried, dict):
+            return {k: v[:1000] for k, v in carried.items() if k in CARD_FIELDS and isinstance(v, str)}
+    return fields
+
+
+def card_fields(ckpt: str | Path, meta) -> dict:
+    """Description, author, license and version for an exported file: the model's card (`own_card`) and the
+    compression stages the checkpoint went through. Without a card: a description from the sidecar, author
+    sdcompress, license unspecified."""
+    fields = {"author": "sdcompress", "license": "unspecified", **own_card(ckpt, meta)}
     steps = []
     for st in meta.stages[1:]:
         if st.get("stage") == "prune":

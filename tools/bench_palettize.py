@@ -39,7 +39,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     opt.OpPalettizerConfig = exact
     for name, ts in times.items():
-        print(f"{name:16s} {', '.join(f'{t:.1f} s' for t in ts)}  ({facts['binary_layers_palettized']} layers palettized)")
+        print(f"{name:16s} {', '.join(f'{t:.1f} s' for t in ts)}  ({facts['binary_layers']['count']} layers palettized)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`sdcompress export`: ONNX and Core ML files, verified against PyTorch on real inputs."""
+"""`sdcompress export`: ONNX, ORT and Core ML files, verified against PyTorch on real inputs."""
 
 from __future__ import annotations
 
@@ -7,15 +7,32 @@ from pathlib import Path
 from .common import OUT_ROOT, _ckpt_arg, _fresh_out, _model_name, _names, _positive_int, _resolve_ckpt
 
 
+def _batch(s: str) -> int | None:
+    if s == "dynamic":
+        return None
+    return _positive_int(s)
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="ONNX and Core ML files, verified against PyTorch on real inputs",
-                       description="Export the evaluation-time network to ONNX and Core ML; reload each file and verify it "
-                                   "against PyTorch on real images; report sizes, verification figures and latency.")
+    p = sub.add_parser("export", help="ONNX, ORT and Core ML files, verified against PyTorch on real inputs",
+                       description="Export the evaluation-time network to ONNX, ONNX Runtime's ORT format and Core ML; reload each "
+                                   "file and verify it against PyTorch on real images; report sizes (also after onnxruntime's own "
+                                   "ORT conversion), mobile usability, verification figures and latency.")
     _ckpt_arg(p)
-    p.add_argument("--format", type=_names, default=("onnx", "coreml"), metavar="onnx,coreml", help="formats to write (default both)")
+    p.add_argument("--format", type=_names, default=("onnx", "ort", "coreml"), metavar="onnx,ort,coreml",
+                   help="formats to write (default all three)")
+    p.add_argument("--weights", choices=("auto", "float", "int8", "int4", "1bit"), default="auto",
+                   help="ONNX / ORT weight storage: auto (float for a float model; a binarized one's 1-bit layers as int8 in .onnx, "
+                        "as bits in .ort), float, int8 or int4 (DequantizeLinear, one scale per output channel), 1bit (default auto)")
+    p.add_argument("--batch", type=_batch, default=1, metavar="N|dynamic",
+                   help="batch size fixed in the ONNX / ORT graphs and a Core ML tensor input; dynamic: any (default 1)")
     p.add_argument("--precision", choices=("float16", "float32"), default="float16", help="Core ML compute precision and weights (default float16)")
     p.add_argument("--coreml-input", choices=("image", "tensor"), default="image",
                    help="Core ML input: an image with the normalization built in (default), or the normalized float tensor")
+    p.add_argument("--minimum-deployment-target", choices=("iOS16", "iOS17", "iOS18"), default=None,
+                   help="Core ML deployment target; 1-bit tables need iOS18, iOS16/17 store binarized layers as int8 "
+                        "(default iOS18 for a binarized model, else iOS16)")
+    p.add_argument("--name", default=None, help="Core ML package and Swift class name (default from the model's name, e.g. ResNet56SD)")
     p.add_argument("--data", default=None, help="images to verify on (default: the bundled evaluation set or the checkpoint's validation split)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads for the latency figure")
@@ -26,27 +43,46 @@ def add_parser(sub) -> None:
 
 
 def run(a) -> int:
+    from ..errors import InputError
+    from ..export.coreml import check_name, package_name
     from ..pipeline import check_formats, run_export
     from ..report import format_bytes
 
     check_formats(a.format)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
+    try:
+        pkg = check_name(a.name) if a.name is not None else package_name(name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     out = _fresh_out(a.out or OUT_ROOT / f"{name}-export", a.force, (path,))
-    r = run_export(path, a.format, out, a.data, a.data_dir, a.threads, precision=a.precision, coreml_input=a.coreml_input, verbose=a.verbose)
-    print(f"checkpoint {format_bytes(r['bytes']['checkpoint'])}")
-    if "onnx" in r["formats"]:
-        o = r["formats"]["onnx"]
-        v = o["verification"]
-        print(f"model.onnx {format_bytes(o['bytes'])}, opset {o['opset']}, max |onnxruntime - torch| {v['max_abs_diff']:.2g} (logits), "
-              f"top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images, "
-              f"latency {o['latency_ms']['onnxruntime_cpu_b1']:.2f} ms (onnxruntime CPU, batch 1, {o['latency_ms']['threads']} thread)")
-    if "coreml" in r["formats"]:
-        c = r["formats"]["coreml"]
-        v = c["verification"]
-        print(f"model.mlpackage {format_bytes(c['bytes'])}, {c['precision']}, {c['input']} input, {c['deployment_target']}, "
-              f"{c['binary_layers_palettized']} layers as 1-bit tables, max |Core ML - torch| {v['max_abs_diff']:.2g} (probabilities), "
-              f"top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images ({v['method']})")
+    r = run_export(path, a.format, out, a.data, a.data_dir, a.threads, precision=a.precision, coreml_input=a.coreml_input, verbose=a.verbose,
+                   weights=a.weights, batch=a.batch, name=pkg, deployment_target=a.minimum_deployment_target)
+    print(f"checkpoint {format_bytes(r['bytes']['checkpoint'])}; float32 ONNX of the unpruned float network "
+          f"{format_bytes(r['bytes']['float32_onnx_reference'])}" if r["bytes"].get("float32_onnx_reference") else
+          f"checkpoint {format_bytes(r['bytes']['checkpoint'])}")
+    for f in r["formats"].values():
+        v = f["verification"]
+        if f["format"] in ("onnx", "ort"):
+            conv = f.get("consumer_conversion")
+            after = ("" if conv is None else f", {format_bytes(conv['bytes'])} after onnxruntime's ORT conversion" if conv["bytes"] else
+                     ", refused by onnxruntime's ORT conversion")
+            u = f["mobile_usability"]
+            print(f"{f['file']} {format_bytes(f['bytes'])} ({f['compression_ratio']:.1f}x smaller than float32){after}; weights {f['weights']}, "
+                  f"batch {f['batch']}, opset {f['opset']}; max |onnxruntime - torch| {v['max_abs_diff']:.2g} (logits), top-1 agreement "
+                  f"{100 * v['top1_agreement']:.1f}% on {v['n']} images; latency {f['latency_ms']['onnxruntime_cpu_b1']:.2f} ms "
+                  f"(onnxruntime CPU, batch 1, {f['latency_ms']['threads']} thread); NNAPI {u['nnapi']['supported']}/{u['nnapi']['nodes']} nodes "
+                  f"in {u['nnapi']['partitions']} partition(s), Core ML ML program {u['coreml_mlprogram']['supported']}/"
+                  f"{u['coreml_mlprogram']['nodes']} in {u['coreml_mlprogram']['partitions']}")
+            if "against_unrounded_model" in v:
+                w = v["against_unrounded_model"]
+                print(f"warning: {f['weights']} rounding of the float weights: top-1 agreement with the unrounded model "
+                      f"{100 * w['top1_agreement']:.1f}%, max logit difference {w['max_abs_diff']:.2g}")
+        else:
+            bl = f["binary_layers"]
+            print(f"{f['file']} {format_bytes(f['bytes'])}, {f['precision']}, {f['input']} input, {f['deployment_target']}, "
+                  f"{bl['count']} binarized layers{' as ' + bl['form'] if bl['form'] else ''}; max |Core ML - torch| "
+                  f"{v['max_abs_diff']:.2g} (probabilities), top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images ({v['method']})")
     files = ", ".join(f"{out}/{f['file']}" for f in r["formats"].values())
     print(f"wrote {files}, {out}/report.json, {out}/report.md")
     return 0

@@ -3,8 +3,13 @@
 The package holds the evaluation-time network (every kept block scaled by p_l, no random ops), converted from
 `torch.export` by coremltools. Binarized convolutions, whose weights (after BatchNorm is folded into them) take
 two values per output channel, are palettized to a 1-bit lookup table per output channel, which is exact for
-such weights; this needs the iOS 18 deployment target. Other models target iOS 16. The classifier stays in
-float: 1-bit palettization of it is lossy.
+such weights; this needs the iOS 18 deployment target (the default for a binarized model). For iOS 16 and 17
+(`deployment_target`) they are stored as linear int8 with one scale per output channel instead, which is exact as
+well (the two values are +-127 steps). Float models target iOS 16 unless asked. The classifier stays in float:
+1-bit palettization of it is lossy.
+
+The package is named after the model (`package_name`: resnet56-sd -> ResNet56SD.mlpackage), because Xcode
+generates a Swift class of that name.
 
 Verification reloads the written package. On macOS Core ML itself predicts; elsewhere (Core ML prediction is
 macOS-only) the package's own ML program is loaded with coremltools' MIL loader, compressed weights are expanded
@@ -20,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,9 +37,13 @@ from torch import nn
 from ..binarize import BinaryConv2d
 from ..checkpoint import Sidecar
 from ..nets import ResNet
-from .onnx import _plain_copy
+from .onnx import deployable_copy
 
 PRECISIONS = ("float16", "float32")
+TARGETS = ("iOS16", "iOS17", "iOS18")
+_WORDS = {"resnet": "ResNet", "mobilenet": "MobileNet", "convnext": "ConvNeXt", "efficientnet": "EfficientNet", "regnet": "RegNet",
+          "regnety": "RegNetY", "vit": "ViT", "swin": "Swin", "densenet": "DenseNet", "resnext": "ResNeXt"}
+SWIFT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 INPUTS = ("image", "tensor")
 DEBUG_FILES = ("executorch_debug_handle_mapping.json",)  # debugging aid coremltools writes; not part of the model
 
@@ -96,6 +106,29 @@ def _image_input(ct, dm: dict):
     return ct.ImageType(name="image", shape=(1, c, h, w), scale=1 / 255, bias=bias if c == 3 else bias[0], color_layout=layout), [1 / s for s in std]
 
 
+def package_name(model_name: str) -> str:
+    """A Swift type name for a model's package: resnet56-sd -> ResNet56SD, resnet56-sd-prune -> ResNet56SDPrune."""
+    out = []
+    for part in re.split(r"[^0-9A-Za-z]+", model_name):
+        if not part:
+            continue
+        word = re.match(r"[A-Za-z]*", part).group(0).lower()
+        if word in _WORDS:
+            out.append(_WORDS[word] + part[len(word):])
+        elif part.isalpha() and len(part) <= 3:
+            out.append(part.upper())  # sd, vit: initials
+        else:
+            out.append(part[0].upper() + part[1:])
+    name = "".join(out)[:100] or "Model"
+    return name if name[0].isalpha() else f"Model{name}"
+
+
+def check_name(name: str) -> str:
+    if not SWIFT_NAME.fullmatch(name):
+        raise ValueError(f"--name {name!r}: a package name must be a Swift identifier (letters, digits, _; not starting with a digit)")
+    return name
+
+
 def _binary_conv_ops(prog) -> list[str]:
     """Names of conv ops whose constant weight takes at most two values per output channel (binarized layers)."""
     names = []
@@ -116,15 +149,20 @@ def _two_value_lut(w: np.ndarray):
     return np.array([lo, hi], dtype=flat.dtype), (flat == hi).astype(np.uint8)
 
 
-def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card: dict, verbose: bool = False):
+def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card: dict, verbose: bool = False, batch: int | None = 1,
+            target: str | None = None):
     """The converted (in-memory) MLModel and facts about it; `card` is `zoo.card_fields` (description, author,
-    license)."""
+    license, version). `batch`: the batch of a tensor input (None: 1 to 1024); an image input takes one image.
+    `target`: the minimum deployment target (TARGETS; default iOS18 for a binarized model, else iOS16)."""
     ct = import_coremltools(verbose)
-    from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
+    from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OpPalettizerConfig, OptimizationConfig, linear_quantize_weights,
+                                             palettize_weights)
 
     if precision not in PRECISIONS or input_kind not in INPUTS:
         raise ValueError(f"precision {precision!r} / input {input_kind!r}: expected one of {PRECISIONS} / {INPUTS}")
-    plain, binary_names = _plain_copy(model)
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"unknown deployment target {target!r}; choose one of {', '.join(TARGETS)}")
+    plain, binary_names = deployable_copy(model)
     dm = meta.data
     c, h, w = dm.input_shape
     if input_kind == "image":
@@ -132,25 +170,35 @@ def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card:
         dyn = None
         example = torch.rand(1, c, h, w) * 255
     else:
-        inp = ct.TensorType(name="input", shape=(ct.RangeDim(1, 1024, 1), c, h, w), dtype=np.float32)
-        inv_std, dyn = None, {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
-        example = torch.randn(2, c, h, w)
+        if batch is None:
+            inp = ct.TensorType(name="input", shape=(ct.RangeDim(1, 1024, 1), c, h, w), dtype=np.float32)
+            inv_std, dyn = None, {"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
+            example = torch.randn(2, c, h, w)
+        else:
+            inp = ct.TensorType(name="input", shape=(batch, c, h, w), dtype=np.float32)
+            inv_std, dyn = None, None
+            example = torch.randn(batch, c, h, w)
     wrapped = _Deployable(plain, inv_std).eval()
-    target = ct.target.iOS18 if binary_names else ct.target.iOS16
+    target = target or ("iOS18" if binary_names else "iOS16")
     with quiet(verbose):
         ep = torch.export.export(wrapped, (example,), dynamic_shapes=dyn).run_decompositions({})
         ml = ct.convert(ep, inputs=[inp], classifier_config=ct.ClassifierConfig(list(dm.classes)),
-                        convert_to="mlprogram", minimum_deployment_target=target,
+                        convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
                         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32)
         palettized = _binary_conv_ops(ml._mil_program) if binary_names else []
-        if palettized:
+        if palettized and target == "iOS18":
             one_bit = OpPalettizerConfig(mode="custom", lut_function=_two_value_lut, granularity="per_grouped_channel", group_size=1,
                                          weight_threshold=0)
             ml = palettize_weights(ml, OptimizationConfig(global_config=None, op_name_configs={n: one_bit for n in palettized}))
+        elif palettized:  # iOS 16 / 17: no per-channel tables; +-alpha per channel is exact as symmetric int8
+            int8 = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0)
+            ml = linear_quantize_weights(ml, OptimizationConfig(global_config=None, op_name_configs={n: int8 for n in palettized}))
     n_conv = sum(isinstance(model.get_submodule(n), BinaryConv2d) for n in binary_names)
     if len(palettized) != n_conv:
         raise RuntimeError(f"{len(palettized)} convolutions palettized to 1 bit, but the model has {n_conv} binarized ones")
     ml.short_description, ml.author, ml.license = card["description"], card["author"], card["license"]
+    if card.get("version"):
+        ml.version = card["version"]
     if input_kind == "image":
         ml.input_description["image"] = f"{'RGB' if c == 3 else 'grayscale'} image, {w}x{h} pixels; normalization is built in"
     else:
@@ -159,8 +207,11 @@ def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card:
     ml.output_description["classLabel_probs"] = "probability of each class"
     ml.user_defined_metadata.update({"sdcompress_spec": json.dumps(model.spec.to_dict()),
                                      "mean": str(list(dm.mean)), "std": str(list(dm.std))})
-    facts = {"deployment_target": "iOS18" if binary_names else "iOS16", "precision": precision, "input": input_kind,
-             "binary_layers_palettized": len(palettized)}
+    facts = {"deployment_target": target, "precision": precision, "input": input_kind,
+             "binary_layers": {"form": ("1-bit table per output channel" if target == "iOS18" else "int8, one scale per output channel")
+                               if palettized else None, "count": len(palettized)},
+             "batch": 1 if input_kind == "image" else (batch or "1 to 1024"),
+             "card": {k: card.get(k) for k in ("description", "author", "license", "version")}}
     return ml, facts
 
 
@@ -325,7 +376,15 @@ def run_program(prog, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             b = b.transpose(-1, -2) if op.transpose_y is not None and op.transpose_y.val else b
             y = torch.matmul(a, b)
         elif t == "concat":
-            y = torch.cat([val(v) for v in op.values], dim=int(op.axis.val))
+            parts = [val(v) for v in op.values]
+            y = torch.cat([p.to(parts[0].dtype).reshape(-1) if p.dim() == 0 else p.to(parts[0].dtype) for p in parts], dim=int(op.axis.val))
+        elif t == "shape":
+            y = torch.tensor(list(x.shape), dtype=torch.int64)
+        elif t == "fill":
+            y = torch.full([int(d) for d in arg(op, "shape").tolist()], float(arg(op, "value", torch.tensor(0.0))))
+        elif t == "gather":
+            ax, idx = int(arg(op, "axis", torch.tensor(0))), arg(op, "indices").long()
+            y = torch.index_select(x, ax, idx.reshape(-1)).reshape(list(x.shape[:ax]) + list(idx.shape) + list(x.shape[ax + 1:]))
         elif t in ("squeeze", "expand_dims"):
             axes = [int(a) for a in arg(op, "axes").tolist()] if op.axes is not None else None
             if t == "squeeze":
