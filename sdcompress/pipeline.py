@@ -110,7 +110,8 @@ def check_formats(formats) -> None:
 
 def compression_ratio(reference_bytes: int | None, artifact_bytes: int | None) -> float | None:
     """The one compression ratio every report gives: bytes of the float32 ONNX export of the unpruned, float network
-    (same architecture, same batch) over the bytes of the artifact as shipped."""
+    (same architecture, same batch) over the bytes of the artifact as shipped (an ONNX or ORT file, a Core ML
+    package: one reference for every format, so their ratios compare)."""
     return reference_bytes / artifact_bytes if reference_bytes and artifact_bytes else None
 
 
@@ -158,7 +159,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
     idx = torch.arange(min(batch_images, len(images)))
     files: dict[str, dict] = {}
-    reference = _reference_onnx_bytes(model, meta, batch) if {"onnx", "ort"} & set(formats) else None
+    reference = _reference_onnx_bytes(model, meta, batch)
     with output_folder(out) as folder:  # every file, or none: an interrupted export leaves the old folder as it was
         for fmt in formats:
             check_interrupt()
@@ -168,7 +169,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
                 files["coreml"] = _export_coreml(model, meta, ckpt, folder, images.images[idx], eval_name, precision, coreml_input,
                                                  verbose, batch, name, deployment_target)
         for f in files.values():
-            f["compression_ratio"] = compression_ratio(reference, f["bytes"]) if f["format"] != "coreml" else None
+            f["compression_ratio"] = compression_ratio(reference, f["bytes"])
         rep = model_report(model, meta.data.input_shape, resolve(ckpt)[0], None)
         for fmt in FORMATS:
             rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")

@@ -23,7 +23,7 @@ from .compare import timing_run
 from .files import atomic_write_bytes, atomic_write_json
 from .errors import InputError
 from .evaluate import evaluate_checkpoint
-from .pipeline import check_formats, run_binarize, run_export, run_prune
+from .pipeline import check_formats, run_binarize, run_export, run_prune, compression_ratio
 from .pruning import STRATEGIES, PruneConfig
 from .report import format_bytes, save_figure
 
@@ -146,9 +146,10 @@ def pareto(points: list[dict], x_key) -> set[str]:
 
 
 def file_bytes(p: dict) -> int | None:
-    """The size a point is plotted and ranked by: its ONNX file, else its Core ML package, else model.pt."""
+    """The size a point is plotted and ranked by: its ORT file (what ONNX Runtime Mobile ships), else its ONNX
+    file, else its Core ML package, else model.pt."""
     b = p["bytes"]
-    return b.get("onnx") or b.get("coreml") or b.get("checkpoint")
+    return b.get("ort") or b.get("onnx") or b.get("coreml") or b.get("checkpoint")
 
 
 def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, device="auto", progress=True, force=False) -> dict:
@@ -217,12 +218,12 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
     for p in points:
         r = {"label": p["label"], "keep": p["keep"], "binarized": p["binarized"], "blocks": len(p["model"]["blocks_kept"]),
              "params": p["params"]["total"], "macs": p["macs"], "top1": p["accuracy"]["top1"],
-             "bytes": p["bytes"], "latency_ms": p["latency_ms"]["onnxruntime_cpu_b1"], "verification": p["verification"]}
+             "bytes": p["bytes"], "latency_ms": p["latency_ms"]["onnxruntime_cpu_b1"], "verification": p["verification"],
+             "compression_ratio": {f: compression_ratio(p["bytes"].get("float32_onnx_reference"), p["bytes"].get(f))
+                                   for f in ("onnx", "ort", "coreml") if p["bytes"].get(f)}}
         if full is not None:
             r["macs_ratio"] = p["macs"] / full["macs"]
             r["latency_ratio"] = r["latency_ms"] / full["latency_ms"]["onnxruntime_cpu_b1"]
-            f32 = full["bytes"].get("onnx")
-            r["fraction_of_full_onnx"] = {f: (p["bytes"][f] / f32 if f32 and p["bytes"].get(f) else None) for f in ("onnx", "coreml")}
         float_twin = by.get((p["keep"], False))
         if p["binarized"] and float_twin is not None:
             r["latency_vs_float"] = r["latency_ms"] / float_twin["latency_ms"]["onnxruntime_cpu_b1"]
@@ -239,16 +240,16 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
     lb = [r["latency_vs_float"] for r in rows if "latency_vs_float" in r]
     if lb:
         summary["binary_latency_vs_float_max"] = max(lb)
-    k6 = next((r for r in rows if r["binarized"] and abs(r["keep"] - 0.6) < 1e-9 and "fraction_of_full_onnx" in r), None)
-    if k6 is not None:
-        summary["keep0.6_binary_fraction_of_full_onnx"] = {f: v for f, v in k6["fraction_of_full_onnx"].items() if v is not None}
+    k6 = next((r for r in rows if r["binarized"] and abs(r["keep"] - 0.6) < 1e-9), None)
+    if k6 is not None and any(v for v in k6["compression_ratio"].values()):
+        summary["keep0.6_binary_compression_ratio"] = {f: v for f, v in k6["compression_ratio"].items() if v}
     return {"schema": SWEEP_SCHEMA, "checkpoint": str(ckpt), "config": cfg.to_dict(), "points": rows, "summary": summary,
             "dataset": points[0]["accuracy"]["dataset"] if points else None}
 
 
 def render_markdown(sweep: dict) -> str:
     fmts = sweep["config"]["formats"]
-    head = ["point", "blocks", "params", "MACs (M)", "top-1", "model.pt"] + [f"model.{'onnx' if f == 'onnx' else 'mlpackage'}" for f in fmts]
+    head = ["point", "blocks", "params", "MACs (M)", "top-1", "model.pt"] + [{"onnx": "model.onnx", "ort": "model.ort"}.get(f, "Core ML package") for f in fmts]
     head += ["latency (ms)", "MACs ratio", "latency ratio", "Pareto (size / latency)"]
     lines = [f"# Sweep: {Path(sweep['checkpoint']).name}", "",
              f"Top-1 on {sweep['dataset']}; latency: onnxruntime CPU, batch 1, {sweep['config']['threads']} thread(s), median of "
@@ -268,9 +269,9 @@ def render_markdown(sweep: dict) -> str:
         lines.append(f"- latency ratio against MACs ratio (float points): largest gap {g['latency_vs_macs_ratio_max_gap']:.3f}")
     if "binary_latency_vs_float_max" in g:
         lines.append(f"- binarized latency against the float file at the same keep: at most {g['binary_latency_vs_float_max']:.3f}x")
-    if "keep0.6_binary_fraction_of_full_onnx" in g:
-        fr = ", ".join(f"{f} 1/{1 / v:.1f}" for f, v in g["keep0.6_binary_fraction_of_full_onnx"].items())
-        lines.append(f"- keep 0.6 binarized against the full float32 ONNX file: {fr}")
+    if "keep0.6_binary_compression_ratio" in g:
+        fr = ", ".join(f"{f} {v:.1f}x" for f, v in g["keep0.6_binary_compression_ratio"].items())
+        lines.append(f"- compression ratio of keep 0.6 binarized (the float32 ONNX export of the unpruned, float network over the file): {fr}")
     lines += ["", "![tradeoff](tradeoff.png)", ""]
     return "\n".join(lines)
 
@@ -284,7 +285,10 @@ def plot_tradeoff(sweep: dict, path: Path) -> None:
 
     pts = sweep["points"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    which = "model.onnx" if pts and pts[0]["bytes"].get("onnx") else ("model.mlpackage" if pts and pts[0]["bytes"].get("coreml") else "model.pt")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    b0 = pts[0]["bytes"] if pts else {}
+    which = next((n for k, n in (("ort", "model.ort"), ("onnx", "model.onnx"), ("coreml", "Core ML package")) if b0.get(k)), "model.pt")
     for ax, xf, xl, fk in ((axes[0], lambda r: file_bytes(r) / 1024, f"{which} size (KiB, log scale)", "pareto_size"),
                            (axes[1], lambda r: r["latency_ms"], "onnxruntime CPU latency, batch 1 (ms)", "pareto_latency")):
         for binary, marker, color, name in ((False, "o", "#4c72b0", "float"), (True, "s", "#c44e52", "1-bit weights")):
@@ -299,6 +303,10 @@ def plot_tradeoff(sweep: dict, path: Path) -> None:
         ax.set_ylabel(f"top-1 (%) on {sweep['dataset']}")
         ax.grid(alpha=0.3)
     axes[0].set_xscale("log")
+    # labels at 1, 2 and 5 of each decade, none on the minor ticks: a narrow range no longer crowds them together
+    axes[0].xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes[0].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axes[0].xaxis.set_minor_formatter(NullFormatter())
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{Path(sweep['checkpoint']).name}: accuracy against size and latency (labels: keep, b = binarized)")
     save_figure(fig, path)
