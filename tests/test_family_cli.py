@@ -107,10 +107,12 @@ def test_binarize_eval_report_and_export(resnet18_ckpt, colour_data, tmp_path, c
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["params"]["by_bits"]["1"] > 10 * rep["params"]["by_bits"]["32"]
     out = tmp_path / "e"
-    assert main(["export", str(binary), "--format", "onnx", "--data", str(colour_data), "--out", str(out)]) == 0
+    assert main(["export", str(binary), "--format", "onnx,ort", "--data", str(colour_data), "--out", str(out)]) == 0
     exp = json.loads((out / "report.json").read_text())
-    assert exp["formats"]["onnx"]["verification"]["ok"]
-    assert exp["formats"]["onnx"]["bytes"] < (resnet18_ckpt / "model.pt").stat().st_size / 8  # bits stored as bits
+    assert exp["formats"]["onnx"]["verification"]["ok"] and exp["formats"]["ort"]["verification"]["ok"]
+    full = (resnet18_ckpt / "model.pt").stat().st_size
+    assert exp["formats"]["onnx"]["weights"] == "int8" and exp["formats"]["onnx"]["bytes"] < full / 3.5  # 8 bits a weight
+    assert exp["formats"]["ort"]["weights"] == "1bit" and exp["formats"]["ort"]["bytes"] < full / 8  # bits stored as bits
 
 
 def test_train_from_weights_of_the_plain_model(colour_data, tmp_path, capsys):
@@ -157,7 +159,7 @@ def test_core_ml_export_of_a_pruned_torchvision_model(arch, colour_data, tmp_pat
     model, meta = load_checkpoint(small)
     assert len(model.block_ids) < meta.spec.blocks_total
     assert v["ok"] and v["top1_agreement"] == 1.0 and v["max_abs_diff_logits"] < 1e-3, v
-    assert (out / "model.mlpackage" / "Manifest.json").exists()
+    assert (out / "S.mlpackage" / "Manifest.json").exists()  # named after the model (its folder, "s")
 
 
 def test_prune_after_binarize_keeps_the_binary_shortcut(resnet18_ckpt, colour_data, tmp_path):
