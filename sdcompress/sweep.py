@@ -34,7 +34,7 @@ SWEEP_SCHEMA = "sdcompress.sweep/1"
 class SweepConfig:
     keeps: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
     binarize: tuple[bool, ...] = (False, True)
-    formats: tuple[str, ...] = ("onnx", "coreml")
+    formats: tuple[str, ...] = ("onnx", "ort", "coreml")
     strategy: str = "stats"
     finetune: int = 0  # epochs after pruning and after binarizing (needs training data)
     distill: bool = True  # fine-tuning learns from the model before each stage as teacher

@@ -139,7 +139,7 @@ def test_sweep_tiny_completes_and_resumes(digits_run, tmp_path, monkeypatch):
     import sdcompress.sweep as sw
 
     out = tmp_path / "sweep"
-    args = ["sweep", str(digits_run), "--keep", "1.0,0.5", "--binarize", "off,on", "--formats", "onnx", "--out", str(out), "--no-progress",
+    args = ["sweep", str(digits_run), "--keep", "1.0,0.5", "--binarize", "off,on", "--formats", "onnx,ort", "--out", str(out), "--no-progress",
             "--finetune", "1", "--data", "digits"]
     real = sw._point
     calls = []
@@ -171,6 +171,10 @@ def test_sweep_tiny_completes_and_resumes(digits_run, tmp_path, monkeypatch):
         assert p["latency_ms"] > 0 and 0 <= p["top1"] <= 1 and p["bytes"]["onnx"] > 0 and p["verification"]["onnx"]["ok"]
     assert s["points"][2]["macs"] < s["points"][0]["macs"] and s["points"][2]["macs_ratio"] < 1
     assert (out / "tradeoff.png").stat().st_size > 1000 and "keep0.50-bin" in (out / "sweep.md").read_text()
+    bin_point = s["points"][3]  # ranked by the .ort file, whose 1-bit weights stay bits; one compression ratio per file
+    assert bin_point["bytes"]["ort"] < s["points"][2]["bytes"]["ort"] / 4
+    assert bin_point["compression_ratio"]["ort"] == pytest.approx(bin_point["bytes"]["float32_onnx_reference"] / bin_point["bytes"]["ort"])
+    assert sw.file_bytes(bin_point) == bin_point["bytes"]["ort"]
     # fine-tuning is recorded where it was applied: after a stage, not on the unpruned float starting point
     tuned = {p.parent.name: json.loads(p.read_text())["finetune_epochs"] for p in out.glob("points/*/point.json")}
     assert tuned == {"keep1.00": 0, "keep1.00-bin": 1, "keep0.50": 1, "keep0.50-bin": 1}, tuned
