@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
                                    "file and verify it against PyTorch on real images; report sizes (also after onnxruntime's own "
                                    "ORT conversion), mobile usability, verification figures and latency.")
     _ckpt_arg(p)
-    p.add_argument("--format", type=_names, default=("onnx", "ort", "coreml"), metavar="onnx,ort,coreml",
-                   help="formats to write (default all three)")
+    p.add_argument("--format", type=_names, default=None, metavar="onnx,ort,coreml",
+                   help="formats to write (default all three; onnx,coreml with --depths)")
     p.add_argument("--weights", choices=("auto", "float", "int8", "int4", "1bit"), default="auto",
                    help="ONNX / ORT weight storage: auto (float for a float model; a binarized one's 1-bit layers as int8 in .onnx, "
                         "as bits in .ort), float, int8 or int4 (DequantizeLinear, one scale per output channel), 1bit (default auto)")
@@ -33,6 +33,11 @@ def add_parser(sub) -> None:
                    help="Core ML deployment target; 1-bit tables need iOS18, iOS16/17 store binarized layers as int8 "
                         "(default iOS18 for a binarized model, else iOS16)")
     p.add_argument("--name", default=None, help="Core ML package and Swift class name (default from the model's name, e.g. ResNet56SD)")
+    p.add_argument("--depths", default=None, metavar="1.0,0.8,...",
+                   help="a depth family: one Core ML package with a function per depth (keep_1_0, keep_0_8, ...), one ONNX file "
+                        "per depth and depths.json; depths nest (default: off)")
+    p.add_argument("--strategy", choices=("stats", "top", "sensitivity"), default="stats", help="ranking the depths are cut from (with --depths)")
+    p.add_argument("--recalibrate", type=int, default=40, metavar="N", help="BatchNorm recalibration batches per depth (with --depths; 0: off)")
     p.add_argument("--data", default=None, help="images to verify on (default: the bundled evaluation set or the checkpoint's validation split)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads for the latency figure")
@@ -48,13 +53,17 @@ def run(a) -> int:
     from ..pipeline import check_formats, run_export
     from ..report import format_bytes
 
-    check_formats(a.format)
+    formats = a.format or (("onnx", "coreml") if a.depths else ("onnx", "ort", "coreml"))
+    check_formats(formats)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
     try:
         pkg = check_name(a.name) if a.name is not None else package_name(name)
     except ValueError as e:
         raise InputError(str(e)) from None
+    if a.depths:
+        return _run_depths(a, path, name, pkg, formats)
+    a.format = formats
     out = _fresh_out(a.out or OUT_ROOT / f"{name}-export", a.force, (path,))
     r = run_export(path, a.format, out, a.data, a.data_dir, a.threads, precision=a.precision, coreml_input=a.coreml_input, verbose=a.verbose,
                    weights=a.weights, batch=a.batch, name=pkg, deployment_target=a.minimum_deployment_target)
@@ -85,4 +94,30 @@ def run(a) -> int:
                   f"{v['max_abs_diff']:.2g} (probabilities), top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images ({v['method']})")
     files = ", ".join(f"{out}/{f['file']}" for f in r["formats"].values())
     print(f"wrote {files}, {out}/report.json, {out}/report.md")
+    return 0
+
+
+def _run_depths(a, path, name: str, pkg: str, formats) -> int:
+    from ..depths import parse_depths, run_depth_export
+    from ..errors import InputError
+    from ..report import format_bytes
+
+    depths = parse_depths(a.depths)
+    if "ort" in formats:
+        raise InputError("--format ort is not available with --depths; use onnx,coreml")
+    if a.weights != "auto" or a.minimum_deployment_target not in (None, "iOS18"):
+        raise InputError("--depths takes the default weight form and needs iOS18 (multifunction packages); drop --weights / --minimum-deployment-target")
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-depths", a.force, (path,))
+    r = run_depth_export(path, depths, out, a.strategy, a.recalibrate, a.data, a.data_dir, formats, a.precision, a.coreml_input, a.batch,
+                         pkg, a.threads, a.verbose)
+    for d in r["depths"]:
+        o = d.get("onnx")
+        top1 = "-" if d["top1"] is None else f"{100 * d['top1']:.1f}%"
+        print(f"{d['function']}: {d['blocks']} blocks, {d['macs'] / 1e6:.1f} M MACs, top-1 {top1} on {r['dataset']}"
+              + (f", {o['file']} {format_bytes(o['bytes'])}, {d['latency_ms']['onnxruntime_cpu_b1']:.2f} ms" if o else ""))
+    c = r["formats"].get("coreml")
+    if c:
+        print(f"{c['file']} {format_bytes(c['bytes'])}: {len(c['functions'])} functions (default {c['default_function']}), "
+              f"{c['against_deepest_package_alone']:.2f}x the deepest alone; separate packages would take {format_bytes(c['sum_of_separate_packages'])}")
+    print(f"wrote {out}/depths.json, {out}/report.json, {out}/report.md")
     return 0

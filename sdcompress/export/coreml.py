@@ -150,10 +150,12 @@ def _two_value_lut(w: np.ndarray):
 
 
 def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card: dict, verbose: bool = False, batch: int | None = 1,
-            target: str | None = None):
+            target: str | None = None, keep_batchnorm: bool = False):
     """The converted (in-memory) MLModel and facts about it; `card` is `zoo.card_fields` (description, author,
     license, version). `batch`: the batch of a tensor input (None: 1 to 1024); an image input takes one image.
-    `target`: the minimum deployment target (TARGETS; default iOS18 for a binarized model, else iOS16)."""
+    `target`: the minimum deployment target (TARGETS; default iOS18 for a binarized model, else iOS16).
+    `keep_batchnorm`: leave BatchNorm apart from the convolutions (so that networks differing only in BatchNorm
+    statistics have identical convolution weights, which a multifunction package stores once)."""
     ct = import_coremltools(verbose)
     from coremltools.optimize.coreml import (OpLinearQuantizerConfig, OpPalettizerConfig, OptimizationConfig, linear_quantize_weights,
                                              palettize_weights)
@@ -182,7 +184,11 @@ def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card:
     target = target or ("iOS18" if binary_names else "iOS16")
     with quiet(verbose):
         ep = torch.export.export(wrapped, (example,), dynamic_shapes=dyn).run_decompositions({})
-        ml = ct.convert(ep, inputs=[inp], classifier_config=ct.ClassifierConfig(list(dm.classes)),
+        passes = None
+        if keep_batchnorm:
+            passes = ct.PassPipeline.DEFAULT
+            passes.remove_passes(["common::fuse_conv_batchnorm"])
+        ml = ct.convert(ep, inputs=[inp], classifier_config=ct.ClassifierConfig(list(dm.classes)), pass_pipeline=passes,
                         convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
                         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32)
         palettized = _binary_conv_ops(ml._mil_program) if binary_names else []
@@ -283,12 +289,12 @@ def _t(v) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64))
 
 
-def run_program(prog, inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Evaluate an ML program's ops in torch (float32); every intermediate, by name."""
+def run_program(prog, inputs: dict[str, np.ndarray], function: str = "main") -> dict[str, torch.Tensor]:
+    """Evaluate one function of an ML program (its ops, in torch, float32); every intermediate, by name."""
     import torch.nn.functional as F
 
     env: dict[str, torch.Tensor] = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in inputs.items()}
-    f = prog.functions["main"]
+    f = prog.functions[function]
 
     def val(var):
         if var.name in env:
@@ -436,24 +442,24 @@ def _pool(op, x: torch.Tensor, arg) -> torch.Tensor:
     return y / F.avg_pool2d(ones, k, st, ceil_mode=ceil) if exclude else y
 
 
-def _reference_outputs(path: Path, inputs: np.ndarray, input_name: str, verbose: bool):
+def _reference_outputs(path: Path, inputs: np.ndarray, input_name: str, verbose: bool, function: str = "main"):
     prog = _load_program(path, verbose)
-    softmax = [op for op in prog.functions["main"].operations if op.op_type == "softmax"][-1]
-    shape = prog.functions["main"].inputs[input_name].shape
+    softmax = [op for op in prog.functions[function].operations if op.op_type == "softmax"][-1]
+    shape = prog.functions[function].inputs[input_name].shape
     chunks = [inputs[i:i + 1] for i in range(len(inputs))] if isinstance(shape[0], int) else [inputs]  # an image input is one image
     logits, probs = [], []
     for x in chunks:
-        env = run_program(prog, {input_name: x})
+        env = run_program(prog, {input_name: x}, function)
         logits.append(env[softmax.x.name].numpy())
         probs.append(env["__probabilities__"].numpy())
     return np.concatenate(logits), np.concatenate(probs)
 
 
-def _macos_outputs(path: Path, inputs: np.ndarray, input_kind: str, classes: list, verbose: bool):
+def _macos_outputs(path: Path, inputs: np.ndarray, input_kind: str, classes: list, verbose: bool, function: str = "main"):
     ct = import_coremltools(verbose)
     from PIL import Image
 
-    ml = ct.models.MLModel(str(path))
+    ml = ct.models.MLModel(str(path), **({} if function == "main" else {"function_name": function}))
     probs = []
     for x in inputs:
         if input_kind == "image":
@@ -470,8 +476,10 @@ def _macos_outputs(path: Path, inputs: np.ndarray, input_kind: str, classes: lis
 TOLERANCE = {"float32": {"atol": 1e-4, "agree": 1.0}, "float16": {"atol": 1e-2, "agree": 0.98}}
 
 
-def verify(path: Path, model: ResNet, meta: Sidecar, images_uint8: torch.Tensor, input_kind: str, precision: str, verbose: bool = False) -> dict:
-    """Reload the written package, run it on real images and compare with PyTorch (probabilities and logits)."""
+def verify(path: Path, model: ResNet, meta: Sidecar, images_uint8: torch.Tensor, input_kind: str, precision: str, verbose: bool = False,
+           function: str = "main") -> dict:
+    """Reload the written package, run it (its `function`) on real images and compare with PyTorch (probabilities
+    and logits)."""
     from ..data import Normalize
 
     dm = meta.data
@@ -481,10 +489,10 @@ def verify(path: Path, model: ResNet, meta: Sidecar, images_uint8: torch.Tensor,
     ref_probs = torch.softmax(ref_logits, 1).numpy()
     feed = images_uint8.float().numpy() if input_kind == "image" else x.numpy()
     if sys.platform == "darwin":
-        logits, probs = _macos_outputs(path, feed, input_kind, dm.classes, verbose)
+        logits, probs = _macos_outputs(path, feed, input_kind, dm.classes, verbose, function)
         how = "Core ML prediction (macOS)"
     else:
-        logits, probs = _reference_outputs(path, feed, "image" if input_kind == "image" else "input", verbose)
+        logits, probs = _reference_outputs(path, feed, "image" if input_kind == "image" else "input", verbose, function)
         how = "reference evaluation of the package's ML program (coremltools loader, torch ops)"
     ok_shape = probs.shape == ref_probs.shape
     diff = float(np.abs(probs - ref_probs).max()) if ok_shape else math.inf
