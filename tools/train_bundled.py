@@ -66,10 +66,11 @@ def main() -> None:
     ap.add_argument("--data", default="cifar10")
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--budget-s", type=float, required=True, help="wall-clock budget for the three runs together")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget for the three runs together (ignored with --epochs)")
     ap.add_argument("--epochs", type=int, default=None, help="fix the epochs instead of fitting the budget")
     ap.add_argument("--max-epochs", type=int, default=300)
-    ap.add_argument("--train-images", type=int, default=45000)
+    ap.add_argument("--train-images", type=int, default=None,
+                    help="train on this many images of the training split (default all 45,000; a few thousand prove the path)")
     ap.add_argument("--overlap", type=float, default=1.8, help="assumed slowdown of running the three at once")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for sdcompress train")
@@ -77,12 +78,18 @@ def main() -> None:
     device = resolve_device(args.device)
     flags = RECIPES[args.recipe] + args.extra
     batch = next((int(flags[i + 1]) for i, a in enumerate(flags) if a == "--batch-size"), 128)
-    t = step_time("resnet56", device, batch)
-    steps = args.train_images // batch
-    load_s = 60.0 + (90.0 if "--compile" in flags else 0.0)  # decoding the data and starting up (compiling), per run
-    per_epoch = steps * t * args.overlap + 2.0  # + validation
-    epochs = args.epochs or max(1, min(args.max_epochs, math.floor((args.budget_s - load_s) / per_epoch)))
-    print(f"step {t * 1e3:.1f} ms on {device}; epoch about {per_epoch:.1f} s with all running; {epochs} epochs", flush=True)
+    if args.train_images:
+        flags += ["--train-limit", str(args.train_images)]
+    if args.epochs:
+        epochs = args.epochs
+        print(f"{epochs} epochs (fixed)", flush=True)
+    else:
+        t = step_time("resnet56", device, batch)
+        steps = (args.train_images or 45000) // batch
+        load_s = 60.0 + (90.0 if "--compile" in flags else 0.0)  # decoding the data and starting up (compiling), per run
+        per_epoch = steps * t * args.overlap + 2.0  # + validation
+        epochs = max(1, min(args.max_epochs, math.floor((args.budget_s - load_s) / per_epoch)))
+        print(f"step {t * 1e3:.1f} ms on {device}; epoch about {per_epoch:.1f} s with all running; {epochs} epochs", flush=True)
     procs = {}
     for name, (arch, rule, p_last) in MODELS.items():
         run_dir = args.out / name
@@ -94,9 +101,11 @@ def main() -> None:
             if side["metrics"]["epochs"] >= run_epochs:
                 print(f"{name}: finished ({run_epochs} epochs)", flush=True)
                 continue
+        # warm-up of at most half the run (the recipe's 2 epochs need runs longer than 4)
+        run_flags = [(f"{min(float(v), run_epochs / 2):g}" if i and flags[i - 1] == "--warmup-epochs" else v) for i, v in enumerate(flags)]
         cmd = [sys.executable, "-m", "sdcompress", "train", "--arch", arch, "--data", args.data, "--data-dir", args.data_dir,
                "--epochs", str(run_epochs), "--schedule", "cosine", "--survival-rule", rule, "--p-last", str(p_last),
-               "--device", args.device, "--out", str(run_dir), "--resume" if resume else "--force", "--no-progress", *flags]
+               "--device", args.device, "--out", str(run_dir), "--resume" if resume else "--force", "--no-progress", *run_flags]
         print(" ".join(cmd[1:]), flush=True)
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT)
     t0 = time.perf_counter()
