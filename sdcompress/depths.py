@@ -18,7 +18,6 @@ import math
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .checkpoint import Sidecar
@@ -77,25 +76,6 @@ def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib
     return out
 
 
-def interleaved_latency(sessions: dict[str, object], input_shape, rounds: int = 5, runs: int = 20) -> dict[str, float]:
-    """Median batch-1 latency of each onnxruntime session, all timed in this one run in interleaved rounds."""
-    import time
-
-    x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
-    for s in sessions.values():
-        for _ in range(10):
-            s.run(None, {s.get_inputs()[0].name: x})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            name = s.get_inputs()[0].name
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                s.run(None, {name: x})
-                times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
-
-
 def multifunction_package(members: list[dict], meta: Sidecar, card: dict, path: Path, precision: str, input_kind: str, batch,
                           verbose: bool = False) -> dict:
     """Write one package with a function per depth (the deepest the default); return the sizes of the package and
@@ -138,7 +118,7 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
     from .compare import timing_run
     from .evaluate import calibration_images, eval_data
     from .export import coreml
-    from .export.onnx import auto_form, export_onnx, ort_session, verify_onnx
+    from .export.onnx import auto_form, export_onnx, interleaved_latency, ort_session, verify_onnx
     from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes
     from .pipeline import VerificationFailed, _reference_onnx_bytes, compression_ratio
     from .zoo import card_fields

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .binarize import BinarizeConfig
 from .checkpoint import load_checkpoint, read_sidecar, resolve
@@ -110,22 +108,10 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
 
 def _latency(points: list[dict], input_shape: tuple[int, ...], cfg: SweepConfig, onnx_bytes: dict[str, bytes]) -> dict[str, float]:
     """Median batch-1 onnxruntime latency of every point, measured in interleaved rounds in this one run."""
-    from .export.onnx import ort_session
+    from .export.onnx import interleaved_latency, ort_session
 
-    x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
     sessions = {p["label"]: ort_session(onnx_bytes[p["label"]], cfg.threads) for p in points}
-    name = next(iter(sessions.values())).get_inputs()[0].name
-    for s in sessions.values():  # warm-up
-        for _ in range(10):
-            s.run(None, {name: x})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(cfg.latency_rounds):
-        for k, s in sessions.items():
-            for _ in range(cfg.latency_runs):
-                t0 = time.perf_counter()
-                s.run(None, {name: x})
-                times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
+    return interleaved_latency(sessions, input_shape, cfg.latency_rounds, cfg.latency_runs)
 
 
 def pareto(points: list[dict], x_key) -> set[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,22 +48,6 @@ def opencv_top1(path: Path, x: np.ndarray):
         return np.concatenate(out).argmax(1)
     except cv2.error as e:
         return str(e).strip().splitlines()[-1][-90:]
-
-
-def interleaved_latency(sessions: dict[str, object], shape, rounds: int, runs: int) -> dict[str, float]:
-    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-    for s in sessions.values():
-        for _ in range(10):
-            s.run(None, {s.get_inputs()[0].name: x})
-    times = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            name = s.get_inputs()[0].name
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                s.run(None, {name: x})
-                times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
 
 
 def main() -> None:
@@ -125,7 +108,7 @@ def main() -> None:
                          "usability_ort": ({k: {kk: v[kk] for kk in ("supported", "nodes", "partitions", "unsupported_ops")}
                                             for k, v in ex.mobile_usability(f, optimize=False).items()} if form == "1bit" else None)})
             print(f"{key}: {len(data):,} B", flush=True)
-    lat = interleaved_latency(sessions, meta.data.input_shape, a.rounds, a.runs)
+    lat = ex.interleaved_latency(sessions, meta.data.input_shape, a.rounds, a.runs)
     for r in rows:
         key = f"{r['model']} / {r['weights']}"
         r["latency_ms_onnx"] = lat.get(key + " .onnx")

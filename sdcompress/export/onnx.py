@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -434,8 +435,6 @@ def fixed_batch(session) -> int | None:
 
 def latency_ms(session, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 10) -> float:
     """Median onnxruntime latency of one image (batch 1), after warm-up."""
-    import time
-
     x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
     name = session.get_inputs()[0].name
     for _ in range(warmup):
@@ -446,6 +445,23 @@ def latency_ms(session, input_shape: tuple[int, ...], runs: int = 50, warmup: in
         session.run(None, {name: x})
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3)
+
+
+def interleaved_latency(sessions: dict[str, object], input_shape, rounds: int = 5, runs: int = 20) -> dict[str, float]:
+    """Median batch-1 latency of each onnxruntime session, all timed in this one run in interleaved rounds."""
+    x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
+    for s in sessions.values():
+        for _ in range(10):
+            s.run(None, {s.get_inputs()[0].name: x})
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            name = s.get_inputs()[0].name
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                s.run(None, {name: x})
+                times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v) * 1e3) for k, v in times.items()}
 
 
 def run_batches(session, x: np.ndarray) -> np.ndarray:
