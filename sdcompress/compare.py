@@ -42,9 +42,36 @@ def load_report(path: str | Path) -> dict:
     data = parse_untrusted_json(path, "report")  # a regular file, size and nesting bounded
     if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA:
         raise InputError(f"{path}: not an sdcompress report (no \"schema\": \"{REPORT_SCHEMA}\")")
-    if model_part(data) is None:
+    if model_part(data) is None and not depth_entries(data, str(path)):
         raise InputError(f"{path}: an sdcompress report without model figures (params, MACs); nothing to compare")
     return data
+
+
+def depth_entries(report: dict, name: str) -> list[tuple[dict, str]]:
+    """A depth family's report (`export --depths`) as one model-shaped entry per depth, named NAME#FUNCTION; its
+    depths were timed together, so their latencies share the family's timing run. [] for any other report."""
+    if report.get("stage") != "export-depths" or not isinstance(report.get("depths"), list):
+        return []
+    out = []
+    for d in report["depths"]:
+        if not isinstance(d, dict) or not isinstance(d.get("function"), str):
+            continue
+        lat = (d.get("latency_ms") or {}).get("onnxruntime_cpu_b1") if isinstance(d.get("latency_ms"), dict) else None
+        out.append(({"params": {"total": d.get("params")}, "macs": d.get("macs"),
+                     "bytes": {"onnx": (d.get("onnx") or {}).get("bytes") if isinstance(d.get("onnx"), dict) else None},
+                     "latency_ms": {"onnxruntime_cpu_b1": lat, "timing_run": report.get("timing_run")},
+                     "accuracy": {"top1": d.get("top1")}}, f"{name}#{d['function']}"))
+    return out
+
+
+def expand(reports: list[dict], names: list[str]) -> tuple[list[dict], list[str]]:
+    """Reports to compare, a depth family's depths in its place, one column each."""
+    rs, ns = [], []
+    for r, n in zip(reports, names):
+        entries = depth_entries(r, n) or [(r, n)]
+        rs += [e[0] for e in entries]
+        ns += [e[1] for e in entries]
+    return rs, ns
 
 
 def model_part(report: dict) -> dict | None:

@@ -94,3 +94,13 @@ def test_bad_depth_requests_get_one_line(digits_run, tmp_path, capsys, args):
     with pytest.raises(SystemExit) as e:  # not a ranking: depths cut from it would not nest
         main(["export", str(digits_run), "--depths", "1,0.5", "--strategy", "every-other", "--out", str(tmp_path / "o")])
     assert e.value.code == 2
+
+
+def test_compare_shows_a_depth_family_one_column_a_depth(family, capsys):
+    capsys.readouterr()
+    assert main(["compare", str(family / "report.json")]) == 0
+    out = capsys.readouterr().out
+    head = out.splitlines()[0]
+    assert all(f"report.json#{f}" in head for f in ("keep_1_0", "keep_0_6", "keep_0_4"))
+    lat = next(line for line in out.splitlines() if line.startswith("| latency"))
+    assert "separate runs" not in lat and lat.count("x)") == 2  # timed together: divided

@@ -21,14 +21,14 @@ def add_parser(sub) -> None:
 
 def run(a) -> int:
     from ..files import atomic_write_json
-    from ..compare import compare, load_report, render
+    from ..compare import compare, expand, load_report, render
 
-    if len(a.reports) < 2:
-        raise InputError("compare needs at least two reports")
     if a.json and a.json.exists() and not a.force:
         raise InputError(f"--json {a.json}: exists; pass --force to overwrite")
-    reports = [load_report(p) for p in a.reports]
-    cmp = compare(reports, [str(p) for p in a.reports], a.divide_latencies)
+    reports, names = expand([load_report(p) for p in a.reports], [str(p) for p in a.reports])
+    if len(reports) < 2:
+        raise InputError("compare needs at least two reports (or one depth family)")
+    cmp = compare(reports, names, a.divide_latencies)
     print(render(cmp), end="")
     if a.json:
         atomic_write_json(a.json, cmp)
