@@ -48,9 +48,10 @@ def parse_depths(text: str) -> tuple[float, ...]:
 
 def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib, recalibrate: int, seed: int = 0,
            batch_size: int = 128) -> list[dict]:
-    """One entry per depth, deepest first: depth, function name, kept blocks, the pruned network (BatchNorm
-    re-estimated on `calib` when blocks were removed) and whether the same depth pruned on its own (`prune --keep
-    DEPTH --strategy STRATEGY`) removes the same blocks."""
+    """One entry per depth, deepest first: depth, function name, kept blocks and the pruned network (BatchNorm
+    re-estimated on `calib` when blocks were removed). The blocks are those `prune --keep DEPTH --strategy STRATEGY`
+    removes (`pruning.blocks_to_remove`), cut from one ranking computed once, so pruning each depth separately
+    would give the same networks."""
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy {strategy!r} for --depths: choose one of {', '.join(STRATEGIES)} (a ranking, so depths nest)")
     normalize = Normalize(meta.data.mean, meta.data.std)
@@ -59,9 +60,7 @@ def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib
     ranking = Ranking(strategy, Candidates(model, meta, present, loss_fn))
     out = []
     for d in depths:
-        n_keep = math.floor(d * len(present) + 0.5)
-        removed = sorted(ranking.removal(len(present) - n_keep))
-        separate = sorted(blocks_to_remove(model, meta, PruneConfig(keep=d, strategy=strategy, seed=seed), loss_fn))
+        removed = sorted(blocks_to_remove(model, meta, PruneConfig(keep=d, strategy=strategy, seed=seed), loss_fn, ranking))
         net = remove_blocks(model, removed).eval()
         images = 0
         if removed and recalibrate:
@@ -69,7 +68,7 @@ def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib
                 raise InputError("BatchNorm recalibration of each depth needs training data (--data), or pass --recalibrate 0")
             images = recalibrate_bn(net, calib, normalize, recalibrate, batch_size, seed, *train_augmentation(meta))
         out.append({"depth": d, "function": function_name(d), "kept": net.block_ids, "removed": removed, "model": net,
-                    "recalibrated_images": images, "same_blocks_as_separate_pruning": removed == separate})
+                    "recalibrated_images": images, "same_blocks_as_separate_pruning": True})  # by construction, see above
     for deeper, shallower in zip(out, out[1:]):
         if not set(shallower["kept"]) <= set(deeper["kept"]):
             raise RuntimeError(f"depth {shallower['depth']} keeps blocks that depth {deeper['depth']} does not: not nested")
@@ -118,9 +117,9 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
     from .compare import timing_run
     from .evaluate import calibration_images, eval_data
     from .export import coreml
-    from .export.onnx import auto_form, export_onnx, interleaved_latency, ort_session, verify_onnx
+    from .export.onnx import interleaved_latency, ort_session
     from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes
-    from .pipeline import VerificationFailed, _reference_onnx_bytes, compression_ratio
+    from .pipeline import VerificationFailed, _export_onnx, compression_ratio, reference_onnx_bytes
     from .zoo import card_fields
 
     check_output_folder(out, force=True, inputs=(ckpt,))
@@ -130,26 +129,18 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
     members = family(model, meta, depths, strategy, calib, recalibrate)
     evaluate_members(members, meta, images)
     x_img = images.images[torch.arange(min(64, len(images)))]
-    x = Normalize(meta.data.mean, meta.data.std)(x_img)
-    reference = _reference_onnx_bytes(model, meta, batch)
+    reference = reference_onnx_bytes(model, meta, batch)
     rows, sessions, result_files = [], {}, {}
     with output_folder(out) as folder:
         for m in members:
             row = {k: m[k] for k in ("depth", "function", "kept", "removed", "recalibrated_images", "same_blocks_as_separate_pruning",
                                      "top1", "macs", "params")}
             row["blocks"] = len(m["kept"])
-            if "onnx" in formats:
-                form = auto_form(m["model"], "onnx")
-                data_bytes, facts, ref_model = export_onnx(m["model"], meta, form, batch)
-                f = folder / f"model_{m['function']}.onnx"
-                f.write_bytes(data_bytes)
-                sess = ort_session(str(f), threads)
-                check = verify_onnx(sess, ref_model, x)
-                if not check["ok"]:
-                    raise VerificationFailed(f"{f.name} differs from PyTorch by {check['max_abs_diff']:.3g}; nothing written")
-                sessions[m["function"]] = sess
-                row["onnx"] = {"file": f.name, "bytes": path_bytes(f), "weights": form, "compression_ratio": compression_ratio(reference, path_bytes(f)),
-                               "verification": {k: check[k] for k in ("max_abs_diff", "top1_agreement", "n", "ok")}}
+            if "onnx" in formats:  # verified as every export's file is; timed below, all depths together
+                o = _export_onnx(m["model"], meta, folder, x_img, eval_name, threads, "auto", batch, "onnx",
+                                 filename=f"model_{m['function']}.onnx", timed=False)
+                sessions[m["function"]] = ort_session(str(folder / o["file"]), threads)
+                row["onnx"] = {**o, "compression_ratio": compression_ratio(reference, o["bytes"])}
             rows.append(row)
         if sessions:
             lat = interleaved_latency(sessions, meta.data.input_shape)

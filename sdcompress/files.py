@@ -70,13 +70,14 @@ def _is_ours(name: str, listed: frozenset = frozenset()) -> bool:
     return name in OUTPUT_NAMES or name in listed or (name.startswith(".") and (".tmp" in name or ".old-" in name))  # leftovers of a kill
 
 
-def exported_files(folder: Path) -> dict[str, dict]:
-    """The files an export's report.json in `folder` lists (`{file: its entry}`), plain names only; {} where there
-    is no readable export report."""
-    try:
-        rep = parse_untrusted_json(folder / "report.json", "export report") if (folder / "report.json").is_file() else None
-    except Exception:  # noqa: BLE001 - unreadable: lists nothing
-        return {}
+def exported_files(folder: Path, rep: dict | None = None) -> dict[str, dict]:
+    """The files an export's report.json in `folder` (or the report `rep`, already read) lists (`{file: its
+    entry}`), plain names only; {} where there is no readable export report."""
+    if rep is None:
+        try:
+            rep = parse_untrusted_json(folder / "report.json", "export report") if (folder / "report.json").is_file() else None
+        except Exception:  # noqa: BLE001 - unreadable: lists nothing
+            return {}
     formats = rep.get("formats") if isinstance(rep, dict) and rep.get("stage") == "export" else None
     if not isinstance(formats, dict):
         return {}

@@ -105,7 +105,7 @@ def _exports_of(weights: Path | None, folder: Path | None) -> tuple[dict[str, in
         return {}, {}
     if not isinstance(rep, dict) or rep.get("checkpoint_sha256") != file_sha256(weights):
         return {}, {}
-    listed = exported_files(folder)
+    listed = exported_files(folder, rep)
     sizes = {f: path_bytes(folder / f) for f in listed if (folder / f).exists()}
     ref = (rep.get("bytes") or {}).get("float32_onnx_reference")
     ratios = {f: e.get("compression_ratio") for f, e in listed.items() if f in sizes and isinstance(e.get("compression_ratio"), (int, float))}

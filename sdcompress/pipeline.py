@@ -8,7 +8,7 @@ from typing import Callable
 from .binarize import BinarizeConfig, binarize_stage
 from .checkpoint import Sidecar, load_checkpoint, resolve, save_checkpoint
 from .compare import timing_run
-from .files import file_sha256, atomic_write_bytes, atomic_write_json, check_output_folder, output_folder, path_bytes
+from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes
 from .data import Normalize
 from .evaluate import calibration_images, eval_data
 from .errors import InputError, check_interrupt
@@ -115,7 +115,7 @@ def compression_ratio(reference_bytes: int | None, artifact_bytes: int | None) -
     return reference_bytes / artifact_bytes if reference_bytes and artifact_bytes else None
 
 
-def _reference_onnx_bytes(model, meta: Sidecar, batch) -> int:
+def reference_onnx_bytes(model, meta: Sidecar, batch) -> int:
     """Bytes of the float32 ONNX export of the network before pruning and binarization. Its weights are drawn at
     random: a file's size depends on their shapes, not their values, as long as no two are equal (the exporter stores
     equal constants once, and freshly initialized BatchNorm layers are all equal)."""
@@ -159,12 +159,13 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
     idx = torch.arange(min(batch_images, len(images)))
     files: dict[str, dict] = {}
-    reference = _reference_onnx_bytes(model, meta, batch)
+    reference = reference_onnx_bytes(model, meta, batch)
+    exported: dict[str, tuple] = {}  # weight form -> export_onnx's result: .onnx and .ort of one form share one export
     with output_folder(out) as folder:  # every file, or none: an interrupted export leaves the old folder as it was
         for fmt in formats:
             check_interrupt()
             if fmt in ("onnx", "ort"):
-                files[fmt] = _export_onnx(model, meta, folder, images.images[idx], eval_name, threads, weights, batch, fmt)
+                files[fmt] = _export_onnx(model, meta, folder, images.images[idx], eval_name, threads, weights, batch, fmt, exported)
             else:
                 files["coreml"] = _export_coreml(model, meta, ckpt, folder, images.images[idx], eval_name, precision, coreml_input,
                                                  verbose, batch, name, deployment_target)
@@ -183,8 +184,11 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     return result
 
 
-def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, weights: str, batch, fmt: str) -> dict:
-    """model.onnx or model.ort in `out` (the staging folder of `output_folder`: a failure here leaves nothing)."""
+def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, weights: str, batch, fmt: str,
+                 exported: dict | None = None, filename: str | None = None, timed: bool = True) -> dict:
+    """model.onnx (or `filename`) or model.ort in `out` (the staging folder of `output_folder`: a failure here leaves
+    nothing). `exported` caches export_onnx's result per weight form across calls; `timed=False` leaves the latency
+    to the caller (who times several files together)."""
     import torch
 
     from .export.onnx import (auto_form, compare_outputs, consumer_ort_bytes, export_onnx, latency_ms, mobile_usability, ort_format,
@@ -192,16 +196,19 @@ def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, w
 
     x = Normalize(meta.data.mean, meta.data.std)(images)
     form = auto_form(model, fmt) if weights == "auto" else weights
-    try:
-        data_bytes, facts, reference = export_onnx(model, meta, form, batch)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    onnx_path = out / ("model.onnx" if fmt == "onnx" else "model.ort.onnx")
+    exported = {} if exported is None else exported
+    if form not in exported:
+        try:
+            exported[form] = export_onnx(model, meta, form, batch)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    data_bytes, facts, reference = exported[form]
+    onnx_path = out / ((filename or "model.onnx") if fmt == "onnx" else "model.ort.onnx")
     onnx_path.write_bytes(data_bytes)
     extra: dict = {}
     if fmt == "ort":
         try:
-            extra = ort_format(onnx_path, out / "model.ort", out / "model.required_operators.config")
+            extra = ort_format(onnx_path, out / "model.ort", out / "model.required_operators.config", keep_bits=form == "1bit")
         except ValueError as e:
             raise InputError(f"{e} (--weights {form}); choose another --weights for --format ort") from None
         usability = mobile_usability(onnx_path, optimize=extra["constant_folding"])
@@ -220,12 +227,13 @@ def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, w
     if facts["rounded"]:  # the float layers were rounded to the weight form: what that costs against the model
         with torch.no_grad():
             unrounded = model.cpu().eval()(x).numpy()
-        rounding = compare_outputs(run_batches(session, x.numpy()), unrounded, atol=1e30)
+        rounding = compare_outputs(run_batches(session, x.numpy()), unrounded)  # its figures; "ok" does not apply
         check["against_unrounded_model"] = {k: rounding[k] for k in ("max_abs_diff", "top1_agreement", "n")}
-    lat = latency_ms(session, meta.data.input_shape)
-    return {"file": path.name, "format": fmt, "bytes": path_bytes(path), **facts, **extra,
-            "mobile_usability": usability, "verification": {**check, "dataset": eval_name},
-            "latency_ms": {"onnxruntime_cpu_b1": lat, "threads": threads, "runs": 50}}
+    entry = {"file": path.name, "format": fmt, "bytes": path_bytes(path), **facts, **extra,
+             "mobile_usability": usability, "verification": {**check, "dataset": eval_name}}
+    if timed:
+        entry["latency_ms"] = {"onnxruntime_cpu_b1": latency_ms(session, meta.data.input_shape), "threads": threads, "runs": 50}
+    return entry
 
 
 def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precision: str, input_kind: str, verbose: bool,
@@ -242,8 +250,6 @@ def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precisi
         ml, facts = coreml.convert(model, meta, precision, input_kind, card_fields(ckpt, meta), verbose, batch=batch, target=deployment_target)
     except ValueError as e:
         raise InputError(str(e)) from None
-    from .files import checkpoint_folder
-
     pkg = out / f"{name or coreml.package_name(checkpoint_folder(ckpt).name)}.mlpackage"
     coreml.save(ml, pkg, verbose)
     check = coreml.verify(pkg, model, meta, images, input_kind, precision, verbose)

@@ -241,16 +241,18 @@ class Ranking:
         return sorted(self.c.present, key=lambda b: (self.scores[b], b))[:n_remove]
 
 
-def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Callable[[ResNet], float] | None = None) -> list[int]:
+def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Callable[[ResNet], float] | None = None,
+                     ranking: Ranking | None = None) -> list[int]:
     """Which present blocks to remove under the config's keep ratio, explicit list or budget. `keep` is a fraction
-    of the removable blocks: a block without a residual path (a MobileNet block that changes the width) stays."""
+    of the removable blocks: a block without a residual path (a MobileNet block that changes the width) stays.
+    `ranking`: the strategy's ranking of this model, when one is shared by several calls (a depth family)."""
     present = removable(model)
     if cfg.blocks_to_keep is not None:
         bad = sorted(set(cfg.blocks_to_keep) - set(model.block_ids))
         if bad:
             raise InputError(f"--blocks-to-keep names blocks {bad} that this model does not have (present: {model.block_ids})")
         return [l for l in present if l not in set(cfg.blocks_to_keep)]
-    ranking = Ranking(cfg.strategy, Candidates(model, meta, present, loss_fn))
+    ranking = ranking or Ranking(cfg.strategy, Candidates(model, meta, present, loss_fn))
     if cfg.max_size is None and cfg.max_params is None:
         n_keep = math.floor(cfg.keep * len(present) + 0.5)
         return ranking.removal(len(present) - n_keep)

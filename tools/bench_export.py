@@ -85,7 +85,7 @@ def main() -> None:
                 full_onnx = len(data)
             ort_file = f.with_suffix(".ort")
             try:
-                ex.ort_format(f, ort_file, f.with_suffix(".config"))
+                ex.ort_format(f, ort_file, f.with_suffix(".config"), keep_bits=form == "1bit")
                 ours = ort_file.stat().st_size
             except ValueError:
                 ours = None

@@ -77,7 +77,7 @@ def run(a) -> int:
             after = ("" if conv is None else f", {format_bytes(conv['bytes'])} after onnxruntime's ORT conversion" if conv["bytes"] else
                      ", refused by onnxruntime's ORT conversion")
             u = f["mobile_usability"]
-            print(f"{f['file']} {format_bytes(f['bytes'])} ({f['compression_ratio']:.1f}x smaller than the float32 ONNX of the unpruned float network){after}; weights {f['weights']}, "
+            print(f"{f['file']} {format_bytes(f['bytes'])} (compression ratio {f['compression_ratio']:.1f}x){after}; weights {f['weights']}, "
                   f"batch {f['batch']}, opset {f['opset']}; max |onnxruntime - torch| {v['max_abs_diff']:.2g} (logits), top-1 agreement "
                   f"{100 * v['top1_agreement']:.1f}% on {v['n']} images; latency {f['latency_ms']['onnxruntime_cpu_b1']:.2f} ms "
                   f"(onnxruntime CPU, batch 1, {f['latency_ms']['threads']} thread); NNAPI {u['nnapi']['supported']}/{u['nnapi']['nodes']} nodes "
@@ -89,7 +89,7 @@ def run(a) -> int:
                       f"{100 * w['top1_agreement']:.1f}%, max logit difference {w['max_abs_diff']:.2g}")
         else:
             bl = f["binary_layers"]
-            print(f"{f['file']} {format_bytes(f['bytes'])} ({f['compression_ratio']:.1f}x smaller than the float32 ONNX of the unpruned float network), {f['precision']}, {f['input']} input, {f['deployment_target']}, "
+            print(f"{f['file']} {format_bytes(f['bytes'])} (compression ratio {f['compression_ratio']:.1f}x), {f['precision']}, {f['input']} input, {f['deployment_target']}, "
                   f"{bl['count']} binarized layers{' as ' + bl['form'] if bl['form'] else ''}; max |Core ML - torch| "
                   f"{v['max_abs_diff']:.2g} (probabilities), top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images ({v['method']})")
     files = ", ".join(f"{out}/{f['file']}" for f in r["formats"].values())

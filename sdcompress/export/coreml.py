@@ -37,6 +37,7 @@ from torch import nn
 from ..binarize import BinaryConv2d
 from ..checkpoint import Sidecar
 from ..nets import ResNet
+from ..zoo import CARD_FIELDS
 from .onnx import deployable_copy
 
 PRECISIONS = ("float16", "float32")
@@ -191,17 +192,17 @@ def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card:
         ml = ct.convert(ep, inputs=[inp], classifier_config=ct.ClassifierConfig(list(dm.classes)), pass_pipeline=passes,
                         convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target),
                         compute_precision=ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32)
-        palettized = _binary_conv_ops(ml._mil_program) if binary_names else []
-        if palettized and target == "iOS18":
+        binary_convs = _binary_conv_ops(ml._mil_program) if binary_names else []
+        if binary_convs and target == "iOS18":
             one_bit = OpPalettizerConfig(mode="custom", lut_function=_two_value_lut, granularity="per_grouped_channel", group_size=1,
                                          weight_threshold=0)
-            ml = palettize_weights(ml, OptimizationConfig(global_config=None, op_name_configs={n: one_bit for n in palettized}))
-        elif palettized:  # iOS 16 / 17: no per-channel tables; +-alpha per channel is exact as symmetric int8
+            ml = palettize_weights(ml, OptimizationConfig(global_config=None, op_name_configs={n: one_bit for n in binary_convs}))
+        elif binary_convs:  # iOS 16 / 17: no per-channel tables; +-alpha per channel is exact as symmetric int8
             int8 = OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0)
-            ml = linear_quantize_weights(ml, OptimizationConfig(global_config=None, op_name_configs={n: int8 for n in palettized}))
+            ml = linear_quantize_weights(ml, OptimizationConfig(global_config=None, op_name_configs={n: int8 for n in binary_convs}))
     n_conv = sum(isinstance(model.get_submodule(n), BinaryConv2d) for n in binary_names)
-    if len(palettized) != n_conv:
-        raise RuntimeError(f"{len(palettized)} convolutions palettized to 1 bit, but the model has {n_conv} binarized ones")
+    if len(binary_convs) != n_conv:
+        raise RuntimeError(f"{len(binary_convs)} convolutions compressed (1-bit table or int8), but the model has {n_conv} binarized ones")
     ml.short_description, ml.author, ml.license = card["description"], card["author"], card["license"]
     if card.get("version"):
         ml.version = card["version"]
@@ -215,9 +216,9 @@ def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card:
                                      "mean": str(list(dm.mean)), "std": str(list(dm.std))})
     facts = {"deployment_target": target, "precision": precision, "input": input_kind,
              "binary_layers": {"form": ("1-bit table per output channel" if target == "iOS18" else "int8, one scale per output channel")
-                               if palettized else None, "count": len(palettized)},
+                               if binary_convs else None, "count": len(binary_convs)},
              "batch": 1 if input_kind == "image" else (batch or "1 to 1024"),
-             "card": {k: card.get(k) for k in ("description", "author", "license", "version")}}
+             "card": {k: card.get(k) for k in CARD_FIELDS}}
     return ml, facts
 
 

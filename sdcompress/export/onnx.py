@@ -153,7 +153,7 @@ def _global_average_pool(proto) -> int:
         if node.op_type == "Constant" and node.attribute:
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     replaced = 0
-    for k, node in enumerate(list(graph.node)):
+    for node in list(graph.node):
         if node.op_type != "ReduceMean" or len(node.input) < 2 or rank.get(node.input[0]) != 4:
             continue
         axes = consts.get(node.input[1])
@@ -297,19 +297,15 @@ def export_onnx(model: nn.Module, meta: Sidecar, weights: str = "float", batch: 
     _explicit_constant_values(graph)
     axes = _weight_inputs(graph)
     binary_weights = {f"{n}.weight" for n in binary_names}
-    stored = {"float": 0, weights: 0} if weights != "float" else {"float": 0}
-    for init in list(graph.initializer):
-        if init.name not in axes:
-            continue
-        if binary_weights and init.name not in binary_weights:
-            done = False  # a binarized model's float layers (stem, classifier, ...) stay float in every form
-        elif weights == "1bit":
-            done = _pack_initializer(graph, init, axes[init.name])
-        elif weights in QMAX:
-            done = _quantize_initializer(graph, init, axes[init.name], weights)
-        else:
-            done = False
-        stored[weights if done else "float"] += 1
+    stored = {"float": 0, weights: 0}
+    for init in [i for i in graph.initializer if i.name in axes]:
+        # a binarized model's float layers (stem, classifier, ...) stay float in every form
+        target = weights != "float" and (not binary_weights or init.name in binary_weights)
+        if target and weights == "1bit":
+            target = _pack_initializer(graph, init, axes[init.name])
+        elif target:
+            target = _quantize_initializer(graph, init, axes[init.name], weights)
+        stored[weights if target else "float"] += 1
     if weights == "1bit" and stored["1bit"] != len(binary_weights):
         raise RuntimeError(f"only {stored['1bit']} of {len(binary_weights)} binarized layers could be stored as bits")
     if weights in QMAX and stored[weights] != (len(binary_weights) if binary_weights else len(axes)):
@@ -330,14 +326,8 @@ def export_onnx(model: nn.Module, meta: Sidecar, weights: str = "float", batch: 
     proto.producer_name = "sdcompress"
     onnx.checker.check_model(proto)
     facts = {"opset": proto.opset_import[0].version, "weights": weights, "layers_by_form": stored, "batch": batch or "dynamic",
-             "global_average_pools": pools, "rounded": weights in QMAX and not binary_names, "binary_layers_packed": stored.get("1bit", 0), "metadata": sorted(props)}
+             "global_average_pools": pools, "rounded": weights in QMAX and not binary_names, "metadata": sorted(props)}
     return proto.SerializeToString(), facts, reference
-
-
-def _has_bit_lookup(path: Path) -> bool:
-    import onnx
-
-    return any(i.name == SIGN_TABLE for i in onnx.load(str(path), load_external_data=False).graph.initializer)
 
 
 @contextlib.contextmanager
@@ -371,19 +361,19 @@ def consumer_ort_bytes(onnx_path: Path) -> int | None:
             return None
 
 
-def ort_format(onnx_path: Path, ort_path: Path, config_path: Path) -> dict:
-    """Convert to ORT format as onnxruntime's converter does (level all, no NCHWc, int8 QDQ kept), leaving constant
-    folding out when the graph rebuilds 1-bit weights, and write the reduced build's operator configuration."""
+def ort_format(onnx_path: Path, ort_path: Path, config_path: Path, keep_bits: bool) -> dict:
+    """Convert to ORT format as onnxruntime's converter does for ARM targets (`--target_platform arm`: level all, no
+    NCHWc, int8 QDQ allowed), leaving constant folding out when the graph rebuilds 1-bit weights (`keep_bits`), and
+    write the reduced build's operator configuration."""
     import onnxruntime as ort
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
-    keep_bits = _has_bit_lookup(onnx_path)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.optimized_model_filepath = str(ort_path)
     so.add_session_config_entry("session.save_model_format", "ORT")
-    so.add_session_config_entry("session.qdqisint8allowed", "1")  # what the converter sets for ARM targets
+    so.add_session_config_entry("session.qdqisint8allowed", "1")
     disabled = ["NchwcTransformer"] + (["ConstantFolding"] if keep_bits else [])
     try:
         ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
@@ -403,12 +393,11 @@ def mobile_usability(onnx_path: Path, optimize: bool = True) -> dict:
     from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo
 
     with tempfile.TemporaryDirectory() as tmp, _silent():
-        optimized = Path(tmp) / "model.onnx"
+        checked = Path(onnx_path)
         if optimize:
-            uc.optimize_model(Path(onnx_path), optimized, use_external_initializers=True)  # as the checker does: level basic
-        else:
-            optimized.write_bytes(Path(onnx_path).read_bytes())
-        model = ModelProtoWithShapeInfo(optimized).model_with_shape_info
+            checked = Path(tmp) / "model.onnx"
+            uc.optimize_model(Path(onnx_path), checked, use_external_initializers=True)  # as the checker does: level basic
+        model = ModelProtoWithShapeInfo(checked).model_with_shape_info
         infos = {"nnapi": uc.check_nnapi_partitions(model, True),
                  "coreml_neuralnetwork": uc.check_coreml_partitions(model, True, "coreml_supported_neuralnetwork_ops.md"),
                  "coreml_mlprogram": uc.check_coreml_partitions(model, True, "coreml_supported_mlprogram_ops.md")}
