@@ -106,8 +106,9 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
     return point
 
 
-def _latency(points: list[dict], input_shape: tuple[int, ...], cfg: SweepConfig, onnx_bytes: dict[str, bytes]) -> dict[str, float]:
-    """Median batch-1 onnxruntime latency of every point, measured in interleaved rounds in this one run."""
+def _latency(points: list[dict], input_shape: tuple[int, ...], cfg: SweepConfig, onnx_bytes: dict[str, bytes | str]) -> dict[str, float]:
+    """Median batch-1 onnxruntime latency of every point (a file's bytes, or its path), measured in interleaved
+    rounds in this one run."""
     from .export.onnx import interleaved_latency, ort_session
 
     sessions = {p["label"]: ort_session(onnx_bytes[p["label"]], cfg.threads) for p in points}
@@ -133,7 +134,7 @@ def pareto(points: list[dict], x_key) -> set[str]:
 
 def file_bytes(p: dict) -> int | None:
     """The size a point is plotted and ranked by: its ORT file (what ONNX Runtime Mobile ships), else its ONNX
-    file, else its Core ML package, else model.pt."""
+    file, else its Core ML package, else model.pt. Its latency is that of the same ORT or ONNX file."""
     b = p["bytes"]
     return b.get("ort") or b.get("onnx") or b.get("coreml") or b.get("checkpoint")
 
@@ -175,9 +176,9 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
     # every point timed in this run, same threads, interleaved
     onnx_bytes = {}
     for p in points:
-        f = p["files"].get("onnx")
+        f = p["files"].get("ort") or p["files"].get("onnx")  # the file the size axis shows
         if f:
-            onnx_bytes[p["label"]] = Path(f).read_bytes()
+            onnx_bytes[p["label"]] = str(f)
         else:
             m, meta = load_checkpoint(p["checkpoint"])
             onnx_bytes[p["label"]] = export_onnx(m, meta)[0]
