@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_distill, check_lr, check_number
+from .config import check_distill, check_teacher, check_lr, check_number
 from .errors import InputError
 
 STE_CLIP = 1.0
@@ -221,12 +221,14 @@ class BinarizeConfig:
     distill: bool = True  # fine-tune from the full-precision model as teacher as well as from the labels
     distill_temperature: float = 4.0
     distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
+    teacher: str | None = None  # another checkpoint as teacher instead of the full-precision model
 
     def __post_init__(self):
         check_number("--recalibrate", self.recalibrate, 0, 100_000)
         check_number("--finetune", self.finetune, 0, 10_000)
         check_lr("--finetune-lr", self.finetune_lr)
         check_distill(self.distill_temperature, self.distill_alpha)
+        check_teacher(self.teacher, self.finetune, self.distill)
 
     def to_dict(self) -> dict:
         return asdict(self)

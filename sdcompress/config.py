@@ -30,6 +30,16 @@ def check_distill(temperature: float, alpha: float) -> None:
     check_number("--distill-alpha", alpha, 0.0, 1.0)
 
 
+def check_teacher(teacher, finetune: int, distill: bool) -> None:
+    """--teacher is a checkpoint that fine-tuning learns from, so it needs fine-tuning and distillation on."""
+    if teacher is None:
+        return
+    if not finetune:
+        raise InputError("--teacher is what fine-tuning learns from: give --finetune EPOCHS too")
+    if not distill:
+        raise InputError("--teacher needs --distill on (with --distill off fine-tuning learns from the labels alone)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Training as in the stochastic depth paper unless told otherwise."""

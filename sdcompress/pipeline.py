@@ -26,6 +26,16 @@ def _accuracy(model, meta: Sidecar, images, name) -> dict | None:
     return {"top1": acc["top1"], "dataset": name, "n": acc["n"]}
 
 
+def _teacher(path, meta: Sidecar):
+    """The checkpoint given by --teacher, checked to answer the same question as the student: same input, same classes."""
+    teacher, tmeta = load_checkpoint(path)
+    if tmeta.data.input_shape != meta.data.input_shape or tmeta.data.classes != meta.data.classes:
+        raise InputError(f"--teacher {path}: it takes {tmeta.data.input_shape} and predicts {len(tmeta.data.classes)} classes, "
+                         f"the model takes {meta.data.input_shape} and predicts {len(meta.data.classes)} (the same classes in "
+                         f"the same order are needed)")
+    return teacher.eval()
+
+
 def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Callable, data, data_dir, device, progress,
                measure_before: bool = True, more_files: Callable[[Path, dict, Sidecar], None] | None = None) -> dict:
     """Load, evaluate, transform, save and report; `transform(model, meta, calib, tune) -> (model, record)`.
@@ -44,10 +54,12 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
     calib, ds, calib_name = calibration_images(meta, ckpt, data, data_dir) if need_train else (None, None, None)
     before = model_report(model, meta.data.input_shape, resolve(ckpt)[0], _accuracy(model, meta, images, eval_name) if measure_before else None)
 
+    teacher_net = _teacher(cfg.teacher, meta) if getattr(cfg, "teacher", None) else model  # before the stage
+
     def tune(m, c):  # c: the stage's config (finetune, finetune_lr, finetune_survival, seed, distill...)
         if ds is None:
             raise InputError("--finetune needs the training data: pass --data (and --data-dir)")
-        teacher = Distill(model, c.distill_temperature, c.distill_alpha) if c.distill else None  # the network before the stage
+        teacher = Distill(teacher_net, c.distill_temperature, c.distill_alpha) if c.distill else None
         return finetune(m, ds, c.finetune, c.finetune_lr, c.finetune_survival, seed=c.seed, device=device, progress=progress,
                         augment_with=train_augmentation(meta), distill=teacher)
 

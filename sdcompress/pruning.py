@@ -19,7 +19,7 @@ import torch
 
 from .data import ImageSet, Normalize, train_augmentation
 from .checkpoint import Sidecar, SurvivalTable
-from .config import check_distill, check_lr, check_number
+from .config import check_distill, check_teacher, check_lr, check_number
 from .errors import InputError
 from .nets import ResNet, build_model, count_macs, count_params
 from .loops import batch_loss, recalibrate_bn
@@ -46,6 +46,7 @@ class PruneConfig:
     distill: bool = True  # fine-tune from the unpruned model as teacher as well as from the labels
     distill_temperature: float = 4.0
     distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
+    teacher: str | None = None  # another checkpoint as teacher instead of the unpruned model
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -61,6 +62,7 @@ class PruneConfig:
         check_number("--finetune", self.finetune, 0, 10_000)
         check_lr("--finetune-lr", self.finetune_lr)
         check_distill(self.distill_temperature, self.distill_alpha)
+        check_teacher(self.teacher, self.finetune, self.distill)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -40,6 +40,7 @@ class SweepConfig:
     threads: int = 1  # onnxruntime threads for every latency figure
     latency_rounds: int = 5  # interleaved rounds over all points
     latency_runs: int = 20  # timed runs per point per round (after warm-up)
+    depth_family: bool = False  # also export the float keeps as one depth family (`export --depths`) beside the points
 
     def __post_init__(self):
         if not self.keeps or any(not (0.0 < k <= 1.0) or math.isnan(k) for k in self.keeps):
@@ -55,6 +56,16 @@ class SweepConfig:
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         check_formats(self.formats)
+        if self.depth_family:
+            from .depths import STRATEGIES as NESTED
+
+            if self.strategy not in NESTED:
+                raise InputError(f"--depth-family: strategy {self.strategy!r} does not rank blocks, so its depths would not nest; "
+                                 f"use one of {', '.join(NESTED)}")
+            if False not in self.binarize or len(self.keeps) < 2:
+                raise InputError("--depth-family: needs float points (--binarize off or off,on) at two keeps or more")
+            if not set(self.formats) & {"onnx", "coreml"}:
+                raise InputError("--depth-family: a depth family is written as onnx and/or coreml; add one to --formats")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,8 +78,8 @@ def label(keep: float, binary: bool) -> str:
 def _settings(cfg: SweepConfig, ckpt, data) -> dict:
     """What must match for finished points to be reused."""
     d = cfg.to_dict()
-    for k in ("keeps", "binarize", "threads", "latency_rounds", "latency_runs"):
-        d.pop(k)  # adding points or re-timing does not invalidate finished points
+    for k in ("keeps", "binarize", "threads", "latency_rounds", "latency_runs", "depth_family"):
+        d.pop(k)  # adding points, a depth family or re-timing does not invalidate finished points
     if not cfg.finetune:
         d.pop("distill")  # no fine-tuning: distillation changes nothing (and older sweeps did not record it)
     return {**d, "checkpoint": str(Path(ckpt).resolve()), "data": data}
@@ -191,10 +202,48 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
         atomic_write_json(out / "points" / p["label"] / "point.json", p)
     sweep = summarize(points, cfg, ckpt)
     sweep["reused_points"] = reused
+    if cfg.depth_family:
+        sweep["family"] = family_summary(_depth_family(ckpt, cfg, out, data, data_dir, force, progress), points)
     atomic_write_json(out / "sweep.json", sweep)
     atomic_write_bytes(out / "sweep.md", render_markdown(sweep).encode())
     plot_tradeoff(sweep, out / "tradeoff.png")
     return sweep
+
+
+def _depth_family(ckpt, cfg: SweepConfig, out: Path, data, data_dir, force: bool, progress: bool) -> dict:
+    """The float keeps as one depth family in DIR/family (reused when its depths and ranking are the same)."""
+    from .depths import run_depth_export
+
+    fdir, depths = out / "family", tuple(sorted(cfg.keeps, reverse=True))
+    if (fdir / "report.json").exists() and not force:
+        old = json.loads((fdir / "report.json").read_text())
+        if [d["depth"] for d in old.get("depths", [])] == list(depths) and old.get("strategy") == cfg.strategy:
+            return old
+    if progress:
+        print(f"sweep: depth family of {len(depths)} depths -> {fdir}", flush=True)
+    formats = tuple(f for f in cfg.formats if f in ("onnx", "coreml"))
+    return run_depth_export(ckpt, depths, fdir, cfg.strategy, data=data, data_dir=data_dir, formats=formats, precision=cfg.precision,
+                            threads=cfg.threads)
+
+
+def family_summary(family: dict, points: list[dict]) -> dict:
+    """The depth family beside the sweep's float points: the same keep pruned on its own (and fine-tuned, when the
+    sweep fine-tunes) against the nested depth that shares its weights with the others; one package against the
+    points' packages."""
+    by = {p["keep"]: p for p in points if not p["binarized"]}
+    rows = []
+    for d in family["depths"]:
+        sep = by.get(d["depth"])
+        nested, alone = d["top1"], sep and sep["accuracy"]["top1"]
+        rows.append({"keep": d["depth"], "function": d["function"], "blocks": d["blocks"], "top1_nested": nested, "top1_separate": alone,
+                     "nesting_cost_points": None if nested is None or alone is None else 100 * (alone - nested),
+                     "same_blocks": sep is not None and sorted(sep["model"]["blocks_kept"]) == sorted(d["kept"]),
+                     "onnx_bytes": (d.get("onnx") or {}).get("bytes"), "latency_ms": (d.get("latency_ms") or {}).get("onnxruntime_cpu_b1")})
+    c = family["formats"].get("coreml") or {}
+    separate = [by[d["depth"]]["bytes"].get("coreml") for d in family["depths"] if d["depth"] in by]
+    return {"folder": "family", "strategy": family["strategy"], "depths": rows, "coreml_bytes": c.get("bytes"),
+            "deepest_alone_bytes": c.get("deepest_alone_bytes"), "against_deepest_default_export": c.get("against_deepest_default_export"),
+            "points_coreml_bytes": sum(separate) if separate and all(separate) else None}
 
 
 def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
@@ -259,6 +308,22 @@ def render_markdown(sweep: dict) -> str:
     if "keep0.6_binary_compression_ratio" in g:
         fr = ", ".join(f"{f} {v:.1f}x" for f, v in g["keep0.6_binary_compression_ratio"].items())
         lines.append(f"- compression ratio of keep 0.6 binarized (the float32 ONNX export of the unpruned, float network over the file): {fr}")
+    f = sweep.get("family")
+    if f:
+        lines += ["", f"## Depth family ({f['folder']}/: one Core ML package with a function per keep, one ONNX file per keep)", "",
+                  "The blocks of each keep are cut from one ranking, so every shallower depth's blocks are among the deeper ones'; "
+                  "each depth has its own recalibrated BatchNorm and no fine-tuning (its weights are shared).", "",
+                  "| keep | function | blocks | top-1 nested | top-1 pruned alone (the point) | cost of nesting | same blocks |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in f["depths"]:
+            pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
+            cost = "-" if r["nesting_cost_points"] is None else f"{r['nesting_cost_points']:+.2f} points"
+            lines.append(f"| {r['keep']:.2f} | {r['function']} | {r['blocks']} | {pct(r['top1_nested'])} | {pct(r['top1_separate'])} | "
+                         f"{cost} | {'yes' if r['same_blocks'] else 'no'} |")
+        if f.get("coreml_bytes"):
+            lines += ["", f"- the package: {f['coreml_bytes']:,} bytes, {f['against_deepest_default_export']:.3f}x the deepest network's "
+                          f"package alone ({f['deepest_alone_bytes']:,} bytes)"
+                      + (f"; the points' separate packages at these keeps: {f['points_coreml_bytes']:,} bytes" if f.get("points_coreml_bytes") else "")]
     lines += ["", "![tradeoff](tradeoff.png)", ""]
     return "\n".join(lines)
 

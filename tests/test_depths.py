@@ -54,6 +54,12 @@ def test_functions_named_nested_and_weights_stored_once(family, digits_run):
     all_offsets = {o for v in blobs.values() for o in v}
     assert all_offsets == set(blobs["keep_1_0"])  # every convolution weight is stored once, in the deepest function's set
     assert c["bytes"] < c["sum_of_separate_packages"] * 0.7 and c["against_deepest_package_alone"] < 1.3
+    assert c["against_deepest_default_export"] == pytest.approx(c["bytes"] / c["deepest_alone_bytes"])
+    for name, fn in spec.mlProgram.functions.items():  # each constant declared once per function
+        consts = [op for op in next(iter(fn.block_specializations.values())).operations if op.type == "const"]
+        keys = {op.outputs[0].type.SerializeToString(deterministic=True) + op.attributes["val"].SerializeToString(deterministic=True)
+                for op in consts}
+        assert len(keys) == len(consts), name
     for d in rep["depths"]:
         assert d["coreml"]["verification"]["ok"] and d["onnx"]["verification"]["ok"] and d["latency_ms"]["onnxruntime_cpu_b1"] > 0
         assert d["same_blocks_as_separate_pruning"] and d["macs"] > 0 and 0 <= d["top1"] <= 1

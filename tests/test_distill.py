@@ -55,3 +55,35 @@ def test_bad_distillation_flags_are_one_line(digits_run, tmp_path, capsys, flags
         rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and not (tmp_path / "x").exists(), err
+
+
+def test_a_given_teacher_is_the_one_followed(digits_run, tmp_path):
+    """`--teacher CKPT` replaces the model before the stage: binarizing a pruned model while learning from the
+    unpruned one leaves the student closer to the unpruned model than learning from the pruned one does."""
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(digits_run), "--keep", "0.4", "--strategy", "top", "--data", "digits", "--out", str(pruned), "--no-progress"]) == 0
+    runs = {}
+    for name, extra in (("own", []), ("given", ["--teacher", str(digits_run)])):
+        runs[name] = tmp_path / name
+        assert main(["binarize", str(pruned), "--finetune", "2", "--finetune-lr", "0.02", *extra, "--data", "digits",
+                     "--out", str(runs[name]), "--no-progress"]) == 0
+    assert json.loads((runs["given"] / "report.json").read_text())["binarize"]["config"]["teacher"] == str(digits_run)
+    assert json.loads((runs["own"] / "report.json").read_text())["binarize"]["config"]["teacher"] is None
+    unpruned, meta = load_checkpoint(digits_run)
+    val = load_dataset("digits").val.images
+    own, given = (_kl_to(load_checkpoint(runs[k])[0], unpruned, val, meta) for k in ("own", "given"))
+    assert given < own, (given, own)
+
+
+def test_a_teacher_that_answers_another_question_is_refused(digits_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.pt").write_bytes((digits_run / "model.pt").read_bytes())
+    side = json.loads((digits_run / "model.json").read_text())
+    side["data"]["classes"] = side["data"]["classes"][::-1]  # same count, another order: not the same outputs
+    (other / "model.json").write_text(json.dumps(side))
+    for flags in (["--teacher", str(other), "--finetune", "1"], ["--teacher", str(digits_run)]):
+        out = tmp_path / "x"
+        rc = main(["prune", str(digits_run), "--keep", "0.6", *flags, "--data", "digits", "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "--teacher" in err[0] and not out.exists(), err

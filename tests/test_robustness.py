@@ -276,6 +276,11 @@ def _data_cases(ck: Path, w: Path, out: str) -> list[tuple[str, list[str]]]:
         ("sweep keeps that share a label", ["sweep", c, "--keep", "0.5001,0.4999", "--out", out]),
         ("sweep binarize empty", ["sweep", c, "--binarize", ",", "--out", out]),
         ("sweep device tpu", ["sweep", c, "--device", "tpu", "--out", out]),
+        ("sweep depth family of every-other", ["sweep", c, "--depth-family", "on", "--strategy", "every-other", "--out", out]),
+        ("sweep depth family without float points", ["sweep", c, "--depth-family", "on", "--binarize", "on", "--out", out]),
+        ("sweep depth family of ort only", ["sweep", c, "--depth-family", "on", "--formats", "ort", "--out", out]),
+        ("binarize teacher without fine-tuning", ["binarize", c, "--teacher", c, "--out", out]),
+        ("prune teacher that is not a checkpoint", ["prune", c, "--teacher", str(w / "afile"), "--finetune", "1", "--data", "digits", "--out", out]),
         ("prune device tpu", ["prune", c, "--device", "tpu", "--out", out]),
     ]
 

@@ -27,7 +27,7 @@ def run(a) -> int:
     from ..report import format_bytes
 
     cfg = BinarizeConfig(a.binarize_stem, a.binarize_head, a.full_precision, a.recalibrate, a.finetune, a.finetune_lr,
-                         a.finetune_survival, a.seed, a.distill, a.distill_temperature, a.distill_alpha)
+                         a.finetune_survival, a.seed, a.distill, a.distill_temperature, a.distill_alpha, a.teacher)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
     out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force, (path,))

@@ -67,6 +67,9 @@ def _recovery_args(p, d, out_default: str) -> None:
                    help=f"softmax temperature of the teacher's and student's outputs (default {d.distill_temperature:g})")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, metavar="A",
                    help=f"weight of the teacher's term; 1 - A on the labels (default {d.distill_alpha:g})")
+    p.add_argument("--teacher", default=None, metavar="CKPT",
+                   help="fine-tune from this checkpoint as teacher instead of the model before this stage (e.g. the unpruned "
+                        "float model when binarizing a pruned one); same input and classes")
     p.add_argument("--data", default=None, help="training data for recalibration/fine-tuning, and evaluation data (default: bundled sets or the checkpoint's data)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

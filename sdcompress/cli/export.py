@@ -118,6 +118,7 @@ def _run_depths(a, path, name: str, pkg: str, formats) -> int:
     c = r["formats"].get("coreml")
     if c:
         print(f"{c['file']} {format_bytes(c['bytes'])}: {len(c['functions'])} functions (default {c['default_function']}), "
-              f"{c['against_deepest_package_alone']:.2f}x the deepest alone; separate packages would take {format_bytes(c['sum_of_separate_packages'])}")
+              f"{c['against_deepest_default_export']:.3f}x the deepest network's package alone ({c['deepest_alone_bytes']:,} bytes); "
+              f"separate packages would take {format_bytes(c['sum_of_separate_packages'])}")
     print(f"wrote {out}/depths.json, {out}/report.json, {out}/report.md")
     return 0

@@ -70,7 +70,7 @@ def run(a) -> int:
                       max_size=a.max_size, max_params=a.max_params, strategy=a.strategy, recalibrate=a.recalibrate,
                       sensitivity_batches=a.sensitivity_batches, finetune=a.finetune, finetune_lr=a.finetune_lr,
                       finetune_survival=a.finetune_survival, seed=a.seed, distill=a.distill,
-                      distill_temperature=a.distill_temperature, distill_alpha=a.distill_alpha)
+                      distill_temperature=a.distill_temperature, distill_alpha=a.distill_alpha, teacher=a.teacher)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
     tag = f"keep{a.keep}" if cfg.keep is not None else "budget" if cfg.blocks_to_keep is None else "blocks"

@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="fine-tuning epochs after pruning and binarizing (needs --data)")
     p.add_argument("--distill", type=_bool, default=d.distill, metavar="on|off",
                    help="fine-tune from the model before each stage as teacher as well as from the labels (default on)")
+    p.add_argument("--depth-family", type=_bool, default=d.depth_family, metavar="on|off",
+                   help="also export the float keeps as one depth family in DIR/family (one Core ML package with a function "
+                        "per keep, as `export --depths`) and set each nested depth beside the point pruned alone (default off)")
     p.add_argument("--precision", choices=("float16", "float32"), default=d.precision, help="Core ML precision")
     p.add_argument("--threads", type=_positive_int, default=d.threads, help="onnxruntime threads for every latency figure")
     p.add_argument("--data", default=None, help="evaluation and calibration data (default: the bundled sets for bundled models)")
@@ -54,7 +57,8 @@ def run(a) -> int:
     if a.finetune < 0:
         raise InputError(f"--finetune must be >= 0, got {a.finetune}")
     cfg = SweepConfig(keeps=a.keep, binarize=a.binarize, formats=a.formats, strategy=a.strategy, finetune=a.finetune,
-                      distill=a.distill, precision=a.precision, threads=a.threads)
+                      distill=a.distill, precision=a.precision, threads=a.threads,
+                      depth_family=a.depth_family)
     path = _resolve_ckpt(a.ckpt)
     if not path.exists():
         raise InputError(f"checkpoint {path}: no such file or folder")
