@@ -8,8 +8,12 @@ share every weight they have in common: convolutions and the classifier are the 
 and BatchNorm is kept apart from the convolutions (not folded into them), so only the BatchNorm statistics, which
 recalibration changes per depth, are stored once per function. Multifunction packages need iOS 18 / macOS 15.
 
-ONNX has no standard way to hold several graphs that an app picks from, so each depth is its own file
-(`model_keep_0_8.onnx`) and `depths.json` lists them; onnxruntime loads the one the app chooses.
+ONNX comes two ways. `model_family.onnx` holds every depth in one file: an `If` branch per depth, chosen by the
+`depth_index` input, over one set of initializers (BatchNorm kept as a per-channel scale and shift, so that the
+convolution weights stay shared); for the bundled ResNet-56 at 1.0/0.8/0.6/0.4 it is 1.02x the deepest depth's file
+alone, against 2.9x for the four files. It is the file to ship for onnxruntime's CPU provider. NNAPI and Core ML's
+execution providers take no `If`, so for them each depth is also its own file (`model_keep_0_8.onnx`, BatchNorm
+folded), which they take whole. `depths.json` lists both.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import Sidecar
@@ -122,7 +127,7 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
     from .compare import timing_run
     from .evaluate import calibration_images, eval_data
     from .export import coreml
-    from .export.onnx import interleaved_latency, ort_session
+    from .export.onnx import compare_outputs, interleaved_latency, mobile_usability, ort_session, run_batches
     from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes
     from .pipeline import VerificationFailed, _export_onnx, compression_ratio, reference_onnx_bytes
     from .zoo import card_fields
@@ -147,10 +152,35 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
                 sessions[m["function"]] = ort_session(str(folder / o["file"]), threads)
                 row["onnx"] = {**o, "compression_ratio": compression_ratio(reference, o["bytes"])}
             rows.append(row)
+        if "onnx" in formats:  # the same depths as branches of one file over one set of weights
+            data, fam_facts = family_onnx(members, meta, batch)
+            fam_path = folder / "model_family.onnx"
+            fam_path.write_bytes(data)
+            fam = ort_session(str(fam_path), threads)
+            x = Normalize(meta.data.mean, meta.data.std)(x_img)
+            for i, (m, row) in enumerate(zip(members, rows)):
+                with torch.no_grad():
+                    ref = m["model"](x).numpy()
+                check = compare_outputs(run_batches(fam, x.numpy(), {"depth_index": np.array(i, dtype=np.int64)}), ref)
+                if not check["ok"]:
+                    raise VerificationFailed(f"{fam_path.name}, depth_index {i} ({m['function']}), differs from PyTorch by "
+                                             f"{check['max_abs_diff']:.3g}; nothing written")
+                row["onnx_family"] = {"depth_index": i, "verification": {**check, "dataset": eval_name}}
+                sessions[f"family/{m['function']}"] = (fam, {"depth_index": np.array(i, dtype=np.int64)})
+            separate = sum(r["onnx"]["bytes"] for r in rows)
+            result_files["onnx_family"] = {
+                "file": fam_path.name, "bytes": path_bytes(fam_path), "inputs": {"input": [batch or "N", *meta.data.input_shape],
+                "depth_index": "int64 scalar, 0 the deepest"}, "functions": [m["function"] for m in members], **fam_facts,
+                "sum_of_separate_files": separate, "against_deepest_file_alone": path_bytes(fam_path) / rows[0]["onnx"]["bytes"],
+                "compression_ratio": compression_ratio(reference, path_bytes(fam_path)), "mobile_usability": mobile_usability(fam_path),
+                "shared": "every initializer (convolution and linear weights; BatchNorm as a per-channel scale and shift after each "
+                          "convolution, so that recalibration does not change the weights) stored once; one If branch per depth"}
         if sessions:
             lat = interleaved_latency(sessions, meta.data.input_shape)
             for row in rows:
                 row["latency_ms"] = {"onnxruntime_cpu_b1": lat[row["function"]], "threads": threads}
+                if f"family/{row['function']}" in lat:
+                    row["onnx_family"]["latency_ms"] = lat[f"family/{row['function']}"]
         if "coreml" in formats:
             pkg = folder / f"{name or coreml.package_name(checkpoint_folder(ckpt).name)}.mlpackage"
             facts = multifunction_package(members, meta, card_fields(ckpt, meta), pkg, precision, input_kind, batch, verbose)
@@ -171,8 +201,9 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
                                       "compression_ratio": compression_ratio(reference, facts["bytes"]),
                                       "shared": "convolution and linear weights (stored once); per function: BatchNorm statistics and the graph"}
         manifest = {"schema": "sdcompress.depths/1", "default": members[0]["function"], "input_shape": [batch or "N", *meta.data.input_shape],
+                    "family_file": result_files.get("onnx_family", {}).get("file"),
                     "depths": [{"depth": r["depth"], "function": r["function"], "blocks": r["blocks"], "file": r.get("onnx", {}).get("file"),
-                                "top1": r["top1"], "macs": r["macs"]} for r in rows]}
+                                "depth_index": r.get("onnx_family", {}).get("depth_index"), "top1": r["top1"], "macs": r["macs"]} for r in rows]}
         atomic_write_json(folder / "depths.json", manifest)
         result = {"schema": "sdcompress.report/1", "stage": "export-depths", "model": {"arch": meta.spec.arch, "blocks_total": meta.spec.blocks_total}, "strategy": strategy, "dataset": eval_name,
                   "depths": rows, "formats": result_files, "bytes": {"float32_onnx_reference": reference, "checkpoint": path_bytes(resolve(ckpt)[0])},
@@ -194,6 +225,14 @@ def depths_markdown(r: dict) -> str:
         lines.append(f"| {d['function']} | {d['depth']:.2f} | {d['blocks']} | {d['macs'] / 1e6:.1f} | {d['params']:,} | "
                      f"{top1} | {o.get('file', '-')} | "
                      f"{o.get('bytes', 0):,} | {'-' if lat is None else f'{lat:.3f}'} | {'yes' if d['same_blocks_as_separate_pruning'] else 'no'} |")
+    f = r["formats"].get("onnx_family")
+    if f:
+        lat = ", ".join(f"{d['function']} {d['onnx_family']['latency_ms']:.3f} ms" for d in r["depths"] if "latency_ms" in d.get("onnx_family", {}))
+        lines += ["", f"ONNX, one file: {f['file']}, {f['bytes']:,} bytes, {f['against_deepest_file_alone']:.3f}x the deepest depth's file "
+                      f"alone, against {f['sum_of_separate_files']:,} bytes for the files above; input `depth_index` picks the depth "
+                      f"(0 = {f['functions'][0]}); latency through it, timed with the files above: {lat}. NNAPI / Core ML execution "
+                      f"providers: {f['mobile_usability']['nnapi']['verdict']} / {f['mobile_usability']['coreml_mlprogram']['verdict']} "
+                      f"(no If); the per-depth files are for them."]
     c = r["formats"].get("coreml")
     if c:
         lines += ["", f"Core ML: {c['file']}, {c['bytes']:,} bytes, functions {', '.join(c['functions'])} (default {c['default_function']}), "
@@ -202,3 +241,91 @@ def depths_markdown(r: dict) -> str:
                       f"package with BatchNorm kept apart; against "
                       f"{c['sum_of_separate_packages']:,} bytes for separate packages. Shared: {c['shared']}."]
     return "\n".join(lines) + "\n"
+
+
+# ---- one ONNX file for the family: the depths as branches of If nodes over one set of initializers ----------------
+class ChannelAffine(torch.nn.Module):
+    """Inference-time BatchNorm as a per-channel scale and shift after the convolution, so that the convolution's
+    weight stays the tensor every depth shares (an exporter folds a BatchNorm into the convolution before it,
+    giving each depth its own copy of every weight whose BatchNorm recalibration changed)."""
+
+    def __init__(self, bn: torch.nn.BatchNorm2d):
+        super().__init__()
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+        self.register_buffer("scale", scale.detach().clone().view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.detach().clone().view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale + self.shift
+
+
+def _unfolded(net):
+    """The deployable network (`deployable_copy`) with every BatchNorm after a convolution as a ChannelAffine."""
+    from .export.onnx import deployable_copy
+
+    m, _ = deployable_copy(net)
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            m.set_submodule(name, ChannelAffine(mod))
+    return m
+
+
+def family_onnx(members: list[dict], meta: Sidecar, batch=1) -> tuple[bytes, dict]:
+    """One ONNX model for every depth: inputs `input` and `depth_index` (an int64 scalar, 0 the deepest, in the order
+    of `members`; a larger index takes the shallowest), output `logits`. Each depth is the graph of its own export,
+    placed as a branch of nested If nodes; every initializer is stored once in the outer graph, whichever branches
+    read it (identical tensors are found by their bytes)."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .export.onnx import export_onnx
+
+    shared: dict[bytes, onnx.TensorProto] = {}
+    branches, props, opset = [], None, None
+    for i, m in enumerate(members):
+        proto = onnx.load_from_string(export_onnx(_unfolded(m["model"]), meta, "float", batch)[0])
+        props = props or {p.key: p.value for p in proto.metadata_props}
+        g = proto.graph
+        names = {}
+        for init in g.initializer:
+            key = hashlib.sha256(f"{init.data_type}:{list(init.dims)}:".encode() + numpy_helper.to_array(init).tobytes()).digest()
+            if key not in shared:
+                t = onnx.TensorProto()
+                t.CopyFrom(init)
+                t.name = f"w{len(shared)}"
+                shared[key] = t
+            names[init.name] = shared[key].name
+        outer = {"input"}
+        for node in g.node:  # every value of branch i gets a name of its own; the input and shared weights keep theirs
+            node.input[:] = [names.get(v, v if v in outer or not v else f"d{i}/{v}") for v in node.input]
+            node.output[:] = [f"d{i}/{v}" for v in node.output]
+            node.name = f"d{i}/{node.name}" if node.name else ""
+        out = helper.make_tensor_value_info(f"d{i}/{g.output[0].name}", TensorProto.FLOAT, [d.dim_value for d in g.output[0].type.tensor_type.shape.dim])
+        branches.append(helper.make_graph(list(g.node), m["function"], [], [out]))
+        opset = proto.opset_import
+
+    def chain(i: int):
+        if i == len(branches) - 1:
+            return branches[i]
+        out = helper.make_tensor_value_info(f"sel{i}", TensorProto.FLOAT, None)
+        nodes = [helper.make_node("Constant", [], [f"k{i}"], value=helper.make_tensor(f"k{i}", TensorProto.INT64, [], [i])),
+                 helper.make_node("Equal", ["depth_index", f"k{i}"], [f"is{i}"]),
+                 helper.make_node("If", [f"is{i}"], [f"sel{i}"], then_branch=branches[i], else_branch=chain(i + 1))]
+        return helper.make_graph(nodes, f"from_{members[i]['function']}", [], [out])
+
+    top = chain(0)
+    c, h, w = meta.data.input_shape
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch or "N", c, h, w]),
+              helper.make_tensor_value_info("depth_index", TensorProto.INT64, [])]
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch or "N", len(meta.data.classes)])
+    nodes = [*top.node, helper.make_node("Identity", [top.output[0].name], ["logits"])]
+    graph = helper.make_graph(nodes, "depth_family", inputs, [logits], initializer=list(shared.values()))
+    model = helper.make_model(graph, opset_imports=list(opset), producer_name="sdcompress")
+    helper.set_model_props(model, {**props, "depth_functions": str([m["function"] for m in members]),
+                                   "depth_index": "int64 scalar: 0 is the deepest; each index one function, in that order"})
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), {"initializers": len(shared), "branches": len(branches)}

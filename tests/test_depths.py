@@ -85,11 +85,34 @@ def test_each_function_is_the_separately_pruned_model(family, digits_run, tmp_pa
         ref = pruned.eval()(x)
     got = run_batches(ort_session(str(family / "model_keep_0_6.onnx")), x.numpy())
     assert np.allclose(got, ref.numpy(), atol=1e-4)
+    index = next(d["onnx_family"]["depth_index"] for d in rep["depths"] if d["function"] == "keep_0_6")
+    got = run_batches(ort_session(str(family / "model_family.onnx")), x.numpy(), {"depth_index": np.array(index, dtype=np.int64)})
+    assert np.allclose(got, ref.numpy(), atol=1e-4)  # the one-file family's branch is the same network
     (pkg,) = family.glob("*.mlpackage")
     prog = _load_program(pkg)
     probs = np.concatenate([run_program(prog, {"image": x_img[i:i + 1].float().numpy()}, "keep_0_6")["__probabilities__"].numpy()
                             for i in range(len(x_img))])
     assert np.abs(probs - torch.softmax(ref, 1).numpy()).max() < 1e-4
+
+
+def test_one_onnx_file_holds_every_depth_over_one_set_of_weights(family):
+    import onnx
+    from onnx import numpy_helper
+
+    rep = json.loads((family / "report.json").read_text())
+    f = rep["formats"]["onnx_family"]
+    fam = onnx.load(str(family / f["file"]))
+    assert [i.name for i in fam.graph.input] == ["input", "depth_index"] and [o.name for o in fam.graph.output] == ["logits"]
+    stored = [numpy_helper.to_array(i) for i in fam.graph.initializer]
+    keys = {(a.dtype.str, a.shape, a.tobytes()) for a in stored}
+    assert len(keys) == len(stored)  # no tensor stored twice
+    deepest = onnx.load(str(family / "model_keep_1_0.onnx"))
+    conv_shapes = sorted(tuple(i.dims) for i in deepest.graph.initializer if len(i.dims) == 4)
+    assert sorted(a.shape for a in stored if a.ndim == 4 and a.shape[2:] != (1, 1)) == conv_shapes  # each conv weight once, for all depths
+    assert f["bytes"] == (family / f["file"]).stat().st_size and f["bytes"] < 0.7 * f["sum_of_separate_files"]
+    assert f["against_deepest_file_alone"] < 1.2
+    for d in rep["depths"]:
+        assert d["onnx_family"]["verification"]["ok"] and d["onnx_family"]["latency_ms"] > 0
 
 
 @pytest.mark.parametrize("args", [["--depths", "1.0,0"], ["--depths", "a,b"], ["--depths", "0.6,0.6"], ["--depths", "1,0.5", "--format", "ort"]])

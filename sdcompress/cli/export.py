@@ -115,6 +115,10 @@ def _run_depths(a, path, name: str, pkg: str, formats) -> int:
         top1 = "-" if d["top1"] is None else f"{100 * d['top1']:.1f}%"
         print(f"{d['function']}: {d['blocks']} blocks, {d['macs'] / 1e6:.1f} M MACs, top-1 {top1} on {r['dataset']}"
               + (f", {o['file']} {format_bytes(o['bytes'])}, {d['latency_ms']['onnxruntime_cpu_b1']:.2f} ms" if o else ""))
+    f = r["formats"].get("onnx_family")
+    if f:
+        print(f"{f['file']} {format_bytes(f['bytes'])}: every depth in one file (input depth_index), {f['against_deepest_file_alone']:.3f}x "
+              f"the deepest depth's file alone; the per-depth files take {format_bytes(f['sum_of_separate_files'])}")
     c = r["formats"].get("coreml")
     if c:
         print(f"{c['file']} {format_bytes(c['bytes'])}: {len(c['functions'])} functions (default {c['default_function']}), "

@@ -437,24 +437,28 @@ def latency_ms(session, input_shape: tuple[int, ...], runs: int = 50, warmup: in
 
 
 def interleaved_latency(sessions: dict[str, object], input_shape, rounds: int = 5, runs: int = 20) -> dict[str, float]:
-    """Median batch-1 latency of each onnxruntime session, all timed in this one run in interleaved rounds."""
+    """Median batch-1 latency of each onnxruntime session, all timed in this one run in interleaved rounds. A value
+    may be (session, extra inputs) for a graph that takes more than the image (a depth family's `depth_index`)."""
     x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
-    for s in sessions.values():
+    feeds = {}
+    for k, v in sessions.items():
+        s, extra = v if isinstance(v, tuple) else (v, {})
+        feeds[k] = (s, {s.get_inputs()[0].name: x, **extra})
+    for s, feed in feeds.values():
         for _ in range(10):
-            s.run(None, {s.get_inputs()[0].name: x})
+            s.run(None, feed)
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
-        for k, s in sessions.items():
-            name = s.get_inputs()[0].name
+        for k, (s, feed) in feeds.items():
             for _ in range(runs):
                 t0 = time.perf_counter()
-                s.run(None, {name: x})
+                s.run(None, feed)
                 times[k].append(time.perf_counter() - t0)
     return {k: float(np.median(v) * 1e3) for k, v in times.items()}
 
 
-def run_batches(session, x: np.ndarray) -> np.ndarray:
-    """The session's outputs on x, in batches of its fixed batch size where it has one."""
+def run_batches(session, x: np.ndarray, extra: dict | None = None) -> np.ndarray:
+    """The session's outputs on x, in batches of its fixed batch size where it has one (`extra`: more inputs)."""
     b = fixed_batch(session) or len(x)
     name = session.get_inputs()[0].name
     outs = []
@@ -463,7 +467,7 @@ def run_batches(session, x: np.ndarray) -> np.ndarray:
         n = len(chunk)
         if n < b:  # pad the last batch of a fixed-batch graph
             chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-        outs.append(session.run(None, {name: chunk})[0][:n])
+        outs.append(session.run(None, {name: chunk, **(extra or {})})[0][:n])
     return np.concatenate(outs)
 
 
