@@ -1,5 +1,5 @@
 """Depth families: one network at several depths, nested, exported as one Core ML package with a function per
-depth and one ONNX file per depth.
+depth and one ONNX file holding every depth (and, for NNAPI and Core ML's execution providers, a file per depth).
 
 The blocks are ranked once by the pruning strategy's importance (`pruning.Ranking`), and each depth keeps the
 best-ranked blocks, so a shallower depth keeps a subset of every deeper one's blocks. Each depth is then its own
@@ -98,8 +98,8 @@ def multifunction_package(members: list[dict], meta: Sidecar, card: dict, path: 
             separate[m["function"]] = path_bytes(one)
             desc.add_function(str(one), src_function_name="main", target_function_name=m["function"])
         desc.default_function_name = members[0]["function"]
-        # the deepest network as `export --format coreml` writes it alone (BatchNorm folded): what an app ships today
-        ml, _ = coreml.convert(members[0]["model"], meta, precision, input_kind, card, verbose, batch=batch, target="iOS18")
+        # the deepest network as `export --format coreml` writes it alone (BatchNorm folded, export's default target)
+        ml, _ = coreml.convert(members[0]["model"], meta, precision, input_kind, card, verbose, batch=batch)
         alone = Path(tmp) / "alone.mlpackage"
         coreml.save(ml, alone, verbose)
         joined = Path(tmp) / "family.mlpackage"
@@ -153,9 +153,9 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
                 row["onnx"] = {**o, "compression_ratio": compression_ratio(reference, o["bytes"])}
             rows.append(row)
         if "onnx" in formats:  # the same depths as branches of one file over one set of weights
-            data, fam_facts = family_onnx(members, meta, batch)
+            fam_bytes, fam_facts = family_onnx(members, meta, batch)
             fam_path = folder / "model_family.onnx"
-            fam_path.write_bytes(data)
+            fam_path.write_bytes(fam_bytes)
             fam = ort_session(str(fam_path), threads)
             x = Normalize(meta.data.mean, meta.data.std)(x_img)
             for i, (m, row) in enumerate(zip(members, rows)):
@@ -252,8 +252,10 @@ class ChannelAffine(torch.nn.Module):
     def __init__(self, bn: torch.nn.BatchNorm2d):
         super().__init__()
         with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            shift = bn.bias - bn.running_mean * scale
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+            scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+            shift = beta - bn.running_mean * scale
         self.register_buffer("scale", scale.detach().clone().view(1, -1, 1, 1))
         self.register_buffer("shift", shift.detach().clone().view(1, -1, 1, 1))
 
@@ -262,12 +264,16 @@ class ChannelAffine(torch.nn.Module):
 
 
 def _unfolded(net):
-    """The deployable network (`deployable_copy`) with every BatchNorm after a convolution as a ChannelAffine."""
-    from .export.onnx import deployable_copy
+    """A copy of the network with p_l folded into BatchNorm and every BatchNorm as a ChannelAffine (binarized layers
+    left as they are: export turns them into the file's weight form)."""
+    import copy
 
-    m, _ = deployable_copy(net)
+    from .export.onnx import fold_survival
+
+    m = copy.deepcopy(net).cpu().eval()
+    fold_survival(m)
     for name, mod in list(m.named_modules()):
-        if isinstance(mod, torch.nn.BatchNorm2d):
+        if isinstance(mod, torch.nn.BatchNorm2d) and mod.running_mean is not None:  # batch statistics: left as they are
             m.set_submodule(name, ChannelAffine(mod))
     return m
 
@@ -282,12 +288,13 @@ def family_onnx(members: list[dict], meta: Sidecar, batch=1) -> tuple[bytes, dic
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from .export.onnx import export_onnx
+    from .export.onnx import auto_form, export_onnx
 
+    form = auto_form(members[0]["model"], "onnx")  # as each depth's own file: float, or int8 for a binarized model
     shared: dict[bytes, onnx.TensorProto] = {}
-    branches, props, opset = [], None, None
+    branches, props, opset, ir_version = [], None, None, None
     for i, m in enumerate(members):
-        proto = onnx.load_from_string(export_onnx(_unfolded(m["model"]), meta, "float", batch)[0])
+        proto = onnx.load_from_string(export_onnx(_unfolded(m["model"]), meta, form, batch)[0])
         props = props or {p.key: p.value for p in proto.metadata_props}
         g = proto.graph
         names = {}
@@ -304,9 +311,12 @@ def family_onnx(members: list[dict], meta: Sidecar, batch=1) -> tuple[bytes, dic
             node.input[:] = [names.get(v, v if v in outer or not v else f"d{i}/{v}") for v in node.input]
             node.output[:] = [f"d{i}/{v}" for v in node.output]
             node.name = f"d{i}/{node.name}" if node.name else ""
-        out = helper.make_tensor_value_info(f"d{i}/{g.output[0].name}", TensorProto.FLOAT, [d.dim_value for d in g.output[0].type.tensor_type.shape.dim])
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(g.output[0])  # its type and shape as exported (a dynamic batch stays a named dimension)
+        out.name = f"d{i}/{g.output[0].name}"
+        del out.metadata_props[:]
         branches.append(helper.make_graph(list(g.node), m["function"], [], [out]))
-        opset = proto.opset_import
+        opset, ir_version = proto.opset_import, proto.ir_version
 
     def chain(i: int):
         if i == len(branches) - 1:
@@ -324,8 +334,8 @@ def family_onnx(members: list[dict], meta: Sidecar, batch=1) -> tuple[bytes, dic
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch or "N", len(meta.data.classes)])
     nodes = [*top.node, helper.make_node("Identity", [top.output[0].name], ["logits"])]
     graph = helper.make_graph(nodes, "depth_family", inputs, [logits], initializer=list(shared.values()))
-    model = helper.make_model(graph, opset_imports=list(opset), producer_name="sdcompress")
+    model = helper.make_model(graph, opset_imports=list(opset), producer_name="sdcompress", ir_version=ir_version)
     helper.set_model_props(model, {**props, "depth_functions": str([m["function"] for m in members]),
                                    "depth_index": "int64 scalar: 0 is the deepest; each index one function, in that order"})
     onnx.checker.check_model(model)
-    return model.SerializeToString(), {"initializers": len(shared), "branches": len(branches)}
+    return model.SerializeToString(), {"initializers": len(shared), "branches": len(branches), "weights": form}

@@ -78,11 +78,16 @@ def exported_files(folder: Path, rep: dict | None = None) -> dict[str, dict]:
             rep = parse_untrusted_json(folder / "report.json", "export report") if (folder / "report.json").is_file() else None
         except Exception:  # noqa: BLE001 - unreadable: lists nothing
             return {}
-    formats = rep.get("formats") if isinstance(rep, dict) and rep.get("stage") == "export" else None
+    stage = rep.get("stage") if isinstance(rep, dict) else None
+    formats = rep.get("formats") if stage in ("export", "export-depths") else None
     if not isinstance(formats, dict):
         return {}
+    entries = list(formats.values())
+    if stage == "export-depths":  # a depth family: its per-depth files and manifest too
+        depths = rep.get("depths") if isinstance(rep.get("depths"), list) else []
+        entries += [d.get("onnx") for d in depths if isinstance(d, dict)] + [{"file": "depths.json"}]
     out = {}
-    for entry in formats.values():
+    for entry in entries:
         name = entry.get("file") if isinstance(entry, dict) else None
         if isinstance(name, str) and name and "/" not in name and "\\" not in name and not name.startswith("."):
             out[name] = entry

@@ -103,7 +103,7 @@ def _exports_of(weights: Path | None, folder: Path | None) -> tuple[dict[str, in
         rep = parse_untrusted_json(folder / "report.json", "export report")
     except Exception:  # noqa: BLE001 - an unreadable report: its files are not known to be this model's
         return {}, {}
-    if not isinstance(rep, dict) or rep.get("checkpoint_sha256") != file_sha256(weights):
+    if not isinstance(rep, dict) or rep.get("stage") != "export" or rep.get("checkpoint_sha256") != file_sha256(weights):
         return {}, {}
     listed = exported_files(folder, rep)
     sizes = {f: path_bytes(folder / f) for f in listed if (folder / f).exists()}

@@ -27,12 +27,20 @@ def _accuracy(model, meta: Sidecar, images, name) -> dict | None:
 
 
 def _teacher(path, meta: Sidecar):
-    """The checkpoint given by --teacher, checked to answer the same question as the student: same input, same classes."""
-    teacher, tmeta = load_checkpoint(path)
-    if tmeta.data.input_shape != meta.data.input_shape or tmeta.data.classes != meta.data.classes:
-        raise InputError(f"--teacher {path}: it takes {tmeta.data.input_shape} and predicts {len(tmeta.data.classes)} classes, "
-                         f"the model takes {meta.data.input_shape} and predicts {len(meta.data.classes)} (the same classes in "
-                         f"the same order are needed)")
+    """The checkpoint given by --teacher, checked to answer the same question as the student from the same input:
+    the same input shape and normalization (the teacher sees the student's normalized batches), the same classes in
+    the same order."""
+    try:
+        teacher, tmeta = load_checkpoint(path)
+    except InputError as e:
+        raise InputError(f"--teacher: {e}") from None
+    t, s = tmeta.data, meta.data
+    for what, a, b in (("input shape", t.input_shape, s.input_shape), ("normalization mean", t.mean, s.mean),
+                       ("normalization std", t.std, s.std), ("classes", t.classes, s.classes)):
+        if tuple(a) != tuple(b):
+            shown = (f"{len(a)} classes ({', '.join(a[:3])}, ...)", f"{len(b)} ({', '.join(b[:3])}, ...)") if what == "classes" else (a, b)
+            raise InputError(f"--teacher {path}: its {what} is {shown[0]}, the model's {shown[1]}; a teacher must take the same "
+                             f"input and predict the same classes in the same order")
     return teacher.eval()
 
 
@@ -43,8 +51,10 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
     The output folder (checkpoint, report.json, and what `more_files(folder, report, meta)` adds) is written as one
     unit (`output_folder`): an interrupted or failed stage leaves the old folder as it was.
     """
-    check_output_folder(out, force=True, inputs=(ckpt,))
+    teacher_path = getattr(cfg, "teacher", None)
+    check_output_folder(out, force=True, inputs=(ckpt, teacher_path))
     model, meta = load_checkpoint(ckpt)
+    teacher_net = _teacher(teacher_path, meta) if teacher_path else model  # default: the network before the stage
     try:
         images, eval_name = eval_data(meta, ckpt, data, data_dir)
     except InputError:
@@ -53,8 +63,6 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
         images, eval_name = None, None  # the checkpoint's data is not here: report no accuracy
     calib, ds, calib_name = calibration_images(meta, ckpt, data, data_dir) if need_train else (None, None, None)
     before = model_report(model, meta.data.input_shape, resolve(ckpt)[0], _accuracy(model, meta, images, eval_name) if measure_before else None)
-
-    teacher_net = _teacher(cfg.teacher, meta) if getattr(cfg, "teacher", None) else model  # before the stage
 
     def tune(m, c):  # c: the stage's config (finetune, finetune_lr, finetune_survival, seed, distill...)
         if ds is None:

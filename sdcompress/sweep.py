@@ -214,14 +214,22 @@ def _depth_family(ckpt, cfg: SweepConfig, out: Path, data, data_dir, force: bool
     """The float keeps as one depth family in DIR/family (reused when its depths and ranking are the same)."""
     from .depths import run_depth_export
 
+    from .files import file_sha256, parse_untrusted_json
+
     fdir, depths = out / "family", tuple(sorted(cfg.keeps, reverse=True))
+    formats = tuple(f for f in cfg.formats if f in ("onnx", "coreml"))
     if (fdir / "report.json").exists() and not force:
-        old = json.loads((fdir / "report.json").read_text())
-        if [d["depth"] for d in old.get("depths", [])] == list(depths) and old.get("strategy") == cfg.strategy:
+        try:
+            old = parse_untrusted_json(fdir / "report.json", "depth family report")
+            same = ([d["depth"] for d in old["depths"]] == list(depths) and old["strategy"] == cfg.strategy
+                    and old["checkpoint_sha256"] == file_sha256(resolve(ckpt)[0])
+                    and sorted(k if k != "onnx_family" else "onnx" for k in old["formats"]) == sorted(formats))
+        except (InputError, ValueError, KeyError, TypeError):
+            same = False  # unreadable or another family: made again
+        if same:
             return old
     if progress:
         print(f"sweep: depth family of {len(depths)} depths -> {fdir}", flush=True)
-    formats = tuple(f for f in cfg.formats if f in ("onnx", "coreml"))
     return run_depth_export(ckpt, depths, fdir, cfg.strategy, data=data, data_dir=data_dir, formats=formats, precision=cfg.precision,
                             threads=cfg.threads)
 
@@ -310,7 +318,7 @@ def render_markdown(sweep: dict) -> str:
         lines.append(f"- compression ratio of keep 0.6 binarized (the float32 ONNX export of the unpruned, float network over the file): {fr}")
     f = sweep.get("family")
     if f:
-        lines += ["", f"## Depth family ({f['folder']}/: one Core ML package with a function per keep, one ONNX file per keep)", "",
+        lines += ["", f"## Depth family ({f['folder']}/, as `export --depths` writes it)", "",
                   "The blocks of each keep are cut from one ranking, so every shallower depth's blocks are among the deeper ones'; "
                   "each depth has its own recalibrated BatchNorm and no fine-tuning (its weights are shared).", "",
                   "| keep | function | blocks | top-1 nested | top-1 pruned alone (the point) | cost of nesting | same blocks |",

@@ -184,20 +184,24 @@ def test_sweep_tiny_completes_and_resumes(digits_run, tmp_path, monkeypatch):
 
 def test_sweep_sets_a_depth_family_beside_its_points(digits_run, tmp_path):
     out = tmp_path / "sweep"
-    assert main(["sweep", str(digits_run), "--keep", "1.0,0.6,0.4", "--binarize", "off", "--formats", "onnx", "--depth-family", "on",
-                 "--data", "digits", "--out", str(out), "--no-progress"]) == 0
-    s = json.loads((out / "sweep.json").read_text())
+
+    def sweep(keeps):
+        assert main(["sweep", str(digits_run), "--keep", keeps, "--binarize", "off", "--formats", "onnx", "--depth-family", "on",
+                     "--data", "digits", "--out", str(out), "--no-progress"]) == 0
+        return json.loads((out / "sweep.json").read_text())
+
+    sweep("1.0,0.6")
+    s = sweep("1.0,0.6,0.4")  # one more keep: its point added, the family made again in the folder of the first
     f = s["family"]
-    assert [r["function"] for r in f["depths"]] == ["keep_1_0", "keep_0_6", "keep_0_4"]
+    assert [r["function"] for r in f["depths"]] == ["keep_1_0", "keep_0_6", "keep_0_4"] and s["reused_points"] == 2
     fam = json.loads((out / "family" / "report.json").read_text())
     assert fam["stage"] == "export-depths" and all((out / "family" / d["onnx"]["file"]).is_file() for d in fam["depths"])
     # the stats ranking cuts the same blocks at each keep as pruning alone, recalibrated the same way: nesting costs nothing here
     for r, p in zip(f["depths"], s["points"]):
-        assert r["same_blocks"] and r["top1_separate"] == p["top1"] and r["nesting_cost_points"] == pytest.approx(0.0, abs=1e-9), r
+        assert r["same_blocks"] and r["top1_nested"] == p["top1"] and r["nesting_cost_points"] == pytest.approx(0.0, abs=1e-9), r
     assert "Depth family" in (out / "sweep.md").read_text()
     before = (out / "family" / "report.json").stat().st_mtime_ns
-    assert main(["sweep", str(digits_run), "--keep", "1.0,0.6,0.4", "--binarize", "off", "--formats", "onnx", "--depth-family", "on",
-                 "--data", "digits", "--out", str(out), "--no-progress"]) == 0
+    sweep("1.0,0.6,0.4")
     assert (out / "family" / "report.json").stat().st_mtime_ns == before  # a finished family is reused like a finished point
 
 

@@ -30,7 +30,7 @@ def run(a) -> int:
                          a.finetune_survival, a.seed, a.distill, a.distill_temperature, a.distill_alpha, a.teacher)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
-    out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force, (path,))
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force, (path, a.teacher))
     r = run_binarize(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress)
     b, f = r["before"], r["after"]
     acc = f", top-1 {100 * b['accuracy']['top1']:.1f}% -> {100 * f['accuracy']['top1']:.1f}%" if b.get("accuracy") and f.get("accuracy") else ""

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--name", default=None, help="Core ML package and Swift class name (default from the model's name, e.g. ResNet56SD)")
     p.add_argument("--depths", default=None, metavar="1.0,0.8,...",
                    help="a depth family: one Core ML package with a function per depth (keep_1_0, keep_0_8, ...), one ONNX file "
-                        "per depth and depths.json; depths nest (default: off)")
+                        "with every depth (input depth_index), one ONNX file per depth and depths.json; depths nest (default: off)")
     p.add_argument("--strategy", choices=("stats", "top", "sensitivity"), default="stats", help="ranking the depths are cut from (with --depths)")
     p.add_argument("--recalibrate", type=int, default=40, metavar="N", help="BatchNorm recalibration batches per depth (with --depths; 0: off)")
     p.add_argument("--data", default=None, help="images to verify on (default: the bundled evaluation set or the checkpoint's validation split)")

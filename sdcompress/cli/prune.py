@@ -74,7 +74,7 @@ def run(a) -> int:
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
     tag = f"keep{a.keep}" if cfg.keep is not None else "budget" if cfg.blocks_to_keep is None else "blocks"
-    out = _fresh_out(a.out or OUT_ROOT / f"{name}-prune-{tag}", a.force, (path,))
+    out = _fresh_out(a.out or OUT_ROOT / f"{name}-prune-{tag}", a.force, (path, a.teacher))
     report = run_prune(path, cfg, out, a.data, a.data_dir, a.device, progress=not a.no_progress)
     from ..report import summary_line
 

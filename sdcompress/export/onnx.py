@@ -77,6 +77,17 @@ def _fake_quantize(w: torch.Tensor, qmax: int) -> torch.Tensor:
     return (torch.round(flat / s[:, None]).clamp(-qmax, qmax) * s[:, None]).reshape(w.shape)
 
 
+def fold_survival(m: nn.Module) -> None:
+    """In place: each block's evaluation-time p_l scaling folded into its last BatchNorm (p * bn2(z) == bn2'(z) with
+    gamma' = p * gamma, beta' = p * beta), so the graph has no multiply for it."""
+    for mod in m.modules():
+        if isinstance(mod, BasicBlock) and mod.survival_prob != 1.0:
+            with torch.no_grad():
+                mod.bn2.weight.mul_(mod.survival_prob)
+                mod.bn2.bias.mul_(mod.survival_prob)
+            mod.survival_prob = 1.0
+
+
 def deployable_copy(model: nn.Module, quantize: str | None = None) -> tuple[nn.Module, list[str]]:
     """The network an exported file computes, as a PyTorch module, and the names of its binarized layers.
 
@@ -100,13 +111,9 @@ def deployable_copy(model: nn.Module, quantize: str | None = None) -> tuple[nn.M
             m.set_submodule(name, plain)
             names.append(name)
     if isinstance(m, ResNet):
+        fold_survival(m)
         for name, mod in list(m.named_modules()):
-            if isinstance(mod, BasicBlock) and mod.survival_prob != 1.0:
-                with torch.no_grad():  # p * bn2(z) == bn2'(z) with gamma' = p * gamma, beta' = p * beta
-                    mod.bn2.weight.mul_(mod.survival_prob)
-                    mod.bn2.bias.mul_(mod.survival_prob)
-                mod.survival_prob = 1.0
-            elif isinstance(mod, Shortcut) and (mod.stride != 1 or mod.in_channels != mod.out_channels):
+            if isinstance(mod, Shortcut) and (mod.stride != 1 or mod.in_channels != mod.out_channels):
                 m.set_submodule(name, ConcatShortcut(mod))
     if quantize is not None and not names:
         with torch.no_grad():
