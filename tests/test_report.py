@@ -200,9 +200,12 @@ def test_sweep_sets_a_depth_family_beside_its_points(digits_run, tmp_path):
     for r, p in zip(f["depths"], s["points"]):
         assert r["same_blocks"] and r["top1_nested"] == p["top1"] and r["nesting_cost_points"] == pytest.approx(0.0, abs=1e-9), r
     assert "Depth family" in (out / "sweep.md").read_text()
+    import sdcompress.sweep as sw
+
     before = (out / "family" / "report.json").stat().st_mtime_ns
-    sweep("1.0,0.6,0.4")
-    assert (out / "family" / "report.json").stat().st_mtime_ns == before  # a finished family is reused like a finished point
+    cfg = sw.SweepConfig(keeps=(1.0, 0.6, 0.4), binarize=(False,), formats=("onnx",), depth_family=True)
+    assert sw._depth_family(digits_run, cfg, out, "digits", None, False, False) == fam  # a finished family is reused like a point
+    assert (out / "family" / "report.json").stat().st_mtime_ns == before
 
 
 def test_recalibration_counts_images_and_passes():
