@@ -211,9 +211,9 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
 
 
 def _depth_family(ckpt, cfg: SweepConfig, out: Path, data, data_dir, force: bool, progress: bool) -> dict:
-    """The float keeps as one depth family in DIR/family (reused when its depths and ranking are the same)."""
+    """The float keeps as one depth family in DIR/family, reused when it is of the same checkpoint (SHA-256),
+    depths, ranking and formats."""
     from .depths import run_depth_export
-
     from .files import file_sha256, parse_untrusted_json
 
     fdir, depths = out / "family", tuple(sorted(cfg.keeps, reverse=True))
@@ -323,8 +323,11 @@ def render_markdown(sweep: dict) -> str:
                   "each depth has its own recalibrated BatchNorm and no fine-tuning (its weights are shared).", "",
                   "| keep | function | blocks | top-1 nested | top-1 pruned alone (the point) | cost of nesting | same blocks |",
                   "|---|---|---:|---:|---:|---:|---|"]
+
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.2f}%"
+
         for r in f["depths"]:
-            pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
             cost = "-" if r["nesting_cost_points"] is None else f"{r['nesting_cost_points']:+.2f} points"
             lines.append(f"| {r['keep']:.2f} | {r['function']} | {r['blocks']} | {pct(r['top1_nested'])} | {pct(r['top1_separate'])} | "
                          f"{cost} | {'yes' if r['same_blocks'] else 'no'} |")
