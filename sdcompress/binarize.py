@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import check_distill, check_teacher, check_lr, check_number
 from .errors import InputError
+from .precision import check_precision
 
 STE_CLIP = 1.0
 
@@ -222,6 +223,7 @@ class BinarizeConfig:
     distill_temperature: float = 4.0
     distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
     teacher: str | None = None  # another checkpoint as teacher instead of the full-precision model
+    precision: str = "auto"  # of the fine-tuning steps: auto | fp32 | bf16 (precision.resolve_precision)
 
     def __post_init__(self):
         check_number("--recalibrate", self.recalibrate, 0, 100_000)
@@ -229,6 +231,7 @@ class BinarizeConfig:
         check_lr("--finetune-lr", self.finetune_lr)
         check_distill(self.distill_temperature, self.distill_alpha)
         check_teacher(self.teacher, self.finetune, self.distill)
+        check_precision("--precision", self.precision)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -64,8 +64,7 @@ class TrainConfig:
     augment: str = "auto"  # auto (crop+flip for colour images, none otherwise) | standard | crop | none
     seed: int = 0  # weights, shuffling, drop draws and augmentation
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    precision: str = "auto"  # auto (bf16 autocast + channels_last where the device runs bf16 fast) | fp32 | bf16
     label_smoothing: float = 0.0  # cross-entropy against (1 - e) one-hot + e / K (the fast recipes use 0.1)
     compile: bool = False  # torch.compile each block's residual branch (graphs that never change; the skipping stays eager)
     stats_window: int = 2000  # recent steps used by the drop-effect regression

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .data import Dataset, ImageSet, Normalize, augment, augmentation
 from .config import TrainConfig
 from .errors import InputError, TrainingDiverged
+from .precision import resolve_precision, to_layout
 from .survival import draw_run_mask
 
 
@@ -140,16 +141,19 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, normalize: Normalize, bat
 
 def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survival: bool = False, batch_size: int = 128,
              seed: int = 0, device: str = "auto", progress: bool = True, augment_with: tuple[int, bool] | None = None,
-             distill: Distill | None = None) -> dict:
+             distill: Distill | None = None, precision: str = "auto") -> dict:
     """Training of an existing (e.g. pruned) network in place, cosine schedule from `lr`; with `distill`, from a
     teacher as well as the labels (the teacher's logits computed once per batch, on the same augmented images).
 
     With `survival` off the evaluation-time network itself is trained (every kept block, scaled by p_l), so
     what is trained is what is evaluated and exported; with it on, kept blocks keep dropping at their p_l.
     `augment_with` is the (pad, flip) the network was trained with (`train_augmentation(meta)`); None: the
-    default for the data.
+    default for the data. `precision` (auto | fp32 | bf16, `precision.resolve_precision`) is that of the training
+    steps, the teacher's forward pass included; the weights stay float32 and the model is handed back in the
+    contiguous layout.
     """
     dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
     model.to(dev)
     steps = len(ds.train) // batch_size
     if steps == 0:
@@ -167,29 +171,37 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(range(epochs * steps), disable=not progress, unit="step", dynamic_ncols=True,
-               desc="fine-tune" + (" (distilled)" if distill is not None else ""))
-    for step in bar:
-        i = step % steps
-        if i == 0:
-            perm = torch.randperm(len(y_all), generator=gen).to(dev)
-        idx = perm[i * batch_size : (i + 1) * batch_size]
-        run_mask = dict(zip(ids, draw_run_mask(probs, gen).tolist())) if survival else None
-        x = normalize(augment(x_all[idx], pad, flip, aug_gen))
-        with torch.no_grad():
-            soft = teacher(x) if teacher is not None else None
-        loss, _ = train_step(model, opt, x, y_all[idx], run_mask, dev.type == "cuda", soft, distill)
-        sched.step()
-        if (step + 1) % 25 == 0:
-            bar.set_postfix(epoch=f"{step // steps + 1}/{epochs}", loss=f"{loss.item():.3f}")
-        if (step + 1) % 10 == 0 or step + 1 == epochs * steps:  # the guard of training: stop before saving garbage
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"fine-tuning loss became non-finite at step {step + 1} of {epochs * steps}; nothing was "
-                                       f"written; try a lower --finetune-lr (it was {lr:g})")
+               desc=f"fine-tune ({'distilled, ' if distill is not None else ''}{prec.name})")
+    to_layout(model, prec.channels_last)
+    if teacher is not None:
+        to_layout(teacher, prec.channels_last)
+    try:
+        for step in bar:
+            i = step % steps
+            if i == 0:
+                perm = torch.randperm(len(y_all), generator=gen).to(dev)
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            run_mask = dict(zip(ids, draw_run_mask(probs, gen).tolist())) if survival else None
+            x = prec.layout(normalize(augment(x_all[idx], pad, flip, aug_gen)))
+            with torch.no_grad(), prec.autocast(dev):
+                soft = teacher(x) if teacher is not None else None
+            loss, _ = train_step(model, opt, x, y_all[idx], run_mask, prec.bf16, soft, distill)
+            sched.step()
+            if (step + 1) % 25 == 0:
+                bar.set_postfix(epoch=f"{step // steps + 1}/{epochs}", loss=f"{loss.item():.3f}")
+            if (step + 1) % 10 == 0 or step + 1 == epochs * steps:  # the guard of training: stop before saving garbage
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"fine-tuning loss became non-finite at step {step + 1} of {epochs * steps}; nothing "
+                                           f"was written; try a lower --finetune-lr (it was {lr:g})")
+    finally:
+        to_layout(model, False)
+        if teacher is not None:
+            to_layout(teacher, False)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingDiverged(f"fine-tuning left non-finite weights; nothing was written; try a lower --finetune-lr (it was {lr:g})")
     model.eval()
     val = evaluate(model, ds.val, normalize) if ds.val is not None else None
-    return {"epochs": epochs, "lr": lr, "survival": survival, "seconds": round(time.perf_counter() - t0, 1),
+    return {"epochs": epochs, "lr": lr, "survival": survival, "seconds": round(time.perf_counter() - t0, 1), **prec.to_dict(),
             "val_top1": val and val["top1"],
             "distill": {"temperature": distill.temperature, "alpha": distill.alpha} if distill is not None else None}
 

@@ -69,7 +69,7 @@ def _run_stage(stage: str, ckpt, out: Path, cfg, need_train: bool, transform: Ca
             raise InputError("--finetune needs the training data: pass --data (and --data-dir)")
         teacher = Distill(teacher_net, c.distill_temperature, c.distill_alpha) if c.distill else None
         return finetune(m, ds, c.finetune, c.finetune_lr, c.finetune_survival, seed=c.seed, device=device, progress=progress,
-                        augment_with=train_augmentation(meta), distill=teacher)
+                        augment_with=train_augmentation(meta), distill=teacher, precision=c.precision)
 
     new, record = transform(model, meta, calib, tune)
     new = new.cpu().eval()

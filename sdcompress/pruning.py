@@ -21,6 +21,7 @@ from .data import ImageSet, Normalize, train_augmentation
 from .checkpoint import Sidecar, SurvivalTable
 from .config import check_distill, check_teacher, check_lr, check_number
 from .errors import InputError
+from .precision import check_precision
 from .nets import ResNet, build_model, count_macs, count_params
 from .loops import batch_loss, recalibrate_bn
 
@@ -47,6 +48,7 @@ class PruneConfig:
     distill_temperature: float = 4.0
     distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
     teacher: str | None = None  # another checkpoint as teacher instead of the unpruned model
+    precision: str = "auto"  # of the fine-tuning steps: auto | fp32 | bf16 (precision.resolve_precision)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -63,6 +65,7 @@ class PruneConfig:
         check_lr("--finetune-lr", self.finetune_lr)
         check_distill(self.distill_temperature, self.distill_alpha)
         check_teacher(self.teacher, self.finetune, self.distill)
+        check_precision("--precision", self.precision)
 
     def to_dict(self) -> dict:
         return asdict(self)

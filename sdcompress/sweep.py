@@ -20,6 +20,7 @@ from .checkpoint import load_checkpoint, read_sidecar, resolve
 from .compare import timing_run
 from .files import atomic_write_bytes, atomic_write_json
 from .errors import InputError
+from .precision import check_precision
 from .evaluate import evaluate_checkpoint
 from .pipeline import check_formats, run_binarize, run_export, run_prune, compression_ratio
 from .pruning import STRATEGIES, PruneConfig
@@ -36,7 +37,8 @@ class SweepConfig:
     strategy: str = "stats"
     finetune: int = 0  # epochs after pruning and after binarizing (needs training data)
     distill: bool = True  # fine-tuning learns from the model before each stage as teacher
-    precision: str = "float16"  # Core ML
+    precision: str = "auto"  # of the fine-tuning steps: auto | fp32 | bf16 (precision.resolve_precision)
+    coreml_precision: str = "float16"  # Core ML compute precision and weights
     threads: int = 1  # onnxruntime threads for every latency figure
     latency_rounds: int = 5  # interleaved rounds over all points
     latency_runs: int = 20  # timed runs per point per round (after warm-up)
@@ -56,6 +58,7 @@ class SweepConfig:
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         check_formats(self.formats)
+        check_precision("--precision", self.precision)
         if self.depth_family:
             from .depths import STRATEGIES as NESTED
 
@@ -82,6 +85,7 @@ def _settings(cfg: SweepConfig, ckpt, data) -> dict:
         d.pop(k)  # adding points, a depth family or re-timing does not invalidate finished points
     if not cfg.finetune:
         d.pop("distill")  # no fine-tuning: distillation changes nothing (and older sweeps did not record it)
+        d.pop("precision")  # nor does the precision of fine-tuning steps
     return {**d, "checkpoint": str(Path(ckpt).resolve()), "data": data}
 
 
@@ -92,14 +96,15 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
     if keep < 1.0:
         pruned = out / "points" / label(keep, False)
         if reprune or not (pruned / "report.json").exists():  # written after the checkpoint: the stage finished
-            acc = run_prune(ckpt, PruneConfig(keep=keep, strategy=cfg.strategy, finetune=cfg.finetune, distill=cfg.distill), pruned, data, data_dir,
+            acc = run_prune(ckpt, PruneConfig(keep=keep, strategy=cfg.strategy, finetune=cfg.finetune, distill=cfg.distill,
+                                                  precision=cfg.precision), pruned, data, data_dir,
                             device, progress=False, measure_before=False)["after"]["accuracy"]
         src = pruned
     if binary:
-        acc = run_binarize(src, BinarizeConfig(finetune=cfg.finetune, distill=cfg.distill), pdir, data, data_dir, device, progress=False,
+        acc = run_binarize(src, BinarizeConfig(finetune=cfg.finetune, distill=cfg.distill, precision=cfg.precision), pdir, data, data_dir, device, progress=False,
                            measure_before=False)["after"]["accuracy"]
         src = pdir
-    exp = run_export(src, cfg.formats, pdir / "export", data, data_dir, cfg.threads, precision=cfg.precision)
+    exp = run_export(src, cfg.formats, pdir / "export", data, data_dir, cfg.threads, precision=cfg.coreml_precision)
     if acc is None:  # no stage ran here (or it found no evaluation data, which raises below with the reason)
         model, meta = load_checkpoint(src)
         r = evaluate_checkpoint(model, meta, src, data, data_dir)
@@ -230,7 +235,7 @@ def _depth_family(ckpt, cfg: SweepConfig, out: Path, data, data_dir, force: bool
             return old
     if progress:
         print(f"sweep: depth family of {len(depths)} depths -> {fdir}", flush=True)
-    return run_depth_export(ckpt, depths, fdir, cfg.strategy, data=data, data_dir=data_dir, formats=formats, precision=cfg.precision,
+    return run_depth_export(ckpt, depths, fdir, cfg.strategy, data=data, data_dir=data_dir, formats=formats, precision=cfg.coreml_precision,
                             threads=cfg.threads)
 
 

@@ -22,6 +22,7 @@ from .errors import InputError, TrainingDiverged
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, output_folder, read_untrusted_check
 from .nets import NetSpec, ResNet, build_model
 from .loops import evaluate, resolve_device, train_step
+from .precision import Precision, check_precision, resolve_precision, to_layout
 from .survival import SurvivalStats, draw_run_mask
 
 TRAIN_STATE = "train_state.pt"
@@ -122,6 +123,7 @@ class Run:
     steps_per_epoch: int
     local_batch: int
     history: list
+    precision: Precision
     start_epoch: int = 0
     wall_before: float = 0.0
 
@@ -166,9 +168,10 @@ def _check_config(cfg: TrainConfig) -> None:
     check_number("--momentum", cfg.momentum, 0.0, 1.0, hi_open=True)
     check_number("--weight-decay", cfg.weight_decay, 0.0, 1.0, hi_open=True)
     check_number("--warmup-epochs", cfg.warmup_epochs, 0.0, cfg.epochs, hi_open=True)
+    check_precision("--precision", cfg.precision)
 
 
-def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False) -> Run:
+def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False, progress: bool = False) -> Run:
     """Processes, device, data, network, optimizer and generators of a fresh run (`resume` then loads its state)."""
     _check_config(cfg)
     dd, device_name = setup_processes(cfg.device)
@@ -192,12 +195,11 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
     model = build_model(spec)
     if cfg.weights and not resume:
         load_start_weights(model, cfg.weights)
-    model = model.to(device)
+    precision = resolve_precision(cfg.precision, device)
+    model = to_layout(model.to(device), precision.channels_last)
     if cfg.compile:
         compile_branches(model)
     cuda = device.type == "cuda"
-    if cuda and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
     net = model
@@ -215,6 +217,8 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
     local_batch = cfg.batch_size // dd.world
+    if dd.main and progress:
+        tqdm.write(f"precision: {precision.describe()}")
     if dd.enabled and dd.main:
         tqdm.write(f"distributed: {dd.world} processes ({dd.backend}), global batch {cfg.batch_size} "
                    f"({local_batch} per process){', SyncBatchNorm' if cfg.sync_bn else ''}")
@@ -222,7 +226,7 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
                shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1), drop_gen=torch.Generator().manual_seed(cfg.seed + 2),
                aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 3 + 1000 * dd.rank),  # each rank its own crops
                stats=SurvivalStats(spec.probs(), cfg.stats_window), steps_per_epoch=steps_per_epoch, local_batch=local_batch,
-               history=[])
+               history=[], precision=precision)
 
 
 def resume_from(run: Run, out: Path) -> None:
@@ -238,7 +242,8 @@ def resume_from(run: Run, out: Path) -> None:
     cfg, dd = run.cfg, run.dd
     if st.get("world_size", 1) != dd.world:
         raise InputError(f"--resume: the run in {out} used {st.get('world_size', 1)} processes; resume it with as many")
-    saved = {**TrainConfig().to_dict(), **st["config"]}  # a run saved before a setting existed had its default
+    # a run saved before a setting existed had its default; settings since removed (amp, channels_last) are ignored
+    saved = {k: v for k, v in {**TrainConfig().to_dict(), **st["config"]}.items() if k in TrainConfig().to_dict()}
     if saved != cfg.to_dict():
         changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
         raise InputError(f"--resume: the run in {out} used a different config ({', '.join(changed)}); use the same flags")
@@ -275,15 +280,14 @@ def run_epoch(run: Run, epoch: int, train_x: torch.Tensor, train_y: torch.Tensor
     for i in range(run.steps_per_epoch):
         idx = perm[i * run.local_batch : (i + 1) * run.local_batch]
         xb = normalize(augment(train_x[idx], pad, flip, run.aug_gen))
+        xb = run.precision.layout(xb)
         yb = train_y[idx]
-        if run.cuda and cfg.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
         run_mask = draw_run_mask(probs_t, run.drop_gen)
         record = cfg.contrib_every > 0 and i % cfg.contrib_every == 0
         model.set_record_contribution(record)
         if on_step:
             on_step(epoch * run.steps_per_epoch + i, run_mask.tolist())
-        loss, logits = train_step(run.net, run.opt, xb, yb, dict(zip(block_ids, run_mask.tolist())), run.cuda and cfg.amp,
+        loss, logits = train_step(run.net, run.opt, xb, yb, dict(zip(block_ids, run_mask.tolist())), run.precision.bf16,
                                   label_smoothing=cfg.label_smoothing)
         run.sched.step()
         losses.append(loss.detach())
@@ -326,7 +330,7 @@ def save_epoch(run: Run, out: Path, epoch: int, meta: dict, aug_states: list) ->
                 "epoch": epoch + 1,
                 "wall_s": meta["metrics"]["wall_s"],
                 "config": run.cfg.to_dict(),
-                "model": {k: v.cpu() for k, v in run.model.state_dict().items()},
+                "model": {k: v.cpu().contiguous() for k, v in run.model.state_dict().items()},
                 "optimizer": run.opt.state_dict(),
                 "scheduler": run.sched.state_dict(),
                 "shuffle_gen": run.shuffle_gen.get_state(),
@@ -369,7 +373,7 @@ def train(
         The trained model and its sidecar.
     """
     out = Path(out_dir)
-    run = setup(cfg, dataset, resume)
+    run = setup(cfg, dataset, resume, progress)
     if resume:
         resume_from(run, out)
     dd, model = run.dd, run.model
@@ -391,6 +395,7 @@ def train(
             "wall_s": round(run.wall_before + time.perf_counter() - t_start, 1),
             "train_images_per_s": round(float(np.median([h["images_per_s"] for h in run.history])), 1),
             "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
+            **run.precision.to_dict(),
             "torch": torch.__version__,
         }, history=run.history, survival_stats=run.stats.to_dict())
         aug_states = dd.gather_objects(run.aug_gen.get_state().cpu())
@@ -404,6 +409,7 @@ def train(
     bar.close()
     model.set_record_contribution(False)
     uncompile_branches(model)
+    to_layout(model, False)
     model.eval()
     if run.start_epoch >= cfg.epochs:  # resumed a finished run: nothing left to do
         return model, read_sidecar(out / "model.json")

@@ -15,7 +15,7 @@ from sdcompress.cli import main
 def family(digits_run, tmp_path_factory):
     pytest.importorskip("coremltools")
     out = tmp_path_factory.mktemp("depths") / "fam"
-    assert main(["export", str(digits_run), "--depths", "1.0,0.6,0.4", "--precision", "float32", "--data", "digits", "--out", str(out)]) == 0
+    assert main(["export", str(digits_run), "--depths", "1.0,0.6,0.4", "--coreml-precision", "float32", "--data", "digits", "--out", str(out)]) == 0
     return out
 
 

@@ -257,7 +257,7 @@ def test_coreml_tensor_input_float32_dynamic_batch(variants, tmp_path):
     from sdcompress.export.coreml import run_program
 
     out = tmp_path / "t"
-    assert main(["export", str(variants / "both"), "--format", "coreml", "--coreml-input", "tensor", "--precision", "float32", "--batch", "dynamic", "--out", str(out)]) == 0
+    assert main(["export", str(variants / "both"), "--format", "coreml", "--coreml-input", "tensor", "--coreml-precision", "float32", "--batch", "dynamic", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())["formats"]["coreml"]
     assert rep["verification"]["max_abs_diff"] <= 1e-4 and rep["verification"]["max_abs_diff_logits"] <= 1e-3
     model, meta = load_checkpoint(variants / "both")

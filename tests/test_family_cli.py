@@ -154,7 +154,7 @@ def test_core_ml_export_of_a_pruned_torchvision_model(arch, colour_data, tmp_pat
                  "--train-limit", "64", "--out", str(ckpt), "--no-progress"]) == 0
     assert main(["prune", str(ckpt), "--keep", "0.6", "--strategy", "every-other", "--recalibrate", "4", "--data", str(colour_data),
                  "--out", str(small), "--no-progress"]) == 0
-    assert main(["export", str(small), "--format", "coreml", "--precision", "float32", "--data", str(colour_data), "--out", str(out)]) == 0
+    assert main(["export", str(small), "--format", "coreml", "--coreml-precision", "float32", "--data", str(colour_data), "--out", str(out)]) == 0
     v = json.loads((out / "report.json").read_text())["formats"]["coreml"]["verification"]
     model, meta = load_checkpoint(small)
     assert len(model.block_ids) < meta.spec.blocks_total

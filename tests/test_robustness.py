@@ -109,7 +109,7 @@ def _setup_cases(ck: Path, w: Path) -> list[tuple[str, list[str]]]:
         ("export unknown format", ["export", c, "--format", "tflite", "--out", out]),
         ("export threads 0", ["export", c, "--threads", "0", "--out", out]),
         ("export out is a file", ["export", c, "--out", str(w / "afile")]),
-        ("export unknown precision", ["export", c, "--precision", "float8", "--out", out]),
+        ("export unknown precision", ["export", c, "--coreml-precision", "float8", "--out", out]),
         ("export corrupt sidecar", ["export", str(corrupt), "--out", out]),
         ("report missing checkpoint", ["report", str(w / "nothing")]),
         ("report json folder missing", ["report", c, "--json", str(w / "nofolder" / "r.json")]),

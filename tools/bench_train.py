@@ -1,15 +1,26 @@
-"""Training throughput with constant depth, with stochastic depth, and with the fast recipe, measured in one run.
+"""Training throughput in float32 and bf16, with constant and with stochastic depth, measured in one run.
 
-Prints images/s of each, the ratio of their step times, and the ratio the expected depth predicts (the
-fraction of block MACs expected to run: sum_l p_l * MACs_l plus the stem and classifier, over the total).
-The fast recipe is the stochastic-depth network trained as `tools/train_bundled.py --recipe fast` trains it:
-each residual branch compiled on its own (`--compile on`), a larger batch (`--fast-batch`, default 512) and
-label smoothing; its images/s against today's stochastic-depth trainer is the last line. Rounds alternate
-between the trainers so that the shared machine's noise hits all alike; medians are reported.
+Each variant runs the training step as `sdcompress train` runs it: a uint8 batch augmented (padded crop and
+flip) and normalized, the per-batch drop draw, the contribution norms every fourth step, forward, loss,
+backward and the SGD step; bf16 is autocast with channels_last (`sdcompress.precision`), float32 is NCHW.
+Rounds alternate between the variants so that a shared machine's noise hits all alike; medians are reported.
 
-    python tools/bench_train.py                      # resnet56, CPU
-    python tools/bench_train.py --arch resnet110
-    python tools/bench_train.py --device cuda --steps 50 --rounds 7
+Printed: images/s of each variant; bf16 / fp32 step time at constant and at stochastic depth; and stochastic /
+constant step time at each precision against what the expected depth predicts, two ways:
+- by MACs: the fraction of the MACs expected to run (stem and classifier plus sum_l p_l * MACs_l, over the total);
+- by block time: the same sum weighted by each block's own training time (forward + backward of one block of
+  each shape, timed alone at the variant's precision and batch), the rest of the constant-depth step (stem,
+  classifier, loss, optimizer, augmentation, the draw) counted as always run. The blocks of a CIFAR ResNet's
+  three stages have equal MACs but not equal time (the 16-channel blocks at 32x32 move the most memory and use
+  the matrix units least), and the first stage is the one that drops least, so the MACs predict too little.
+
+`--fast` adds the fast recipe: the stochastic-depth network with each residual branch compiled (`--compile
+on`), a larger batch (`--fast-batch`) and label smoothing, against the plain trainer at the same precision (its
+compilation takes minutes on a CPU).
+
+    python tools/bench_train.py --device cpu              # resnet56, batch 128, fp32 and bf16
+    python tools/bench_train.py --device cuda --steps 30 --rounds 5
+    python tools/bench_train.py --precisions fp32 --fast
 """
 
 from __future__ import annotations
@@ -24,10 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdcompress.nets import NetSpec, build_model, count_macs  # noqa: E402
-from sdcompress.survival import draw_run_mask  # noqa: E402
+from sdcompress.data import Normalize, augment  # noqa: E402
 from sdcompress.loops import resolve_device, train_step  # noqa: E402
+from sdcompress.nets import BasicBlock, NetSpec, block_layout, build_model, count_macs  # noqa: E402
+from sdcompress.precision import FP32, Precision, bf16_fast, to_layout  # noqa: E402
+from sdcompress.survival import draw_run_mask  # noqa: E402
 from sdcompress.train import compile_branches  # noqa: E402
+
+CONTRIB_EVERY = 4  # as TrainConfig.contrib_every
 
 
 def predicted_ratio(spec: NetSpec) -> float:
@@ -38,76 +53,152 @@ def predicted_ratio(spec: NetSpec) -> float:
     return (other + expected) / macs["total"]
 
 
+def block_times(arch: str, batch: int, prec: Precision, device: torch.device, reps: int = 3, rounds: int = 3) -> list[float]:
+    """Seconds of forward + backward of each block alone, as it runs in training (one timing per block shape)."""
+    cache: dict[tuple, float] = {}
+    out, hw = [], 32
+    for cin, cout, stride in block_layout(arch):
+        key = (cin, cout, stride, hw)
+        if key not in cache:
+            torch.manual_seed(0)
+            blk = to_layout(BasicBlock(cin, cout, stride, 1.0).to(device), prec.channels_last).train()
+            x = prec.layout(torch.relu(torch.randn(batch, cin, hw, hw, device=device))).requires_grad_()
+
+            def once():
+                with prec.autocast(device):
+                    y = blk(x)
+                y.float().sum().backward()
+
+            for _ in range(2):
+                once()
+            best = float("inf")
+            for _ in range(rounds):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    once()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, (time.perf_counter() - t0) / reps)
+            cache[key] = best
+        out.append(cache[key])
+        hw //= stride
+    return out
+
+
+def time_predicted_ratio(spec: NetSpec, blocks: list[float], constant_step: float) -> float:
+    """Stochastic / constant step time if each block costs its own time and everything else the same."""
+    rest = max(0.0, constant_step - sum(blocks))
+    return (rest + sum(p * t for p, t in zip(spec.probs(), blocks))) / (rest + sum(blocks))
+
+
+class Variant:
+    """One network with its optimizer and generators, stepped as the trainer steps it."""
+
+    def __init__(self, arch: str, rule: str, p_last: float, prec: Precision, batch: int, device: torch.device,
+                 compiled: bool = False, label_smoothing: float = 0.0):
+        self.spec = NetSpec(arch, 3, 10, rule, p_last)
+        torch.manual_seed(0)
+        self.model = to_layout(build_model(self.spec).to(device), prec.channels_last)
+        if compiled:
+            compile_branches(self.model)
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        self.prec, self.batch, self.device, self.label_smoothing = prec, batch, device, label_smoothing
+        self.probs = torch.tensor(self.spec.probs())
+        self.drop_gen = torch.Generator().manual_seed(1)
+        self.aug_gen = torch.Generator(device=device).manual_seed(2)
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (4 * batch, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
+        self.labels = torch.randint(0, 10, (4 * batch,), generator=g).to(device)
+        self.normalize = Normalize([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], device)
+        self.step = 0
+
+    def run(self, steps: int) -> float:
+        """Seconds per step over `steps` steps."""
+        cuda = self.device.type == "cuda"
+        ids = self.model.block_ids
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(0, len(self.labels), (self.batch,), device=self.device, generator=self.aug_gen)
+            x = self.prec.layout(self.normalize(augment(self.images[idx], 4, True, self.aug_gen)))
+            record = self.step % CONTRIB_EVERY == 0
+            self.model.set_record_contribution(record)
+            run_mask = dict(zip(ids, draw_run_mask(self.probs, self.drop_gen).tolist()))
+            train_step(self.model, self.opt, x, self.labels[idx], run_mask, self.prec.bf16, label_smoothing=self.label_smoothing)
+            if record:
+                [c.item() for c in self.model.contributions().values() if c is not None]  # the trainer stacks them
+            self.step += 1
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet56")
     ap.add_argument("--p-last", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--fast", action="store_true", help="add the fast recipe (compiled branches; compiling takes minutes on a CPU)")
     ap.add_argument("--fast-batch", type=int, default=512, help="batch of the fast recipe")
-    ap.add_argument("--no-fast", action="store_true", help="skip the fast recipe (its compilation takes minutes on a CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    cuda = device.type == "cuda"
-    gen = torch.Generator().manual_seed(0)
-    batches = {}
-    for b in {args.batch_size, args.fast_batch}:
-        x = torch.randn(b, 3, 32, 32, generator=gen).to(device)
-        batches[b] = (x.contiguous(memory_format=torch.channels_last) if cuda else x, torch.randint(0, 10, (b,), generator=gen).to(device))
-    runs = {}
-    for name, rule in (("none", "none"), ("linear", "linear")) + ((("fast", "linear"),) if not args.no_fast else ()):
-        spec = NetSpec(args.arch, 3, 10, rule, args.p_last)
-        torch.manual_seed(0)
-        model = build_model(spec).to(device)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
-        if name == "fast":
-            compile_branches(model)
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
-        batch = args.fast_batch if name == "fast" else args.batch_size
-        runs[name] = (spec, model, opt, torch.tensor(spec.probs()), torch.Generator().manual_seed(1), batch)
-
-    def round_time(rule: str, steps: int) -> float:
-        spec, model, opt, probs, g, batch = runs[rule]
-        x, y = batches[batch]
-        ids = model.block_ids
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            run_mask = dict(zip(ids, draw_run_mask(probs, g).tolist()))
-            train_step(model, opt, x, y, run_mask, bf16=cuda, label_smoothing=0.1 if rule == "fast" else 0.0)
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / steps
-
+    precs = {"fp32": FP32, "bf16": Precision("bf16", True, "bf16")}
+    names = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not names or any(p not in precs for p in names):
+        ap.error(f"--precisions: a comma-separated list of fp32, bf16, got {args.precisions!r}")
+    variants: dict[tuple[str, str], Variant] = {}
+    for p in names:
+        for rule in ("none", "linear"):
+            variants[(p, rule)] = Variant(args.arch, rule, args.p_last, precs[p], args.batch_size, device)
+        if args.fast:
+            variants[(p, "fast")] = Variant(args.arch, "linear", args.p_last, precs[p], args.fast_batch, device, compiled=True,
+                                            label_smoothing=0.1)
     t0 = time.perf_counter()
-    for rule in runs:  # warm-up (the fast recipe compiles here: one graph per block shape, train and eval)
-        round_time(rule, 3 if rule != "fast" else 8)
+    for key, v in variants.items():  # warm-up (the fast recipe compiles here: one graph per block shape and mode)
+        v.run(8 if key[1] == "fast" else 2)
     warm_s = time.perf_counter() - t0
-    times = {rule: [] for rule in runs}
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
-        for rule in runs:
-            times[rule].append(round_time(rule, args.steps))
-    med = {rule: statistics.median(v) for rule, v in times.items()}
-    pred = predicted_ratio(runs["linear"][0])
-    name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{args.arch}  batch {args.batch_size}  device {name}  {'bf16 autocast, channels_last' if cuda else 'fp32'}")
-    print(f"  constant depth          {args.batch_size / med['none']:8.0f} img/s  ({med['none'] * 1e3:.1f} ms/step)")
-    print(f"  stochastic depth p_L {args.p_last}  {args.batch_size / med['linear']:8.0f} img/s  ({med['linear'] * 1e3:.1f} ms/step)")
-    ratio = med["linear"] / med["none"]
-    print(f"  step-time ratio SD / constant: {ratio:.3f}   predicted by expected depth: {pred:.3f}")
-    if "fast" in med:
-        fast = args.fast_batch / med["fast"]
-        print(f"  fast recipe (compiled branches, batch {args.fast_batch}, label smoothing 0.1)  {fast:8.0f} img/s  "
-              f"({med['fast'] * 1e3:.1f} ms/step; warm-up with compilation {warm_s:.0f} s)")
-        print(f"  fast / today's stochastic-depth trainer: {fast / (args.batch_size / med['linear']):.2f}x images/s")
+        for key, v in variants.items():
+            times[key].append(v.run(args.steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    spec = variants[(names[0], "linear")].spec
+    pred = predicted_ratio(spec)
+    blocks = {p: block_times(args.arch, args.batch_size, precs[p], device) for p in names}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{args.arch}  batch {args.batch_size}  device {where} ({bf16_fast(device)[1]})  "
+          f"{args.rounds} rounds x {args.steps} steps, medians")
+    for (p, rule), t in med.items():
+        what = {"none": "constant depth", "linear": f"stochastic depth p_L {args.p_last}",
+                "fast": f"fast recipe (batch {args.fast_batch})"}[rule]
+        batch = args.fast_batch if rule == "fast" else args.batch_size
+        print(f"  {p:<4} {precs[p].describe():<24} {what:<26} {batch / t:7.0f} img/s  ({t * 1e3:7.1f} ms/step)")
+    if "fp32" in names and "bf16" in names:
+        for rule, what in (("none", "constant depth"), ("linear", "stochastic depth")):
+            print(f"  bf16 / fp32 step time, {what}: {med[('bf16', rule)] / med[('fp32', rule)]:.3f}")
+    for p in names:
+        ratio = med[(p, "linear")] / med[(p, "none")]
+        by_time = time_predicted_ratio(spec, blocks[p], med[(p, "none")])
+        stages = sorted({round(t * 1e3, 1) for t in blocks[p]}, reverse=True)
+        print(f"  {p}: step-time ratio stochastic / constant {ratio:.3f}; expected depth predicts {pred:.3f} by MACs "
+              f"({ratio - pred:+.3f}), {by_time:.3f} by block time ({ratio - by_time:+.3f}; one block's step "
+              f"{', '.join(f'{t:g}' for t in stages)} ms, blocks {1e3 * sum(blocks[p]):.0f} of {1e3 * med[(p, 'none')]:.0f} ms)")
+    if args.fast:
+        for p in names:
+            fast = args.fast_batch / med[(p, "fast")]
+            plain = args.batch_size / med[(p, "linear")]
+            print(f"  {p}: fast recipe / stochastic-depth trainer {fast / plain:.2f}x images/s (warm-up with compilation {warm_s:.0f} s)")
 
 
 if __name__ == "__main__":

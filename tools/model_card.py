@@ -59,6 +59,9 @@ def main() -> None:
     rule = f"stochastic depth, {cfg['survival_rule']} rule, p_L {cfg['p_last']}" if cfg["survival_rule"] != "none" else "constant depth (no blocks dropped: the control)"
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k in ("arch", "epochs", "batch_size", "lr", "warmup_epochs", "schedule", "survival_rule", "p_last", "seed"))
     correct = round(ev["top1"] * ev["n"])
+    # runs before the precision setting: bf16 autocast + channels_last on CUDA, float32 on a CPU
+    precision = (f"{m['precision']} ({m['memory_format']})" if "precision" in m else
+                 "bf16 autocast + channels_last" if m["device"] != "cpu" else "fp32")
     card = f"""# {args.model.name}: CIFAR-10 {cfg['arch']}, {rule}
 
 {args.note}
@@ -71,7 +74,7 @@ def main() -> None:
 | training | {rule} |
 | data | {DATA_SOURCE} |
 | split | {dm.split['train_size']:,} train / {dm.split['val_size']:,} validation: a seeded permutation (seed {dm.split['seed']}) of the pool in ImageFolder order; accuracy is only ever claimed on held-out images |
-| recipe | SGD, nesterov {cfg['nesterov']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}, lr {cfg['lr']} ({cfg['warmup_epochs']} warmup epochs, then {cfg['schedule']}), {cfg['epochs']} epochs, 4-pixel padded random crop + horizontal flip, seed {cfg['seed']}, bf16 autocast + channels_last on CUDA |
+| recipe | SGD, nesterov {cfg['nesterov']}, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, batch {cfg['batch_size']}, lr {cfg['lr']} ({cfg['warmup_epochs']} warmup epochs, then {cfg['schedule']}), {cfg['epochs']} epochs, 4-pixel padded random crop + horizontal flip, seed {cfg['seed']}, {precision} |
 | device and time | {m['device']}, torch {m['torch']}: {m['wall_s']} s wall for {m['epochs']} epochs (training and per-epoch validation; the two bundled models trained side by side on the one GPU), median {m['train_images_per_s']:.0f} training images/s |
 {val_line}
 | bundled evaluation set top-1 (`models/{EVAL_SET}`, 2,000 validation images) | {100 * ev['top1']:.2f}% ({correct}/{ev['n']}), measured on CPU in {ev_s:.1f} s |

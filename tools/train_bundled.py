@@ -8,7 +8,8 @@ number of epochs is chosen to fit a wall-clock budget, from a short measurement 
 
 `--recipe paper` is the stochastic depth paper's (batch 128, lr 0.1, no warmup); `--recipe fast` the fast
 CIFAR-10 trainers' (batch 512, lr 0.4 scaled with the batch, 2 warmup epochs, label smoothing 0.1, each residual
-branch compiled; bf16 and channels_last on CUDA as always). Each run checkpoints every epoch; rerunning the same
+branch compiled); every run at `--precision auto` (bf16 autocast and channels_last where the device runs bf16
+fast). Each run checkpoints every epoch; rerunning the same
 command resumes every unfinished run from its last epoch with the epochs it started with.
 """
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from sdcompress.nets import NetSpec, build_model  # noqa: E402
 from sdcompress.loops import resolve_device, train_step  # noqa: E402
+from sdcompress.precision import resolve_precision, to_layout  # noqa: E402
 
 MODELS = {"resnet56-sd": ("resnet56", "linear", 0.5), "resnet56-constant": ("resnet56", "none", 0.5),
           "resnet32-constant": ("resnet32", "none", 0.5)}
@@ -42,19 +44,18 @@ RECIPES = {
 def step_time(arch: str, device: torch.device, batch: int, steps: int = 30) -> float:
     """Seconds per training step of the constant-depth network (the slower of the two)."""
     cuda = device.type == "cuda"
+    prec = resolve_precision("auto", device)  # what the runs will use
     torch.manual_seed(0)
-    model = build_model(NetSpec(arch, 3, 10, "none", 0.5)).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    model = to_layout(build_model(NetSpec(arch, 3, 10, "none", 0.5)).to(device), prec.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    x = prec.layout(torch.randn(batch, 3, 32, 32, device=device))
     y = torch.randint(0, 10, (batch,), device=device)
     for i in range(steps + 5):
         if i == 5:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        train_step(model, opt, x, y, None, bf16=cuda)
+        train_step(model, opt, x, y, None, bf16=prec.bf16)
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

@@ -33,7 +33,6 @@ HELP = {  # options several subcommands share, or whose meaning the flag name al
     "augment": "training augmentation: auto (crop and flip for colour images, none otherwise), standard, crop, none",
     "seed": "seed of the weights, shuffling, drop draws and augmentation",  # train's; the stages give their own
     "device": "where to run: auto (CUDA when available), cpu or cuda",
-    "channels_last": "channels_last memory format on CUDA",
     "stats_window": "recent steps the drop-effect regression uses",
     "contrib_every": "measure each block's contribution every this many steps (0: never)",
     "no_progress": "no progress bar",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import OUT_ROOT, _ckpt_arg, _fresh_out, _model_name, _names, _recovery_args, _resolve_ckpt
+from .common import OUT_ROOT, _ckpt_arg, _finetune_line, _fresh_out, _model_name, _names, _recovery_args, _resolve_ckpt
 
 
 def add_parser(sub) -> None:
@@ -27,7 +27,7 @@ def run(a) -> int:
     from ..report import format_bytes
 
     cfg = BinarizeConfig(a.binarize_stem, a.binarize_head, a.full_precision, a.recalibrate, a.finetune, a.finetune_lr,
-                         a.finetune_survival, a.seed, a.distill, a.distill_temperature, a.distill_alpha, a.teacher)
+                         a.finetune_survival, a.seed, a.distill, a.distill_temperature, a.distill_alpha, a.teacher, a.precision)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
     out = _fresh_out(a.out or OUT_ROOT / f"{name}-binarize", a.force, (path, a.teacher))
@@ -36,6 +36,8 @@ def run(a) -> int:
     acc = f", top-1 {100 * b['accuracy']['top1']:.1f}% -> {100 * f['accuracy']['top1']:.1f}%" if b.get("accuracy") and f.get("accuracy") else ""
     print(f"{len(r['binarize']['layers'])} layers binarized, 1-bit params {f['params']['by_bits'].get('1', 0):,}, "
           f"size {format_bytes(b['bytes']['checkpoint'])} -> {format_bytes(f['bytes']['checkpoint'])}{acc}")
+    if _finetune_line(r["binarize"]["finetune"]):
+        print(_finetune_line(r["binarize"]["finetune"]))
     print(f"wrote {out}/model.pt, {out}/report.json, {out}/report.md")
     if not cfg.finetune:
         lost = (f" (top-1 {100 * b['accuracy']['top1']:.1f}% -> {100 * f['accuracy']['top1']:.1f}% here)"

@@ -54,6 +54,22 @@ def _resolve_ckpt(ckpt):
     return Path(ckpt) if ckpt else bundled()
 
 
+def _precision_arg(p, default: str) -> None:
+    from ..precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=default,
+                   help="of the training steps: auto (bf16 autocast and channels_last where the device runs bf16 fast: CUDA "
+                        "with bf16, a CPU with AMX; else fp32), fp32 or bf16; weights stay float32")
+
+
+def _finetune_line(record: dict | None) -> str | None:
+    """What a stage's fine-tuning ran: epochs, precision and layout, time."""
+    if not record:
+        return None
+    return (f"fine-tuned {record['epochs']} epochs at lr {record['lr']:g}{' (distilled)' if record.get('distill') else ''}, "
+            f"{record.get('precision', 'fp32')} ({record.get('memory_format', 'contiguous (NCHW)')}), {record['seconds']:.0f} s")
+
+
 def _recovery_args(p, d, out_default: str) -> None:
     """Flags shared by the stages that change a trained network: recovery, data, output."""
     p.add_argument("--recalibrate", type=int, default=d.recalibrate, metavar="N", help="BatchNorm recalibration batches (0: off)")
@@ -70,6 +86,7 @@ def _recovery_args(p, d, out_default: str) -> None:
     p.add_argument("--teacher", default=None, metavar="CKPT",
                    help="fine-tune from this checkpoint as teacher instead of the model before this stage (e.g. the unpruned "
                         "float model when binarizing a pruned one); same input and classes")
+    _precision_arg(p, d.precision)
     p.add_argument("--data", default=None, help="training data for recalibration/fine-tuning, and evaluation data (default: bundled sets or the checkpoint's data)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

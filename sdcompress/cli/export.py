@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
                         "as bits in .ort), float, int8 or int4 (DequantizeLinear, one scale per output channel), 1bit (default auto)")
     p.add_argument("--batch", type=_batch, default=1, metavar="N|dynamic",
                    help="batch size fixed in the ONNX / ORT graphs and a Core ML tensor input; dynamic: any (default 1)")
-    p.add_argument("--precision", choices=("float16", "float32"), default="float16", help="Core ML compute precision and weights (default float16)")
+    p.add_argument("--coreml-precision", choices=("float16", "float32"), default="float16", help="Core ML compute precision and weights (default float16)")
     p.add_argument("--coreml-input", choices=("image", "tensor"), default="image",
                    help="Core ML input: an image with the normalization built in (default), or the normalized float tensor")
     p.add_argument("--minimum-deployment-target", choices=("iOS16", "iOS17", "iOS18"), default=None,
@@ -65,7 +65,7 @@ def run(a) -> int:
         return _run_depths(a, path, name, pkg, formats)
     a.format = formats
     out = _fresh_out(a.out or OUT_ROOT / f"{name}-export", a.force, (path,))
-    r = run_export(path, a.format, out, a.data, a.data_dir, a.threads, precision=a.precision, coreml_input=a.coreml_input, verbose=a.verbose,
+    r = run_export(path, a.format, out, a.data, a.data_dir, a.threads, precision=a.coreml_precision, coreml_input=a.coreml_input, verbose=a.verbose,
                    weights=a.weights, batch=a.batch, name=pkg, deployment_target=a.minimum_deployment_target)
     print(f"checkpoint {format_bytes(r['bytes']['checkpoint'])}; float32 ONNX of the unpruned float network "
           f"{format_bytes(r['bytes']['float32_onnx_reference'])}" if r["bytes"].get("float32_onnx_reference") else
@@ -108,7 +108,7 @@ def _run_depths(a, path, name: str, pkg: str, formats) -> int:
     if a.weights != "auto" or a.minimum_deployment_target not in (None, "iOS18"):
         raise InputError("--depths takes the default weight form and needs iOS18 (multifunction packages); drop --weights / --minimum-deployment-target")
     out = _fresh_out(a.out or OUT_ROOT / f"{name}-depths", a.force, (path,))
-    r = run_depth_export(path, depths, out, a.strategy, a.recalibrate, a.data, a.data_dir, formats, a.precision, a.coreml_input, a.batch,
+    r = run_depth_export(path, depths, out, a.strategy, a.recalibrate, a.data, a.data_dir, formats, a.coreml_precision, a.coreml_input, a.batch,
                          pkg, a.threads, a.verbose)
     for d in r["depths"]:
         o = d.get("onnx")

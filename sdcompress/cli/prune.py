@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import OUT_ROOT, _ckpt_arg, _fresh_out, _model_name, _positive_int, _recovery_args, _resolve_ckpt
+from .common import OUT_ROOT, _ckpt_arg, _finetune_line, _fresh_out, _model_name, _positive_int, _recovery_args, _resolve_ckpt
 
 
 _UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "k": 1000, "m": 1000**2}
@@ -70,7 +70,7 @@ def run(a) -> int:
                       max_size=a.max_size, max_params=a.max_params, strategy=a.strategy, recalibrate=a.recalibrate,
                       sensitivity_batches=a.sensitivity_batches, finetune=a.finetune, finetune_lr=a.finetune_lr,
                       finetune_survival=a.finetune_survival, seed=a.seed, distill=a.distill,
-                      distill_temperature=a.distill_temperature, distill_alpha=a.distill_alpha, teacher=a.teacher)
+                      distill_temperature=a.distill_temperature, distill_alpha=a.distill_alpha, teacher=a.teacher, precision=a.precision)
     path = _resolve_ckpt(a.ckpt)
     name = _model_name(path)
     tag = f"keep{a.keep}" if cfg.keep is not None else "budget" if cfg.blocks_to_keep is None else "blocks"
@@ -82,5 +82,7 @@ def run(a) -> int:
     if warning:
         print(f"sdcompress prune: warning: {warning}", file=sys.stderr)
     print(summary_line(report["before"], report["after"]))
+    if _finetune_line(report["prune"]["finetune"]):
+        print(_finetune_line(report["prune"]["finetune"]))
     print(f"wrote {out}/model.pt, {out}/report.json, {out}/report.md")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from .common import OUT_ROOT, _bool, _ckpt_arg, _model_name, _names, _positive_int, _resolve_ckpt
+from .common import OUT_ROOT, _bool, _ckpt_arg, _model_name, _names, _positive_int, _precision_arg, _resolve_ckpt
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--depth-family", type=_bool, default=d.depth_family, metavar="on|off",
                    help="also export the float keeps as one depth family in DIR/family (one Core ML package with a function "
                         "per keep, as `export --depths`) and set each nested depth beside the point pruned alone (default off)")
-    p.add_argument("--precision", choices=("float16", "float32"), default=d.precision, help="Core ML precision")
+    _precision_arg(p, d.precision)
+    p.add_argument("--coreml-precision", choices=("float16", "float32"), default=d.coreml_precision, help="Core ML compute precision and weights")
     p.add_argument("--threads", type=_positive_int, default=d.threads, help="onnxruntime threads for every latency figure")
     p.add_argument("--data", default=None, help="evaluation and calibration data (default: the bundled sets for bundled models)")
     p.add_argument("--data-dir", default=None)
@@ -57,7 +58,7 @@ def run(a) -> int:
     if a.finetune < 0:
         raise InputError(f"--finetune must be >= 0, got {a.finetune}")
     cfg = SweepConfig(keeps=a.keep, binarize=a.binarize, formats=a.formats, strategy=a.strategy, finetune=a.finetune,
-                      distill=a.distill, precision=a.precision, threads=a.threads,
+                      distill=a.distill, precision=a.precision, coreml_precision=a.coreml_precision, threads=a.threads,
                       depth_family=a.depth_family)
     path = _resolve_ckpt(a.ckpt)
     if not path.exists():

@@ -7,7 +7,7 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from .common import OUT_ROOT, _bool, _fresh_out, _positive_int
+from .common import OUT_ROOT, _bool, _fresh_out, _positive_int, _precision_arg
 
 
 def _p_last(s: str) -> float:
@@ -54,8 +54,7 @@ def add_parser(sub) -> None:
     p.add_argument("--augment", default=d.augment, choices=["auto", "standard", "crop", "none"])
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", type=_bool, default=d.amp, metavar="on|off", help="bf16 autocast on CUDA")
-    p.add_argument("--channels-last", type=_bool, default=d.channels_last, metavar="on|off")
+    _precision_arg(p, d.precision)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, metavar="E",
                    help="cross-entropy against smoothed labels, (1 - E) one-hot + E / classes (default 0)")
     p.add_argument("--compile", type=_bool, default=d.compile, metavar="on|off",
@@ -97,5 +96,6 @@ def run(a) -> int:
         return 0  # rank 0 reports
     m = meta.metrics
     val = f"val top-1 {m['val_top1']:.4f}" if m.get("val_top1") is not None else "no validation split"
-    print(f"wrote {out}/model.pt  {val}  epochs {m['epochs']}  wall {m['wall_s']} s  device {m['device']}")
+    print(f"wrote {out}/model.pt  {val}  epochs {m['epochs']}  wall {m['wall_s']} s  device {m['device']}  "
+          f"{m.get('precision', 'fp32')} ({m.get('memory_format', 'contiguous (NCHW)')})")
     return 0
