@@ -3,6 +3,7 @@ and the accuracy change in percentage points."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .errors import InputError
@@ -44,7 +45,28 @@ def load_report(path: str | Path) -> dict:
         raise InputError(f"{path}: not an sdcompress report (no \"schema\": \"{REPORT_SCHEMA}\")")
     if model_part(data) is None and not depth_entries(data, str(path)):
         raise InputError(f"{path}: an sdcompress report without model figures (params, MACs); nothing to compare")
+    for part, where in ([(model_part(data), "")] if model_part(data) is not None else []) + [
+            (e, f"depth {n.rpartition('#')[2]}: ") for e, n in depth_entries(data, str(path))]:
+        check_figures(part, f"{path}: {where}")
     return data
+
+
+MAX_FIGURE = 1e18  # more parameters, MACs or bytes than any model has: a corrupt report
+
+
+def check_figures(part: dict, where: str) -> None:
+    """Every figure compare reads is a finite number in its range (a report is untrusted input: NaN, Infinity and
+    1e400 are valid JSON), or an InputError naming the field."""
+    for key, _, unit in METRICS:
+        d = part
+        for k in key.split("."):
+            d = d.get(k) if isinstance(d, dict) else None
+        if d is None:
+            continue
+        hi = 1.0 if unit == "accuracy" else 1e7 if unit == "ms" else MAX_FIGURE
+        ok = isinstance(d, (int, float)) and not isinstance(d, bool) and math.isfinite(d) and 0 <= d <= hi
+        if not ok:
+            raise InputError(f"{where}{key} is {d!r}; a report's figures are finite numbers in [0, {hi:g}]")
 
 
 def depth_entries(report: dict, name: str) -> list[tuple[dict, str]]:

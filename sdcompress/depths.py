@@ -127,7 +127,7 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
     from .compare import timing_run
     from .evaluate import calibration_images, eval_data
     from .export import coreml
-    from .export.onnx import compare_outputs, interleaved_latency, mobile_usability, ort_session, run_batches
+    from .export.onnx import compare_outputs, interleaved_latency, latency_entry, mobile_usability, ort_session, run_batches
     from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes
     from .pipeline import VerificationFailed, _export_onnx, compression_ratio, reference_onnx_bytes
     from .zoo import card_fields
@@ -178,7 +178,7 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
         if sessions:
             lat = interleaved_latency(sessions, meta.data.input_shape)
             for row in rows:
-                row["latency_ms"] = {"onnxruntime_cpu_b1": lat[row["function"]], "threads": threads}
+                row["latency_ms"] = latency_entry(lat[row["function"]], batch, threads=threads)
                 if f"family/{row['function']}" in lat:
                     row["onnx_family"]["latency_ms"] = lat[f"family/{row['function']}"]
         if "coreml" in formats:

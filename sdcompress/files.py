@@ -124,6 +124,41 @@ def check_output_folder(out: str | Path, force: bool, inputs: tuple = (), flag: 
     return out
 
 
+def check_output_file(path: str | Path | None, force: bool, flag: str, inputs: tuple = ()) -> Path | None:
+    """Check, before any work, that `path` can become this command's output file: not a folder or anything but a
+    regular file, not one of the command's inputs (or their checkpoints' files), absent unless `force`, and in a
+    folder where a file can really be created (a probe file, made and removed: a permission bit says nothing on a
+    read-only or virtual file system, nor to root)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path}: is a folder; give the path of a file")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{flag} {path}: exists and is not a regular file")
+    for src in inputs:
+        if src is None:
+            continue
+        src = Path(src)
+        taken = [src] + ([checkpoint_folder(src) / WEIGHTS, checkpoint_folder(src) / SIDECAR] if src.is_dir() or src.suffix == ".pt" else [])
+        if any(path.resolve() == t.resolve() for t in taken):
+            raise InputError(f"{flag} {path}: is one of this command's inputs; write to another file")
+    if path.exists() and not force:
+        raise InputError(f"{flag} {path}: exists; pass --force to overwrite")
+    base = path.absolute().parent
+    while not base.exists():
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise OSError(f"{base} is not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".sdcompress-probe.", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write in {base} ({first_line(e)})") from None
+    return path
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
     import ctypes

@@ -195,7 +195,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
         for fmt in FORMATS:
             rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
         rep["bytes"]["float32_onnx_reference"] = reference
-        timed = [f for f in files.values() if f.get("latency_ms")]
+        timed = [f for f in files.values() if (f.get("latency_ms") or {}).get("onnxruntime_cpu_b1") is not None]
         rep["latency_ms"] = {"onnxruntime_cpu_b1": timed[0]["latency_ms"]["onnxruntime_cpu_b1"], "file": timed[0]["file"],
                              "timing_run": timing_run()} if timed else None
         result = {**rep, "stage": "export", "formats": files, "checkpoint_sha256": file_sha256(resolve(ckpt)[0])}
@@ -211,8 +211,8 @@ def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, w
     to the caller (who times several files together)."""
     import torch
 
-    from .export.onnx import (auto_form, compare_outputs, consumer_ort_bytes, export_onnx, latency_ms, mobile_usability, ort_format,
-                              ort_session, run_batches, verify_onnx)
+    from .export.onnx import (auto_form, compare_outputs, consumer_ort_bytes, export_onnx, fixed_batch, latency_entry, latency_ms,
+                              mobile_usability, ort_format, ort_session, run_batches, verify_onnx)
 
     x = Normalize(meta.data.mean, meta.data.std)(images)
     form = auto_form(model, fmt) if weights == "auto" else weights
@@ -252,7 +252,7 @@ def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, w
     entry = {"file": path.name, "format": fmt, "bytes": path_bytes(path), **facts, **extra,
              "mobile_usability": usability, "verification": {**check, "dataset": eval_name}}
     if timed:
-        entry["latency_ms"] = {"onnxruntime_cpu_b1": latency_ms(session, meta.data.input_shape), "threads": threads, "runs": 50}
+        entry["latency_ms"] = latency_entry(latency_ms(session, meta.data.input_shape), fixed_batch(session), threads=threads, runs=50)
     return entry
 
 

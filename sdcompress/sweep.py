@@ -4,7 +4,10 @@ export and verify every point, and measure them all the same way.
 Each point lives in `DIR/points/LABEL/` (its checkpoint, export and `point.json`); `point.json` is written last
 and atomically, so a point that has one is complete and a rerun skips it. Latency is measured after all points
 exist, for all of them in the same run (interleaved rounds, one thread count), so that resumed sweeps still
-compare latencies measured side by side on a shared, noisy machine.
+compare latencies measured side by side on a shared, noisy machine. Paths in `point.json` are relative to DIR, so a
+sweep resumes from any working directory and survives being moved. `--force` first removes the index
+(`sweep.json`) and every point's completion markers, so an interrupted forced sweep leaves finished new points and
+unfinished ones, never an index or a point of the old settings; rerunning resumes it.
 """
 
 from __future__ import annotations
@@ -89,13 +92,39 @@ def _settings(cfg: SweepConfig, ckpt, data) -> dict:
     return {**d, "checkpoint": str(Path(ckpt).resolve()), "data": data}
 
 
-def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, data, data_dir, device, reprune: bool) -> dict:
+def _relative(path, out: Path) -> str:
+    """A path as point.json stores it: relative to the sweep folder when inside it (the folder can be moved, and a
+    sweep resumed from any working directory), else absolute."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(out.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _in_sweep(path: str, out: Path) -> Path:
+    """A path read from point.json (see `_relative`)."""
+    return Path(path) if Path(path).is_absolute() else out / path
+
+
+def _forget_points(out: Path) -> None:
+    """What `--force` does before any work: the index goes first, then every point's completion markers (point.json,
+    and the report.json a pruning reuse is decided by), so that a run interrupted at any moment leaves no index
+    listing points of other settings and no old point that a resumed run would take for a new one."""
+    for name in ("sweep.json", "sweep.md", "tradeoff.png"):
+        (out / name).unlink(missing_ok=True)
+    for marker in ("point.json", "report.json"):
+        for f in sorted((out / "points").glob(f"*/{marker}")):
+            f.unlink()
+
+
+def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, data, data_dir, device) -> dict:
     """Prune (unless a finished pruning at this keep can be reused), binarize, export, measure; write point.json."""
     pdir = out / "points" / label(keep, binary)
     src, acc = ckpt, None
     if keep < 1.0:
         pruned = out / "points" / label(keep, False)
-        if reprune or not (pruned / "report.json").exists():  # written after the checkpoint: the stage finished
+        if not (pruned / "report.json").exists():  # written after the checkpoint: the stage finished (--force removes it)
             acc = run_prune(ckpt, PruneConfig(keep=keep, strategy=cfg.strategy, finetune=cfg.finetune, distill=cfg.distill,
                                                   precision=cfg.precision), pruned, data, data_dir,
                             device, progress=False, measure_before=False)["after"]["accuracy"]
@@ -115,7 +144,7 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
         # fine-tuning recovers what a stage took; the unpruned float point is the starting model, not tuned
         "finetune_epochs": cfg.finetune if (keep < 1.0 or binary) else 0,
         "distill": cfg.distill if cfg.finetune and (keep < 1.0 or binary) else None,
-        "checkpoint": str(resolve(src)[0]), "files": {f: str(pdir / "export" / e["file"]) for f, e in exp["formats"].items()},
+        "checkpoint": _relative(resolve(src)[0], out), "files": {f: _relative(pdir / "export" / e["file"], out) for f, e in exp["formats"].items()},
         "verification": {f: {k: e["verification"][k] for k in ("max_abs_diff", "top1_agreement", "n", "ok")} for f, e in exp["formats"].items()},
     }
     atomic_write_json(pdir / "point.json", point)
@@ -172,31 +201,29 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
         if old != settings:
             raise InputError(f"--out {out}: holds a sweep with other settings (checkpoint, strategy, formats, fine-tuning or data); "
                              "pass --force to redo its points, or another --out")
+    if force:
+        _forget_points(out)
     atomic_write_json(sfile, settings)
     todo = [(k, b) for k in cfg.keeps for b in cfg.binarize]
-    points, reused, repruned = [], 0, set()
+    points, reused = [], 0
     bar = tqdm(todo, desc="sweep", unit="point", disable=not progress)
     for keep, binary in bar:
         bar.set_postfix_str(label(keep, binary))
         pj = out / "points" / label(keep, binary) / "point.json"
-        if pj.exists() and not force:
+        if pj.exists():  # finished with these settings (--force removed every point.json first)
             points.append(json.loads(pj.read_text()))
             reused += 1
             continue
-        if force and pj.exists():
-            pj.unlink()
-        # with --force, each keep is pruned again once in this run (the settings may have changed)
-        points.append(_point(ckpt, keep, binary, cfg, out, data, data_dir, device, force and keep not in repruned))
-        repruned.add(keep)
+        points.append(_point(ckpt, keep, binary, cfg, out, data, data_dir, device))
     bar.close()
     # every point timed in this run, same threads, interleaved
     onnx_bytes = {}
     for p in points:
         f = p["files"].get("ort") or p["files"].get("onnx")  # the file the size axis shows
         if f:
-            onnx_bytes[p["label"]] = str(f)
+            onnx_bytes[p["label"]] = str(_in_sweep(f, out))
         else:
-            m, meta = load_checkpoint(p["checkpoint"])
+            m, meta = load_checkpoint(_in_sweep(p["checkpoint"], out))
             onnx_bytes[p["label"]] = export_onnx(m, meta)[0]
     input_shape = read_sidecar(resolve(ckpt)[1]).data.input_shape
     lat = _latency(points, input_shape, cfg, onnx_bytes)
@@ -292,7 +319,7 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
     k6 = next((r for r in rows if r["binarized"] and abs(r["keep"] - 0.6) < 1e-9), None)
     if k6 is not None and any(v for v in k6["compression_ratio"].values()):
         summary["keep0.6_binary_compression_ratio"] = {f: v for f, v in k6["compression_ratio"].items() if v}
-    return {"schema": SWEEP_SCHEMA, "checkpoint": str(ckpt), "config": cfg.to_dict(), "points": rows, "summary": summary,
+    return {"schema": SWEEP_SCHEMA, "checkpoint": str(Path(ckpt).resolve()), "config": cfg.to_dict(), "points": rows, "summary": summary,
             "dataset": points[0]["accuracy"]["dataset"] if points else None}
 
 

@@ -86,10 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    restore = _handle_signals()
+    restore = _handle_signals()  # first: building the parser imports torch, which takes a second or two
     try:
+        try:
+            a = build_parser().parse_args(argv)
+        except (KeyboardInterrupt, Terminated) as e:
+            command = next((f" {x}" for x in argv if not x.startswith("-")), "")
+            how = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+            print(f"sdcompress{command}: {how} while starting; nothing was written", file=sys.stderr)
+            return 130 if isinstance(e, KeyboardInterrupt) else 143
         return _run(a)
     finally:
         restore()

@@ -15,6 +15,21 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def cores() -> int:
+    """CPU cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _threads(s: str) -> int:
+    """A thread count from 1 to this machine's cores: more only oversubscribes them (and each thread costs memory)."""
+    v = _positive_int(s)
+    if v > cores():
+        raise argparse.ArgumentTypeError(f"must be 1 to {cores()} (this machine's cores), got {v}")
+    return v
+
+
 def _bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
         return True

@@ -20,11 +20,10 @@ def add_parser(sub) -> None:
 
 
 def run(a) -> int:
-    from ..files import atomic_write_json
+    from ..files import atomic_write_json, check_output_file
     from ..compare import compare, expand, load_report, render
 
-    if a.json and a.json.exists() and not a.force:
-        raise InputError(f"--json {a.json}: exists; pass --force to overwrite")
+    check_output_file(a.json, a.force, "--json", tuple(a.reports))
     reports, names = expand([load_report(p) for p in a.reports], [str(p) for p in a.reports])
     if len(reports) < 2:
         raise InputError("compare needs at least two reports (or one depth family)")

@@ -27,13 +27,12 @@ _SPLITS = {"all": "every image", "test": "test split", "val": "validation split 
 
 def run(a) -> int:
     from ..checkpoint import load_checkpoint, resolve
-    from ..files import atomic_write_json
+    from ..files import atomic_write_json, check_output_file
     from ..evaluate import evaluate_checkpoint
     from ..report import model_report
 
-    if a.json and a.json.exists() and not a.force:
-        raise InputError(f"--json {a.json}: exists; pass --force to overwrite")
     path = _resolve_ckpt(a.ckpt)
+    check_output_file(a.json, a.force, "--json", (path,))
     model, meta = load_checkpoint(path)
     acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, a.split, a.batch_size)
     print(f"{meta.spec.arch}  blocks {len(model.block_ids)}/{model.spec.blocks_total}  "

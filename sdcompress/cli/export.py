@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from .common import OUT_ROOT, _ckpt_arg, _fresh_out, _model_name, _names, _positive_int, _resolve_ckpt
+from .common import OUT_ROOT, _ckpt_arg, _fresh_out, _model_name, _names, _positive_int, _resolve_ckpt, _threads
+
+
+MAX_BATCH = 1024  # a graph fixed at more images than this is no phone's; verification pads its 64 images up to it
 
 
 def _batch(s: str) -> int | None:
     if s == "dynamic":
         return None
-    return _positive_int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a batch size (1 to {MAX_BATCH}) or dynamic, got {s!r}") from None
+    if not 1 <= v <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_BATCH} (or dynamic), got {v}")
+    return v
 
 
 def add_parser(sub) -> None:
@@ -40,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--recalibrate", type=int, default=40, metavar="N", help="BatchNorm recalibration batches per depth (with --depths; 0: off)")
     p.add_argument("--data", default=None, help="images to verify on (default: the bundled evaluation set or the checkpoint's validation split)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads for the latency figure")
+    p.add_argument("--threads", type=_threads, default=1, help="onnxruntime threads for the latency figure")
     p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-export)")
     p.add_argument("--force", action="store_true", help="overwrite exported files already in --out")
     p.add_argument("--verbose", action="store_true", help="let coremltools' own notices and progress bars through")
@@ -79,8 +89,8 @@ def run(a) -> int:
             u = f["mobile_usability"]
             print(f"{f['file']} {format_bytes(f['bytes'])} (compression ratio {f['compression_ratio']:.1f}x){after}; weights {f['weights']}, "
                   f"batch {f['batch']}, opset {f['opset']}; max |onnxruntime - torch| {v['max_abs_diff']:.2g} (logits), top-1 agreement "
-                  f"{100 * v['top1_agreement']:.1f}% on {v['n']} images; latency {f['latency_ms']['onnxruntime_cpu_b1']:.2f} ms "
-                  f"(onnxruntime CPU, batch 1, {f['latency_ms']['threads']} thread); NNAPI {u['nnapi']['supported']}/{u['nnapi']['nodes']} nodes "
+                  f"{100 * v['top1_agreement']:.1f}% on {v['n']} images; latency {f['latency_ms']['ms']:.2f} ms "
+                  f"(onnxruntime CPU, batch {f['latency_ms']['batch']}, {f['latency_ms']['threads']} thread); NNAPI {u['nnapi']['supported']}/{u['nnapi']['nodes']} nodes "
                   f"in {u['nnapi']['partitions']} partition(s), Core ML ML program {u['coreml_mlprogram']['supported']}/"
                   f"{u['coreml_mlprogram']['nodes']} in {u['coreml_mlprogram']['partitions']}")
             if "against_unrounded_model" in v:
@@ -114,7 +124,7 @@ def _run_depths(a, path, name: str, pkg: str, formats) -> int:
         o = d.get("onnx")
         top1 = "-" if d["top1"] is None else f"{100 * d['top1']:.1f}%"
         print(f"{d['function']}: {d['blocks']} blocks, {d['macs'] / 1e6:.1f} M MACs, top-1 {top1} on {r['dataset']}"
-              + (f", {o['file']} {format_bytes(o['bytes'])}, {d['latency_ms']['onnxruntime_cpu_b1']:.2f} ms" if o else ""))
+              + (f", {o['file']} {format_bytes(o['bytes'])}, {d['latency_ms']['ms']:.2f} ms at batch {d['latency_ms']['batch']}" if o else ""))
     f = r["formats"].get("onnx_family")
     if f:
         print(f"{f['file']} {format_bytes(f['bytes'])}: every depth in one file (input depth_index), {f['against_deepest_file_alone']:.3f}x "

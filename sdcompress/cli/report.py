@@ -24,17 +24,18 @@ def add_parser(sub) -> None:
 
 def run(a) -> int:
     from ..checkpoint import load_checkpoint
-    from ..files import atomic_write_bytes, atomic_write_json
+    from ..files import atomic_write_bytes, atomic_write_json, check_output_file
     from ..evaluate import evaluate_checkpoint
     from ..footprint import footprint, render_markdown
     from ..zoo import same_data_as_bundled
 
-    for f in (a.json, a.md):
-        if f is not None and f.exists() and not a.force:
-            raise InputError(f"{f}: exists; pass --force to overwrite")
-        if f is not None and not f.parent.is_dir():
-            raise InputError(f"{f}: folder {f.parent} does not exist")
     path = _resolve_ckpt(a.ckpt)
+    for flag, f in (("--json", a.json), ("--md", a.md)):
+        if f is not None and not f.parent.is_dir():
+            raise InputError(f"{flag} {f}: folder {f.parent} does not exist")
+        check_output_file(f, a.force, flag, (path,))
+    if a.json is not None and a.md is not None and a.json.absolute() == a.md.absolute():
+        raise InputError(f"--json and --md name the same file ({a.json})")
     model, meta = load_checkpoint(path)
     acc = None
     if a.data is not None or a.ckpt is None or same_data_as_bundled(path, meta):

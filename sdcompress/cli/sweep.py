@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
-from .common import OUT_ROOT, _bool, _ckpt_arg, _model_name, _names, _positive_int, _precision_arg, _resolve_ckpt
+from .common import OUT_ROOT, _bool, _ckpt_arg, _model_name, _names, _positive_int, _precision_arg, _resolve_ckpt, _threads
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
                         "per keep, as `export --depths`) and set each nested depth beside the point pruned alone (default off)")
     _precision_arg(p, d.precision)
     p.add_argument("--coreml-precision", choices=("float16", "float32"), default=d.coreml_precision, help="Core ML compute precision and weights")
-    p.add_argument("--threads", type=_positive_int, default=d.threads, help="onnxruntime threads for every latency figure")
+    p.add_argument("--threads", type=_threads, default=d.threads, help="onnxruntime threads for every latency figure")
     p.add_argument("--data", default=None, help="evaluation and calibration data (default: the bundled sets for bundled models)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

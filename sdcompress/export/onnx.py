@@ -430,8 +430,8 @@ def fixed_batch(session) -> int | None:
 
 
 def latency_ms(session, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 10) -> float:
-    """Median onnxruntime latency of one image (batch 1), after warm-up."""
-    x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
+    """Median onnxruntime latency of one run at the graph's batch (its fixed batch size, else 1), after warm-up."""
+    x = np.random.default_rng(0).standard_normal((fixed_batch(session) or 1, *input_shape)).astype(np.float32)
     name = session.get_inputs()[0].name
     for _ in range(warmup):
         session.run(None, {name: x})
@@ -444,12 +444,14 @@ def latency_ms(session, input_shape: tuple[int, ...], runs: int = 50, warmup: in
 
 
 def interleaved_latency(sessions: dict[str, object], input_shape, rounds: int = 5, runs: int = 20) -> dict[str, float]:
-    """Median batch-1 latency of each onnxruntime session, all timed in this one run in interleaved rounds. A value
-    may be (session, extra inputs) for a graph that takes more than the image (a depth family's `depth_index`)."""
-    x = np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)
+    """Median latency of each onnxruntime session at its batch (its fixed batch size, else 1), all timed in this one run
+    in interleaved rounds. A value may be (session, extra inputs) for a graph that takes more than the image (a depth
+    family's `depth_index`)."""
+    rng = np.random.default_rng(0)
     feeds = {}
     for k, v in sessions.items():
         s, extra = v if isinstance(v, tuple) else (v, {})
+        x = rng.standard_normal((fixed_batch(s) or 1, *input_shape)).astype(np.float32)
         feeds[k] = (s, {s.get_inputs()[0].name: x, **extra})
     for s, feed in feeds.values():
         for _ in range(10):
@@ -462,6 +464,13 @@ def interleaved_latency(sessions: dict[str, object], input_shape, rounds: int = 
                 s.run(None, feed)
                 times[k].append(time.perf_counter() - t0)
     return {k: float(np.median(v) * 1e3) for k, v in times.items()}
+
+
+def latency_entry(ms: float, batch: int | None, **more) -> dict:
+    """A file's latency as reports give it: `onnxruntime_cpu_b1` for a graph that runs one image (batch 1 or dynamic);
+    a graph fixed at another batch has no batch-1 figure, and `ms` is one run of its `batch` images."""
+    b = batch or 1
+    return {"onnxruntime_cpu_b1": ms if b == 1 else None, "batch": b, "ms": ms, **more}
 
 
 def run_batches(session, x: np.ndarray, extra: dict | None = None) -> np.ndarray:
