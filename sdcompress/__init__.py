@@ -11,6 +11,11 @@ API = ("find_blocks", "remove_blocks", "measure_drop_effects", "prune", "export_
 __all__ = ["__version__", *API]
 
 
+def __dir__() -> list[str]:
+    """The API too (it is imported on first use), so tab-completion and IDEs list it."""
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name: str):
     if name in API:
         from . import api

@@ -69,10 +69,21 @@ def find_blocks(model: nn.Module, paths: list[str] | None = None, example_input:
             raise InputError(str(e)) from None
     if example_input is None:
         raise InputError("blocks named by path need an example_input to check that removing them keeps the model valid")
+    if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+        raise TypeError("paths must be a list of module paths (strings), e.g. ['layer1.0', 'layer1.1']")
+    paths = list(paths)
+    if not paths:
+        raise InputError("paths is empty: name at least one block")
     modules = dict(model.named_modules())
     missing = [p for p in paths if p not in modules or p == ""]
     if missing:
         raise InputError(f"no module {missing[0]!r} in {type(model).__name__}")
+    twice = sorted({p for p in paths if paths.count(p) > 1})
+    if twice:
+        raise InputError(f"block {twice[0]!r} is named twice")
+    nested = [(a, b) for a in paths for b in paths if b.startswith(a + ".")]
+    if nested:
+        raise InputError(f"block {nested[0][1]!r} lies inside block {nested[0][0]!r}; name blocks that do not contain each other")
     shapes = _shape_through(model, list(paths), example_input)  # in the order the blocks ran
     silent = [p for p in paths if p not in shapes]
     if silent:
@@ -100,7 +111,21 @@ def remove_blocks(model: nn.Module, remove: Iterable[Block | int], blocks: list[
     """A copy of `model` without the given blocks (Block objects or indices into `blocks`, default
     `find_blocks(model)`): each is replaced by what is left of it, so its parameters are gone."""
     blocks = blocks if blocks is not None else find_blocks(model)
-    chosen = [blocks[r] if isinstance(r, int) else r for r in remove]
+    chosen = []
+    for r in remove:
+        if isinstance(r, Block):
+            chosen.append(r)
+        elif isinstance(r, int) and not isinstance(r, bool):
+            if not 0 <= r < len(blocks):
+                raise InputError(f"block index {r} is not one of the model's blocks (0 to {len(blocks) - 1})")
+            chosen.append(blocks[r])
+        else:
+            raise TypeError(f"blocks to remove are Block objects or indices, got {type(r).__name__}")
+    if len({b.path for b in chosen}) != len(chosen):
+        raise InputError("a block is named twice in the blocks to remove")
+    unknown = [b.path for b in chosen if b.path not in {k.path for k in blocks}]
+    if unknown:
+        raise InputError(f"block {unknown[0]!r} is not one of the model's blocks")
     new = copy.deepcopy(model)
     for b in chosen:
         new.set_submodule(b.path, _replacement(model, b))
@@ -117,6 +142,7 @@ class DropEffects:
     batches: int  # forward passes measured (batches x rounds)
     drop_rates: tuple[float | None, ...]  # removal probability of each block (None: not removable)
     runs: tuple[int, ...]  # passes on which each block was present
+    params: int | None = None  # parameters of the model measured (prune refuses the effects for another model)
 
 
 def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block] | None = None, rounds: int = 1,
@@ -136,6 +162,12 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
         loss_fn: loss(outputs, targets).
         seed: seed of the draws.
     """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InputError(f"rounds must be a whole number >= 1, got {rounds!r}")
+    _check_fraction("max_drop", max_drop, closed=False)
+    if rounds > 1 and iter(batches) is batches:
+        raise InputError(f"batches is a one-shot iterator and rounds={rounds} passes over it; give a list or a DataLoader "
+                         f"(anything that can be iterated again)")
     blocks = blocks if blocks is not None else find_blocks(model)
     idx = [b.index for b in blocks if b.removable]
     if not idx:
@@ -154,6 +186,8 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
                     work.set_submodule(blocks[i].path, removed_form[i] if mask[k] else originals[i])
                 losses.append(float(loss_fn(work(x), y)))
                 dropped.append(mask.astype(np.uint8))
+    if not losses:
+        raise InputError("batches is empty: give (inputs, targets) batches of training images")
     if len(losses) <= len(idx) + 1:
         raise InputError(f"{len(losses)} batches cannot estimate {len(idx)} drop effects; give more batches or rounds")
     dropped = np.stack(dropped)
@@ -167,7 +201,16 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
         stderr[i] = float(fit.stderr[k]) if math.isfinite(fit.stderr[k]) else None
         rate[i] = float(rates[k])
         runs[i] = len(losses) - int(dropped[:, k].sum())
-    return DropEffects(tuple(blocks), tuple(effect), tuple(stderr), len(losses), tuple(rate), tuple(runs))
+    return DropEffects(tuple(blocks), tuple(effect), tuple(stderr), len(losses), tuple(rate), tuple(runs),
+                       sum(p.numel() for p in model.parameters()))
+
+
+def _check_fraction(name: str, v, closed: bool = True) -> None:
+    """A fraction argument: a real number in (0, 1] (`closed`) or (0, 1); TypeError for anything but a number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1{']' if closed else ')'}, got {type(v).__name__} {v!r:.40}")
+    if not (0.0 < v <= 1.0 if closed else 0.0 < v < 1.0) or math.isnan(v):
+        raise InputError(f"{name} must be in (0, 1{']' if closed else ')'}, got {v}")
 
 
 def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None, strategy: str | None = None,
@@ -180,9 +223,17 @@ def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None,
             the loss least go first), without them "top" (the highest blocks go first).
         strategy: "stats", "top" or "every-other" (removals spread evenly over the depth, from the top).
     """
-    if not 0.0 < keep <= 1.0 or math.isnan(keep):
-        raise InputError(f"keep must be in (0, 1], got {keep}")
+    _check_fraction("keep", keep)
+    if stats is not None and not isinstance(stats, DropEffects):
+        raise TypeError(f"stats must be the DropEffects of measure_drop_effects, got {type(stats).__name__}")
     blocks = blocks if blocks is not None else (list(stats.blocks) if stats is not None else find_blocks(model))
+    if stats is not None:
+        modules = dict(model.named_modules())
+        foreign = [b.path for b in stats.blocks if b.path not in modules or type(modules[b.path]).__name__ != b.kind]
+        params = sum(p.numel() for p in model.parameters())
+        if foreign or (stats.params is not None and stats.params != params):
+            why = f"it has no block {foreign[0]!r}" if foreign else f"{stats.params:,} parameters measured, this model has {params:,}"
+            raise InputError(f"stats were measured on another model ({why}); measure this model's drop effects")
     strategy = strategy or ("stats" if stats is not None else "top")
     present = [b.index for b in blocks if b.removable]
     n_remove = len(present) - math.floor(keep * len(present) + 0.5)
@@ -204,6 +255,17 @@ def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None,
 def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, atol: float = 1e-4) -> dict:
     """Export the evaluation-time `model` to one self-contained ONNX file, verified with onnxruntime on
     `example_input` before it is put in place. Returns the check's figures."""
+    if not torch.is_tensor(example_input):
+        raise TypeError(f"example_input must be a tensor (an input batch), got {type(example_input).__name__}")
+    was_training = model.training
+    model.eval()
+    try:
+        return _export_onnx_eval(model, path, example_input, atol)
+    finally:
+        model.train(was_training)  # the caller's model is left in the mode it came in
+
+
+def _export_onnx_eval(model: nn.Module, path, example_input: torch.Tensor, atol: float) -> dict:
     import logging
     import warnings
 
@@ -211,7 +273,6 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
 
     from .files import staged
 
-    model = model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)

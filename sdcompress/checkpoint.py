@@ -9,6 +9,7 @@ on load before anything is built from it; the files themselves are read within l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import InputError
 from .files import (MAX_WEIGHTS_BYTES, SIDECAR, WEIGHTS, atomic_torch_save, atomic_write_json, first_line, parse_untrusted_json,
@@ -295,10 +297,73 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside this block put each parameter and buffer on the meta device as it is registered, so a
+    network is built without its weights' memory (at most one layer's, for a moment), while the builders' own
+    arithmetic on real tensors (a RegNet's widths) still runs."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self, name, param):
+        register_parameter(self, name, param)
+        if param is not None:
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    def buffer(self, name, tensor, persistent=True):
+        register_buffer(self, name, tensor, persistent)
+        if tensor is not None:
+            self._buffers[name] = tensor.to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+
+
+def _check_against_weights(model: nn.Module, state: dict, weights: Path) -> None:
+    """The built network's tensor names and shapes against the weights file's."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise InputError(f"{weights}: weights do not match the sidecar's architecture ({what}); the two files belong to different models")
+    for k, v in expected.items():
+        if v.shape != state[k].shape:
+            raise InputError(f"{weights}: tensor {k} has shape {tuple(state[k].shape)}, the sidecar's architecture needs {tuple(v.shape)}")
+
+
+def _check_family_skeleton(spec: NetSpec, input_shape, state: dict, weights: Path, side: Path) -> None:
+    """A model of another family is built by its library's builder from the sidecar's spec: build it first with its
+    parameters on the meta device and check it against the weights' names and shapes, and that it takes the
+    sidecar's input shape, so that a tampered spec (another builder, other arguments, another image size) is refused
+    before a network of its size is allocated or run."""
+    try:
+        with _parameters_on_meta():
+            skeleton = build_model(spec)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, AssertionError) as e:
+        raise InputError(f"{side}: the sidecar's spec does not describe a network this sdcompress builds ({first_line(e)})") from None
+    _check_against_weights(skeleton, state, weights)
+    try:
+        with torch.no_grad():
+            skeleton.eval()(torch.empty(1, *input_shape, device="meta"))
+    except NotImplementedError:
+        pass  # an operation without a meta kernel: the real network's first forward pass checks this instead
+    except Exception as e:  # noqa: BLE001 - the library's own refusal, e.g. "Input shape indivisible by patch size!"
+        raise InputError(f"{side}: the model does not take the sidecar's input shape {tuple(input_shape)} "
+                         f"({first_line(e) or type(e).__name__})") from None
+
+
 def _check_header(spec: NetSpec, state: dict, weights: Path) -> None:
     """The sizes a sidecar sets (classes, input channels) against the weights' own tensors, before anything is
-    allocated from them (a model of another family is built by its library's builder, its size bounded by the spec)."""
+    allocated from them."""
     if spec.family != "cifar_resnet":
+        if spec.in_channels != 3:
+            raise InputError(f"{weights.parent / SIDECAR}: {spec.arch} takes 3-channel images, the sidecar says {spec.in_channels}")
+        if not any(t.dim() == 2 and t.shape[0] == spec.num_classes for t in state.values()):
+            raise InputError(f"{weights}: no classifier of {spec.num_classes} classes among the weights, as the sidecar says; the two "
+                             f"files belong to different models")
         return
     for key, want in (("fc.weight", (spec.num_classes, None)), ("stem.weight", (None, spec.in_channels))):
         t = state.get(key)
@@ -317,19 +382,13 @@ def load_checkpoint(path: str | Path) -> tuple[ResNet, Sidecar]:
     spec = meta.spec
     state = load_state_dict(weights)
     _check_header(spec, state, weights)
+    if spec.family != "cifar_resnet":
+        _check_family_skeleton(spec, meta.data.input_shape, state, weights, side)
     try:
         model = build_model(spec)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise InputError(f"{side}: the sidecar's spec does not describe a network this sdcompress builds ({first_line(e)})") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise InputError(f"{weights}: weights do not match the sidecar's architecture ({what}); the two files belong to different models")
-    for k, v in expected.items():
-        if v.shape != state[k].shape:
-            raise InputError(f"{weights}: tensor {k} has shape {tuple(state[k].shape)}, the sidecar's architecture needs {tuple(v.shape)}")
+    _check_against_weights(model, state, weights)
     model.load_state_dict(state)
     model.eval()
     return model, meta

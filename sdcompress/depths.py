@@ -48,7 +48,29 @@ def parse_depths(text: str) -> tuple[float, ...]:
         raise InputError(f"--depths {text!r}: expected comma-separated fractions such as 1.0,0.8,0.6") from None
     if not depths or any(not (0 < d <= 1) or math.isnan(d) for d in depths) or len(set(depths)) != len(depths):
         raise InputError(f"--depths {text!r}: each depth must be a distinct fraction in (0, 1]")
+    names = [function_name(d) for d in depths]
+    clash = next((n for n in names if names.count(n) > 1), None)
+    if clash:
+        same = [f"{d:g}" for d, n in zip(depths, names) if n == clash]
+        raise InputError(f"--depths: {' and '.join(same)} share the function name {clash} (two decimals); give depths that differ "
+                         f"in the first two decimals")
+    if len(depths) > MAX_DEPTHS:
+        raise InputError(f"--depths: {len(depths)} depths; a family holds at most {MAX_DEPTHS} (each is a Core ML function and an ONNX branch)")
     return tuple(sorted(depths, reverse=True))
+
+
+MAX_DEPTHS = 12
+
+
+def check_distinct_depths(depths: tuple[float, ...], removable_blocks: int) -> None:
+    """Depths that keep the same number of blocks would be the same network twice: refused, naming them."""
+    seen: dict[int, float] = {}
+    for d in depths:
+        n = math.floor(d * removable_blocks + 0.5)  # as prune rounds --keep
+        if n in seen:
+            raise InputError(f"--depths: {seen[n]:g} and {d:g} both keep {n} of the {removable_blocks} removable blocks, the same "
+                             f"network twice; give depths that keep different numbers of blocks")
+        seen[n] = d
 
 
 def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib, recalibrate: int, seed: int = 0,
@@ -62,6 +84,7 @@ def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib
     normalize = Normalize(meta.data.mean, meta.data.std)
     loss_fn = _sensitivity_loss(calib, normalize, PruneConfig(strategy=strategy, seed=seed)) if strategy == "sensitivity" else None
     present = removable(model)
+    check_distinct_depths(depths, len(present))
     ranking = Ranking(strategy, Candidates(model, meta, present, loss_fn))
     out = []
     for d in depths:
@@ -129,12 +152,14 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
     from .export import coreml
     from .export.onnx import compare_outputs, interleaved_latency, latency_entry, mobile_usability, ort_session, run_batches
     from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes
-    from .pipeline import VerificationFailed, _export_onnx, compression_ratio, reference_onnx_bytes
+    from .pipeline import VerificationFailed, _export_onnx, check_finite, compression_ratio, reference_onnx_bytes
     from .zoo import card_fields
 
     check_output_folder(out, force=True, inputs=(ckpt,))
     model, meta = load_checkpoint(ckpt)
+    check_distinct_depths(depths, len(removable(model)))  # before the data is read
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
+    check_finite(model, meta, images.images[: min(64, len(images))], eval_name)
     calib = calibration_images(meta, ckpt, data, data_dir)[0] if recalibrate else None
     members = family(model, meta, depths, strategy, calib, recalibrate)
     evaluate_members(members, meta, images)

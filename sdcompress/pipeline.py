@@ -122,6 +122,20 @@ class VerificationFailed(RuntimeError):
 FORMATS = ("onnx", "ort", "coreml")
 
 
+def check_finite(model, meta: Sidecar, images, eval_name: str) -> None:
+    """A model whose own outputs are not finite (NaN weights, a diverged run) cannot be verified against anything:
+    refused before any export, with that said, rather than as a file that "differs by nan"."""
+    import torch
+
+    with torch.no_grad():
+        out = model.cpu().eval()(Normalize(meta.data.mean, meta.data.std)(images))
+    bad = int((~torch.isfinite(out)).any(1).sum())
+    if bad:
+        nan_weights = sum(int((~torch.isfinite(t)).sum()) for t in model.state_dict().values() if t.is_floating_point())
+        raise InputError(f"the model's own outputs are not finite (NaN or infinite logits for {bad} of {len(images)} images of "
+                         f"{eval_name}; {nan_weights:,} non-finite weights): nothing to export; retrain or use an earlier checkpoint")
+
+
 def check_formats(formats) -> None:
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -178,6 +192,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
         raise InputError("--weights 1bit needs a binarized model (sdcompress binarize first); this one has no 1-bit layers")
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
     idx = torch.arange(min(batch_images, len(images)))
+    check_finite(model, meta, images.images[idx], eval_name)
     files: dict[str, dict] = {}
     reference = reference_onnx_bytes(model, meta, batch)
     exported: dict[str, tuple] = {}  # weight form -> export_onnx's result: .onnx and .ort of one form share one export

@@ -3,7 +3,9 @@
 Each variant runs the training step as `sdcompress train` runs it: a uint8 batch augmented (padded crop and
 flip) and normalized, the per-batch drop draw, the contribution norms every fourth step, forward, loss,
 backward and the SGD step; bf16 is autocast with channels_last (`sdcompress.precision`), float32 is NCHW.
-Rounds alternate between the variants so that a shared machine's noise hits all alike; medians are reported.
+Rounds alternate between the variants (and the single-block timings below) so that a shared machine's noise hits
+all alike; images/s are medians over rounds, and each ratio is the median of its per-round ratios (the two step
+times of a ratio measured next to each other).
 
 Printed: images/s of each variant; bf16 / fp32 step time at constant and at stochastic depth; and stochastic /
 constant step time at each precision against what the expected depth predicts, two ways:
@@ -53,38 +55,47 @@ def predicted_ratio(spec: NetSpec) -> float:
     return (other + expected) / macs["total"]
 
 
-def block_times(arch: str, batch: int, prec: Precision, device: torch.device, reps: int = 3, rounds: int = 3) -> list[float]:
-    """Seconds of forward + backward of each block alone, as it runs in training (one timing per block shape)."""
-    cache: dict[tuple, float] = {}
-    out, hw = [], 32
-    for cin, cout, stride in block_layout(arch):
-        key = (cin, cout, stride, hw)
-        if key not in cache:
-            torch.manual_seed(0)
-            blk = to_layout(BasicBlock(cin, cout, stride, 1.0).to(device), prec.channels_last).train()
-            x = prec.layout(torch.relu(torch.randn(batch, cin, hw, hw, device=device))).requires_grad_()
+class BlockTimer:
+    """Forward + backward of each block shape of a CIFAR ResNet alone, as it runs in training."""
 
-            def once():
-                with prec.autocast(device):
-                    y = blk(x)
-                y.float().sum().backward()
+    def __init__(self, arch: str, batch: int, prec: Precision, device: torch.device):
+        self.device, self.prec, self.shapes, self.cases = device, prec, [], {}
+        hw = 32
+        for cin, cout, stride in block_layout(arch):
+            key = (cin, cout, stride, hw)
+            self.shapes.append(key)
+            if key not in self.cases:
+                torch.manual_seed(0)
+                blk = to_layout(BasicBlock(cin, cout, stride, 1.0).to(device), prec.channels_last).train()
+                x = prec.layout(torch.relu(torch.randn(batch, cin, hw, hw, device=device))).requires_grad_()
+                self.cases[key] = (blk, x)
+            hw //= stride
+        self.times: dict[tuple, list[float]] = {k: [] for k in self.cases}
 
-            for _ in range(2):
-                once()
-            best = float("inf")
-            for _ in range(rounds):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    once()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, (time.perf_counter() - t0) / reps)
-            cache[key] = best
-        out.append(cache[key])
-        hw //= stride
-    return out
+    def _once(self, key) -> None:
+        blk, x = self.cases[key]
+        with self.prec.autocast(self.device):
+            y = blk(x)
+        y.float().sum().backward()
+
+    def run(self, reps: int = 2) -> None:
+        """One timing of every block shape (after a first call per shape)."""
+        for key in self.cases:
+            if not self.times[key]:
+                self._once(key)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                self._once(key)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times[key].append((time.perf_counter() - t0) / reps)
+
+    def per_block(self) -> list[float]:
+        """Median seconds of every block of the network, block 0 first."""
+        med = {k: statistics.median(v) for k, v in self.times.items()}
+        return [med[k] for k in self.shapes]
 
 
 def time_predicted_ratio(spec: NetSpec, blocks: list[float], constant_step: float) -> float:
@@ -136,17 +147,57 @@ class Variant:
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / steps
 
+    def parts(self, steps: int) -> dict[str, float]:
+        """Milliseconds per step of each part of `train_step` and around it (`train_step`'s body, timed piece by piece)."""
+        import torch.nn.functional as F
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        ids, spent = self.model.block_ids, {}
+
+        def lap(name, t):
+            sync()
+            now = time.perf_counter()
+            spent[name] = spent.get(name, 0.0) + (now - t) * 1e3 / steps
+            return now
+
+        for _ in range(steps):
+            sync()
+            t = time.perf_counter()
+            idx = torch.randint(0, len(self.labels), (self.batch,), device=self.device, generator=self.aug_gen)
+            x = self.prec.layout(self.normalize(augment(self.images[idx], 4, True, self.aug_gen)))
+            t = lap("augment + normalize (uint8)", t)
+            record = self.step % CONTRIB_EVERY == 0
+            self.model.set_record_contribution(record)
+            run_mask = dict(zip(ids, draw_run_mask(self.probs, self.drop_gen).tolist()))
+            t = lap("drop draw", t)
+            with self.prec.autocast(self.device):
+                logits = self.model(x, run_mask)
+                t = lap("forward", t)
+                loss = F.cross_entropy(logits.float(), self.labels[idx])
+            t = lap("loss", t)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            t = lap("backward", t)
+            self.opt.step()
+            t = lap("SGD step", t)
+            if record:
+                [c.item() for c in self.model.contributions().values() if c is not None]
+            lap("contribution statistics", t)
+            self.step += 1
+        return spent
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="resnet56")
     ap.add_argument("--p-last", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--parts", action="store_true", help="also time the parts of a stochastic-depth step at each precision")
     ap.add_argument("--fast", action="store_true", help="add the fast recipe (compiled branches; compiling takes minutes on a CPU)")
     ap.add_argument("--fast-batch", type=int, default=512, help="batch of the fast recipe")
     args = ap.parse_args()
@@ -164,18 +215,26 @@ def main() -> None:
         if args.fast:
             variants[(p, "fast")] = Variant(args.arch, "linear", args.p_last, precs[p], args.fast_batch, device, compiled=True,
                                             label_smoothing=0.1)
+    timers = {p: BlockTimer(args.arch, args.batch_size, precs[p], device) for p in names}
     t0 = time.perf_counter()
     for key, v in variants.items():  # warm-up (the fast recipe compiles here: one graph per block shape and mode)
         v.run(8 if key[1] == "fast" else 2)
     warm_s = time.perf_counter() - t0
     times: dict[tuple[str, str], list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
-        for key, v in variants.items():
-            times[key].append(v.run(args.steps))
+        for p in names:
+            for rule in ("none", "linear", "fast"):
+                if (p, rule) in variants:
+                    times[(p, rule)].append(variants[(p, rule)].run(args.steps))
+            timers[p].run()
     med = {k: statistics.median(v) for k, v in times.items()}
+
+    def ratio(a: tuple[str, str], b: tuple[str, str]) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
     spec = variants[(names[0], "linear")].spec
     pred = predicted_ratio(spec)
-    blocks = {p: block_times(args.arch, args.batch_size, precs[p], device) for p in names}
+    blocks = {p: timers[p].per_block() for p in names}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{args.arch}  batch {args.batch_size}  device {where} ({bf16_fast(device)[1]})  "
           f"{args.rounds} rounds x {args.steps} steps, medians")
@@ -183,17 +242,24 @@ def main() -> None:
         what = {"none": "constant depth", "linear": f"stochastic depth p_L {args.p_last}",
                 "fast": f"fast recipe (batch {args.fast_batch})"}[rule]
         batch = args.fast_batch if rule == "fast" else args.batch_size
-        print(f"  {p:<4} {precs[p].describe():<24} {what:<26} {batch / t:7.0f} img/s  ({t * 1e3:7.1f} ms/step)")
+        print(f"  {p:<4} {precs[p].describe():<30} {what:<26} {batch / t:7.0f} img/s  ({t * 1e3:7.1f} ms/step)")
     if "fp32" in names and "bf16" in names:
         for rule, what in (("none", "constant depth"), ("linear", "stochastic depth")):
-            print(f"  bf16 / fp32 step time, {what}: {med[('bf16', rule)] / med[('fp32', rule)]:.3f}")
+            print(f"  bf16 / fp32 step time, {what}: {ratio(('bf16', rule), ('fp32', rule)):.3f}")
     for p in names:
-        ratio = med[(p, "linear")] / med[(p, "none")]
+        r = ratio((p, "linear"), (p, "none"))
         by_time = time_predicted_ratio(spec, blocks[p], med[(p, "none")])
         stages = sorted({round(t * 1e3, 1) for t in blocks[p]}, reverse=True)
-        print(f"  {p}: step-time ratio stochastic / constant {ratio:.3f}; expected depth predicts {pred:.3f} by MACs "
-              f"({ratio - pred:+.3f}), {by_time:.3f} by block time ({ratio - by_time:+.3f}; one block's step "
+        print(f"  {p}: step-time ratio stochastic / constant {r:.3f}; expected depth predicts {pred:.3f} by MACs "
+              f"({r - pred:+.3f}), {by_time:.3f} by block time ({r - by_time:+.3f}; one block's step "
               f"{', '.join(f'{t:g}' for t in stages)} ms, blocks {1e3 * sum(blocks[p]):.0f} of {1e3 * med[(p, 'none')]:.0f} ms)")
+    if args.parts:
+        for p in names:
+            v = variants[(p, "linear")]
+            spent = v.parts(max(args.steps * 2, 8))
+            total = sum(spent.values())
+            print(f"  {p} stochastic-depth step by part ({total:.0f} ms): " + ", ".join(f"{k} {t:.1f} ms ({100 * t / total:.1f}%)"
+                                                                                    for k, t in spent.items()))
     if args.fast:
         for p in names:
             fast = args.fast_batch / med[(p, "fast")]

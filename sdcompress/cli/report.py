@@ -30,12 +30,12 @@ def run(a) -> int:
     from ..zoo import same_data_as_bundled
 
     path = _resolve_ckpt(a.ckpt)
+    if a.json is not None and a.md is not None and a.json.absolute() == a.md.absolute():
+        raise InputError(f"--json and --md name the same file ({a.json})")
     for flag, f in (("--json", a.json), ("--md", a.md)):
         if f is not None and not f.parent.is_dir():
             raise InputError(f"{flag} {f}: folder {f.parent} does not exist")
         check_output_file(f, a.force, flag, (path,))
-    if a.json is not None and a.md is not None and a.json.absolute() == a.md.absolute():
-        raise InputError(f"--json and --md name the same file ({a.json})")
     model, meta = load_checkpoint(path)
     acc = None
     if a.data is not None or a.ckpt is None or same_data_as_bundled(path, meta):

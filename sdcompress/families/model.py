@@ -48,7 +48,16 @@ def _builder(family: str, name: str):
             raise ValueError("timm models need the timm extra: pip install 'sdcompress[timm]'") from None
         if not timm.is_model(name):
             raise ValueError(f"timm has no model {name!r}")
-        return lambda **kw: timm.create_model(name, pretrained=False, drop_path_rate=0.0, **kw)
+        def build(**kw):
+            try:
+                return timm.create_model(name, pretrained=False, drop_path_rate=0.0, **kw)
+            except TypeError as e:
+                if "drop_path_rate" in str(e):
+                    raise ValueError(f"timm model {name!r} has no drop path (no stochastic-depth residual blocks to drop or "
+                                     f"remove); choose a residual timm model (resnet*, convnext*, regnet*, vit_*, ...)") from None
+                raise
+
+        return build
     raise ValueError(f"unknown model family {family!r}; choose torchvision or timm")
 
 
