@@ -28,3 +28,27 @@ def digits_run(tmp_path_factory):
     rc = main(["train", "--arch", "resnet20", "--data", "digits", "--epochs", "3", "--out", str(out), "--no-progress"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory):
+    """320 colour 32x32 images of 2 classes that differ in brightness: learnable in one short epoch."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 320).astype(np.uint8)
+    x = rng.integers(0, 96, (320, 32, 32, 3)).astype(np.uint8) + (y * 120).astype(np.uint8)[:, None, None, None]
+    path = tmp_path_factory.mktemp("data") / "colour.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet18_ckpt(colour_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "r18"
+    from sdcompress.cli import main
+
+    rc = main(["train", "--arch", "torchvision:resnet18", "--data", str(colour_data), "--epochs", "2", "--batch-size", "32",
+               "--lr", "0.05", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out

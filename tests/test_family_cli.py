@@ -15,26 +15,6 @@ from sdcompress.cli import main
 tvm = pytest.importorskip("torchvision.models")
 
 
-@pytest.fixture(scope="module")
-def colour_data(tmp_path_factory):
-    """320 colour 32x32 images of 2 classes that differ in brightness: learnable in one short epoch."""
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 320).astype(np.uint8)
-    x = rng.integers(0, 96, (320, 32, 32, 3)).astype(np.uint8) + (y * 120).astype(np.uint8)[:, None, None, None]
-    path = tmp_path_factory.mktemp("data") / "colour.npz"
-    np.savez(path, x=x, y=y)
-    return path
-
-
-@pytest.fixture(scope="module")
-def resnet18_ckpt(colour_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "r18"
-    rc = main(["train", "--arch", "torchvision:resnet18", "--data", str(colour_data), "--epochs", "2", "--batch-size", "32",
-               "--lr", "0.05", "--out", str(out), "--no-progress"])
-    assert rc == 0
-    return out
-
-
 def test_train_records_statistics_of_every_block(resnet18_ckpt):
     model, meta = load_checkpoint(resnet18_ckpt)
     assert meta.spec.arch == "torchvision:resnet18" and meta.spec.blocks_total == 8

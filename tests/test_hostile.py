@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -46,29 +45,11 @@ def _report(src: dict, path: Path, text_change=None, **fields) -> str:
 
 
 @pytest.fixture(scope="module")
-def colour(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 96).astype(np.uint8)
-    x = rng.integers(0, 96, (96, 32, 32, 3)).astype(np.uint8) + (y * 120).astype(np.uint8)[:, None, None, None]
-    path = tmp_path_factory.mktemp("colour") / "colour.npz"
-    np.savez(path, x=x, y=y)
-    return path
-
-
-@pytest.fixture(scope="module")
-def r18(colour, tmp_path_factory):
-    """A torchvision resnet18 checkpoint, trained one short epoch."""
-    out = tmp_path_factory.mktemp("r18") / "r18"
-    assert main(["train", "--arch", "torchvision:resnet18", "--data", str(colour), "--epochs", "1", "--batch-size", "32",
-                 "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def export_report(digits_run, tmp_path_factory):
+def batch2_export(digits_run, tmp_path_factory):
+    """`export --batch 2` of the digits model (its report is also the good report the bad ones are made from)."""
     out = tmp_path_factory.mktemp("exp") / "e"
-    assert main(["export", str(digits_run), "--format", "onnx", "--out", str(out)]) == 0
-    return json.loads((out / "report.json").read_text())
+    assert main(["export", str(digits_run), "--format", "onnx,ort", "--batch", "2", "--out", str(out)]) == 0
+    return out
 
 
 def _cases(ck: Path, r18: Path, colour: Path, rep: dict, w: Path) -> list[tuple[str, list[str]]]:
@@ -146,8 +127,10 @@ def _cases(ck: Path, r18: Path, colour: Path, rep: dict, w: Path) -> list[tuple[
     ]
 
 
-def test_hostile_inputs_one_line_exit_2_nothing_written(digits_run, r18, colour, export_report, tmp_path, capsys):
-    cases = _cases(digits_run, r18, colour, export_report, tmp_path / "w")
+def test_hostile_inputs_one_line_exit_2_nothing_written(digits_run, resnet18_ckpt, colour_data, batch2_export, tmp_path, capsys):
+    rep = json.loads((batch2_export / "report.json").read_text())
+    rep["latency_ms"] = {"onnxruntime_cpu_b1": 0.5}
+    cases = _cases(digits_run, resnet18_ckpt, colour_data, rep, tmp_path / "w")
     assert len(cases) >= 45, len(cases)
     failures = []
     for name, argv in cases:
@@ -166,29 +149,28 @@ def test_hostile_inputs_one_line_exit_2_nothing_written(digits_run, r18, colour,
     assert not failures, "\n".join(failures)
 
 
-def test_a_tampered_family_sidecar_is_refused_before_the_network_is_built(r18, colour, tmp_path, capsys):
+def test_a_tampered_family_sidecar_is_refused_before_the_network_is_built(resnet18_ckpt, colour_data, tmp_path):
     """A 640 M-parameter builder named in the sidecar: refused from a skeleton on the meta device, so the process
     never holds a network of that size (its float32 weights alone would be 2.5 GB)."""
-    import resource
-
-    t = _tampered(r18, tmp_path / "t", lambda m: m["spec"].update(arch="torchvision:regnet_y_128gf"))
-    code = ("import resource, sys\nfrom sdcompress.cli import main\nrc = main(sys.argv[1:])\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)")
+    t = _tampered(resnet18_ckpt, tmp_path / "t", lambda m: m["spec"].update(arch="torchvision:regnet_y_128gf"))
+    # the peak of this process's own memory (VmHWM; ru_maxrss would carry the forking test process's over exec)
+    code = ("import sys\nfrom sdcompress.cli import main\nrc = main(sys.argv[1:])\n"
+            "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\nsys.exit(rc)")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.run([sys.executable, "-c", code, "eval", t, "--data", str(colour)], capture_output=True, text=True, env=env,
+    p = subprocess.run([sys.executable, "-c", code, "eval", t, "--data", str(colour_data)], capture_output=True, text=True, env=env,
                        timeout=240)
     assert p.returncode == 2, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
-    assert int(p.stdout.strip()) < 2_000_000, p.stdout  # KiB: far below the 2.5 GB the real network needs
-    del resource
+    assert int(p.stdout.strip()) < 2_000_000, (p.stdout, p.stderr)  # KiB: far below the 2.5 GB the real network needs
 
 
 @pytest.mark.parametrize("batch", [2, 8])
-def test_export_at_a_fixed_batch_is_verified_and_timed_at_that_batch(digits_run, tmp_path, batch):
+def test_export_at_a_fixed_batch_is_verified_and_timed_at_that_batch(digits_run, batch2_export, tmp_path, batch):
     import onnxruntime as ort
 
-    out = tmp_path / "e"
-    assert main(["export", str(digits_run), "--format", "onnx,ort", "--batch", str(batch), "--out", str(out)]) == 0
+    out = batch2_export if batch == 2 else tmp_path / "e"
+    if batch != 2:
+        assert main(["export", str(digits_run), "--format", "onnx,ort", "--batch", str(batch), "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     for fmt in ("onnx", "ort"):
         f = rep["formats"][fmt]
@@ -197,38 +179,6 @@ def test_export_at_a_fixed_batch_is_verified_and_timed_at_that_batch(digits_run,
         sess = ort.InferenceSession(str(out / f["file"]), providers=["CPUExecutionProvider"])
         assert sess.get_inputs()[0].shape[0] == batch
     assert rep["latency_ms"] is None  # no batch-1 file: no batch-1 latency claimed
-
-
-def test_sweep_resumes_from_another_folder_and_after_an_interrupted_force(digits_run, tmp_path, monkeypatch):
-    import sdcompress.sweep as sweep_mod
-
-    base = ["sweep", str(digits_run.resolve()), "--keep", "1.0,0.6", "--binarize", "off", "--formats", "onnx", "--no-progress"]
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(tmp_path)
-    assert main([*base, "--out", "s"]) == 0
-    point = json.loads((tmp_path / "s" / "points" / "keep0.60" / "point.json").read_text())
-    assert not Path(point["files"]["onnx"]).is_absolute()  # relative to the sweep folder
-    monkeypatch.chdir(elsewhere)
-    assert main([*base, "--out", "../s"]) == 0  # the same sweep, reused from another working directory
-    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["reused_points"] == 2
-
-    real_point, calls = sweep_mod._point, []
-
-    def interrupted(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real_point(*args, **kwargs)
-
-    monkeypatch.setattr(sweep_mod, "_point", interrupted)
-    assert main([*base, "--out", "../s", "--force"]) == 130
-    done = sorted(p.parent.name for p in (tmp_path / "s" / "points").glob("*/point.json"))
-    assert done == ["keep1.00"]  # the new point; the old keep0.60 is not taken for a new one
-    assert not (tmp_path / "s" / "sweep.json").exists()  # no index of the old sweep left behind
-    monkeypatch.setattr(sweep_mod, "_point", real_point)
-    assert main([*base, "--out", "../s"]) == 0  # resumes: one point reused, one made
-    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["reused_points"] == 1
 
 
 COMMANDS = [["train", "--data", "digits", "--epochs", "1"], ["eval"], ["stats"], ["prune"], ["binarize"], ["export"], ["report"],

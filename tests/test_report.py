@@ -180,6 +180,22 @@ def test_sweep_tiny_completes_and_resumes(digits_run, tmp_path, monkeypatch):
     assert tuned == {"keep1.00": 0, "keep1.00-bin": 1, "keep0.50": 1, "keep0.50-bin": 1}, tuned
     # a point's json is a report compare reads
     assert main(["compare", str(out / "points/keep1.00/point.json"), str(out / "points/keep0.50-bin/point.json")]) == 0
+    # the same sweep from another working directory: its paths are relative to the sweep folder, so all is reused
+    point = json.loads((out / "points" / "keep0.50" / "point.json").read_text())
+    assert not Path(point["files"]["onnx"]).is_absolute() and not Path(point["checkpoint"]).is_absolute()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    moved = [*args[:args.index("--out") + 1], "../sweep", *args[args.index("--out") + 2:]]
+    assert main(moved) == 0 and json.loads((out / "sweep.json").read_text())["reused_points"] == 4
+    # --force interrupted in its first point: no index of the old sweep left, no old point to be taken for a new one
+    def interrupted_at_once(*a):
+        raise KeyboardInterrupt  # Ctrl-C during the first point
+
+    monkeypatch.setattr(sw, "_point", interrupted_at_once)
+    assert main([*moved, "--force"]) == 130
+    assert not (out / "sweep.json").exists()
+    assert not list(out.glob("points/*/point.json"))
+    assert not (out / "points" / "keep0.50" / "report.json").exists()  # the old pruning is not reused either
 
 
 def test_sweep_sets_a_depth_family_beside_its_points(digits_run, tmp_path):
