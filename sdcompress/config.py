@@ -45,7 +45,10 @@ class TrainConfig:
     """Training as in the stochastic depth paper unless told otherwise."""
 
     arch: str = "resnet56"  # a registered CIFAR ResNet (resnet20 ... resnet1202), or torchvision:NAME / timm:NAME
-    weights: str | None = None  # start a torchvision / timm model from this state_dict (default: random weights)
+    weights: str | None = None  # start from this state_dict (a pretrained network; default: random weights)
+    weights_map: str | None = None  # renames of the weights' key prefixes, "OLD=NEW,..." (default: found; train.map_keys)
+    mean: tuple[float, ...] | None = None  # input normalization of the pretrained network (default: the data's own)
+    std: tuple[float, ...] | None = None
     data: str = "digits"  # digits | torchvision name | .npz | ImageFolder folder
     data_dir: str | None = None  # where a torchvision dataset lies
     val_size: int | None = None  # images held out for validation (None: 5,000 for CIFAR-sized data, else 10%)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -44,8 +44,6 @@ def data_meta(ds: Dataset, cfg: TrainConfig) -> dict:
 def net_spec(cfg: TrainConfig, ds: Dataset) -> NetSpec:
     """The spec of the network `cfg.arch` names for this data (a CIFAR ResNet, or torchvision:NAME / timm:NAME)."""
     if ":" not in cfg.arch:
-        if cfg.weights:
-            raise InputError(f"--weights starts a torchvision or timm model from its weights; {cfg.arch} is trained from scratch")
         return NetSpec(cfg.arch, ds.input_shape[0], len(ds.classes), cfg.survival_rule, cfg.p_last)
     from .families.model import describe
 
@@ -55,24 +53,115 @@ def net_spec(cfg: TrainConfig, ds: Dataset) -> NetSpec:
         raise InputError(f"--arch {cfg.arch}: {e}") from None
 
 
-def load_start_weights(model, path: str) -> None:
-    """Start a torchvision or timm model from a state_dict of the plain model (e.g. `torch.save(m.state_dict(), F)`);
-    a classifier of another number of classes is left at its fresh initialization, and the line says so."""
-    from .checkpoint import load_state_dict
+def read_start_state(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a pretrained network's file: a state_dict, or a training checkpoint holding one under
+    "state_dict" or "model" beside other entries (epoch, best accuracy); a `module.` prefix (saved from
+    DataParallel) is stripped. Loaded with weights_only=True: a file that would run code is refused."""
+    import pickle
 
-    state = load_state_dict(Path(path))
-    own = model.net.state_dict()
+    read_untrusted_check(Path(path), MAX_WEIGHTS_BYTES, "--weights file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(f"--weights {path}: refused to load: it holds more than tensors ({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - truncated, or not a torch file
+        raise InputError(f"--weights {path}: corrupt or not a PyTorch file ({first_line(e)})") from None
+    if isinstance(obj, dict):
+        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
+        obj = inner if inner is not None else obj
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise InputError(f"--weights {path}: not a state_dict of tensors (nor a checkpoint holding one under 'state_dict')")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def map_keys(state: dict, arch: str, mapping: str | None) -> tuple[dict, str]:
+    """The weights' names in the project's ResNet, and how they were found.
+
+    `mapping` "OLD=NEW,...": each key starting with OLD gets NEW instead (the first that matches). Without one, the
+    names are used as they are if they are the project's, else the layout of the common CIFAR ResNet code
+    (He et al.'s option A as most repositories write it: `conv1`/`bn1` stem, `layerS.i` blocks, `linear` or `fc`
+    classifier) is mapped: `layerS.i` becomes block n(S-1)+i of the n blocks per stage.
+    """
+    from .nets import ARCHS
+
+    if mapping:
+        rules = []
+        for part in mapping.split(","):
+            old, sep, new = part.partition("=")
+            if not sep or not old.strip():
+                raise InputError(f"--weights-map: expected OLD=NEW,... prefix renames, got {part!r}")
+            rules.append((old.strip(), new.strip()))
+        renamed = {}
+        for k, v in state.items():
+            old, new = next(((o, n) for o, n in rules if k.startswith(o)), ("", ""))
+            renamed[new + k[len(old):]] = v
+        return renamed, f"--weights-map {mapping}"
+    if "stem.weight" in state:
+        return state, "the project's names"
+    n = ARCHS[arch]
+    renamed = {}
+    for k, v in state.items():
+        head, _, rest = k.partition(".")
+        if head == "conv1":
+            k = f"stem.{rest}"
+        elif head == "bn1":
+            k = f"stem_bn.{rest}"
+        elif head in ("linear", "fc"):
+            k = f"fc.{rest}"
+        elif head.startswith("layer") and head[5:].isdigit():
+            i, _, tail = rest.partition(".")
+            if i.isdigit():
+                k = f"blocks.{n * (int(head[5:]) - 1) + int(i)}.{tail}"
+        renamed[k] = v
+    return renamed, "conv1/bn1/layerS.i/linear (the common CIFAR ResNet layout) mapped to stem/stem_bn/blocks.N/fc"
+
+
+def fold_survival(model: ResNet) -> None:
+    """Divide each block's last BatchNorm (scale and shift) by its p_l, so that the evaluation-time network (every
+    block's branch scaled by p_l) computes what the pretrained network computed with unscaled branches. In training a
+    block that runs then adds f / p_l: what it adds on average over the draws is the pretrained network's f."""
+    with torch.no_grad():
+        for b in model.block_ids:
+            blk = model.blocks[str(b)]
+            blk.bn2.weight.div_(blk.survival_prob)
+            blk.bn2.bias.div_(blk.survival_prob)
+
+
+def load_start_weights(model, path: str, mapping: str | None = None) -> dict:
+    """Start from a pretrained network's weights. A torchvision or timm model takes a state_dict of the plain model
+    (e.g. `torch.save(m.state_dict(), F)`); the project's ResNets take their own names, the common CIFAR ResNet
+    layout, or the names `mapping` gives, and get 1/p_l folded into each block's last BatchNorm (`fold_survival`).
+    A classifier of another number of classes is left at its fresh initialization, and the line says so. Returns
+    what the sidecar records of the start."""
+    state = read_start_state(path)
+    how = "the library's names"
+    if isinstance(model, ResNet):
+        state, how = map_keys(state, model.spec.arch, mapping)
+        target = model
+    else:
+        target = model.net
+    own = target.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise InputError(f"--weights {path}: {len(unknown)} tensors ({unknown[0]}, ...) are not in {model.spec.arch}; is it a state_dict of that model?")
+        raise InputError(f"--weights {path}: {len(unknown)} tensors ({unknown[0]}, ...) are not in {model.spec.arch} (names read as "
+                         f"{how}); is it a state_dict of that model? (--weights-map OLD=NEW renames key prefixes)")
     resized = sorted(k for k in state if state[k].shape != own[k].shape)
-    missing = sorted(set(own) - set(state))
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))  # older files lack the counter
     if len(resized) + len(missing) > 2:  # more than a classifier's weight and bias
         raise InputError(f"--weights {path}: {len(resized)} tensors of another shape and {len(missing)} missing "
                          f"({(resized + missing)[0]}, ...); is it a state_dict of {model.spec.arch}?")
-    model.net.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
+    target.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
     if resized or missing:
         tqdm.write(f"--weights: {', '.join(resized + missing)} left freshly initialized (another number of classes)")
+    folded = isinstance(model, ResNet) and any(p < 1 for p in model.spec.probs())
+    if folded:
+        fold_survival(model)
+    from .files import file_sha256
+
+    return {"weights": str(path), "sha256": file_sha256(path), "names": how, "fresh": resized + missing,
+            "survival_folded": "1/p_l folded into each block's bn2" if folded else None}
 
 
 @dataclass
@@ -124,6 +213,7 @@ class Run:
     local_batch: int
     history: list
     precision: Precision
+    start: dict | None = None  # the pretrained weights the run started from (load_start_weights), or None
     start_epoch: int = 0
     wall_before: float = 0.0
 
@@ -171,7 +261,7 @@ def _check_config(cfg: TrainConfig) -> None:
     check_precision("--precision", cfg.precision)
 
 
-def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False, progress: bool = False) -> Run:
+def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False) -> Run:
     """Processes, device, data, network, optimizer and generators of a fresh run (`resume` then loads its state)."""
     _check_config(cfg)
     dd, device_name = setup_processes(cfg.device)
@@ -188,13 +278,23 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
     if len(ds.train) < cfg.batch_size:
         raise InputError(f"the training split has {len(ds.train)} images{' (--train-limit)' if cfg.train_limit else ''}, "
                          f"fewer than --batch-size {cfg.batch_size}")
+    if cfg.mean is not None or cfg.std is not None:  # the pretrained network's normalization, not the data's own
+        c = ds.input_shape[0]
+        if cfg.mean is None or cfg.std is None or len(cfg.mean) != c or len(cfg.std) != c:
+            raise InputError(f"--mean and --std: give both, one value per image channel ({c})")
+        for v in cfg.std:
+            check_number("--std", v, 0.0, 1e3, lo_open=True)
+        for v in cfg.mean:
+            check_number("--mean", v, -1e3, 1e3)
+        ds = replace(ds, mean=[float(v) for v in cfg.mean], std=[float(v) for v in cfg.std])
     spec = net_spec(cfg, ds)
     if spec.family != "cifar_resnet" and dd.enabled:
         raise InputError(f"{cfg.arch}: training under torchrun is for the project's own ResNets; train it in one process")
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
-    if cfg.weights and not resume:
-        load_start_weights(model, cfg.weights)
+    if cfg.weights_map and not cfg.weights:
+        raise InputError("--weights-map renames the keys of --weights: give --weights FILE too")
+    start = load_start_weights(model, cfg.weights, cfg.weights_map) if cfg.weights and not resume else None
     precision = resolve_precision(cfg.precision, device)
     model = to_layout(model.to(device), precision.channels_last)
     if cfg.compile:
@@ -217,7 +317,7 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
     local_batch = cfg.batch_size // dd.world
-    if dd.main and progress:
+    if dd.main:
         tqdm.write(f"precision: {precision.describe()}")
     if dd.enabled and dd.main:
         tqdm.write(f"distributed: {dd.world} processes ({dd.backend}), global batch {cfg.batch_size} "
@@ -226,7 +326,7 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
                shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1), drop_gen=torch.Generator().manual_seed(cfg.seed + 2),
                aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 3 + 1000 * dd.rank),  # each rank its own crops
                stats=SurvivalStats(spec.probs(), cfg.stats_window), steps_per_epoch=steps_per_epoch, local_batch=local_batch,
-               history=[], precision=precision)
+               history=[], precision=precision, start=start)
 
 
 def resume_from(run: Run, out: Path) -> None:
@@ -257,6 +357,7 @@ def resume_from(run: Run, out: Path) -> None:
     torch.set_rng_state(st["torch_rng"])
     run.stats.load_state_dict(st["stats"])
     run.history = list(st["history"])
+    run.start = st.get("start")
     run.start_epoch, run.wall_before = st["epoch"], st["wall_s"]
 
 
@@ -340,6 +441,7 @@ def save_epoch(run: Run, out: Path, epoch: int, meta: dict, aug_states: list) ->
                 "torch_rng": torch.get_rng_state(),
                 "stats": run.stats.state_dict(),
                 "history": run.history,
+                "start": run.start,
             },
             folder / TRAIN_STATE,
         )
@@ -373,7 +475,7 @@ def train(
         The trained model and its sidecar.
     """
     out = Path(out_dir)
-    run = setup(cfg, dataset, resume, progress)
+    run = setup(cfg, dataset, resume)
     if resume:
         resume_from(run, out)
     dd, model = run.dd, run.model
@@ -381,6 +483,13 @@ def train(
     meta = {"data": data_meta(run.ds, cfg), "stages": [{"stage": "train", "config": cfg.to_dict()}], "binarized": False,
             "distributed": {"world_size": dd.world, "global_batch": cfg.batch_size, "per_process_batch": run.local_batch,
                             "backend": dd.backend, "sync_bn": cfg.sync_bn}}
+    if run.start is not None and run.start_epoch == 0 and run.ds.val is not None and "val_top1" not in run.start:
+        before = _validate(model, run.ds.val, Normalize(run.ds.mean, run.ds.std, run.device), dd)
+        run.start.update(val_top1=before["top1"], val_loss=before["loss"])  # the evaluation-time network as loaded
+        if dd.main:
+            tqdm.write(f"start: val top-1 {before['top1']:.4f} (the pretrained weights, evaluation-time network, before training)")
+    if run.start is not None:
+        meta["stages"][0]["start"] = run.start
     t_start = time.perf_counter()
     bar = tqdm(total=(cfg.epochs - run.start_epoch) * run.steps_per_epoch, disable=not (progress and dd.main), unit="step",
                dynamic_ncols=True)

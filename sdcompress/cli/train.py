@@ -10,6 +10,13 @@ from pathlib import Path
 from .common import OUT_ROOT, _bool, _fresh_out, _positive_int, _precision_arg
 
 
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
 def _p_last(s: str) -> float:
     v = float(s)
     if not 0.0 < v <= 1.0:
@@ -34,7 +41,16 @@ def add_parser(sub) -> None:
     d = TrainConfig()
     p.add_argument("--arch", default=d.arch, type=_arch, metavar="ARCH",
                    help=f"{', '.join(ARCHS)}; or torchvision:NAME (resnet18, mobilenet_v2, convnext_tiny, ...) or timm:NAME")
-    p.add_argument("--weights", default=None, help="start a torchvision/timm model from this state_dict file (default: random weights)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="start from a pretrained network's state_dict (or a checkpoint holding one under 'state_dict'): stochastic "
+                        "depth retrofitted onto it; the project's ResNets get 1/p_l folded into each block's last BatchNorm so "
+                        "that the evaluation-time network starts as the pretrained one (default: random weights)")
+    p.add_argument("--weights-map", default=None, metavar="OLD=NEW,...",
+                   help="rename the weights' key prefixes (default: the project's names, or the common CIFAR ResNet layout "
+                        "conv1/bn1/layerS.i/linear, found by itself)")
+    p.add_argument("--mean", type=_floats, default=None, metavar="M,M,M",
+                   help="input normalization mean, one per channel, of the pretrained network (default: the data's own)")
+    p.add_argument("--std", type=_floats, default=None, metavar="S,S,S", help="input normalization std, with --mean")
     p.add_argument("--train-limit", type=_positive_int, default=None, metavar="N",
                    help="train on the first N images of the shuffled training split only")
     p.add_argument("--data", default=d.data, help="digits | cifar10 | cifar100 | svhn | mnist | fashion-mnist | FILE.npz | FOLDER")
