@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Callable, Iterable
 
 import numpy as np
@@ -69,9 +72,9 @@ def find_blocks(model: nn.Module, paths: list[str] | None = None, example_input:
             raise InputError(str(e)) from None
     if example_input is None:
         raise InputError("blocks named by path need an example_input to check that removing them keeps the model valid")
-    if isinstance(paths, str) or not all(isinstance(p, str) for p in paths):
+    paths = None if isinstance(paths, str) else list(paths)  # a generator is read once, here
+    if paths is None or not all(isinstance(p, str) for p in paths):
         raise TypeError("paths must be a list of module paths (strings), e.g. ['layer1.0', 'layer1.1']")
-    paths = list(paths)
     if not paths:
         raise InputError("paths is empty: name at least one block")
     modules = dict(model.named_modules())
@@ -100,6 +103,17 @@ def find_blocks(model: nn.Module, paths: list[str] | None = None, example_input:
     return blocks
 
 
+def _is_index(v) -> bool:
+    """An integer index (int, numpy or torch integer), not a bool."""
+    if isinstance(v, bool):
+        return False
+    try:
+        operator.index(v)
+    except TypeError:
+        return False
+    return True
+
+
 def _replacement(model: nn.Module, block: Block) -> nn.Module:
     try:
         return replacement(model, block)
@@ -115,7 +129,8 @@ def remove_blocks(model: nn.Module, remove: Iterable[Block | int], blocks: list[
     for r in remove:
         if isinstance(r, Block):
             chosen.append(r)
-        elif isinstance(r, int) and not isinstance(r, bool):
+        elif _is_index(r):
+            r = operator.index(r)
             if not 0 <= r < len(blocks):
                 raise InputError(f"block index {r} is not one of the model's blocks (0 to {len(blocks) - 1})")
             chosen.append(blocks[r])
@@ -165,7 +180,7 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise InputError(f"rounds must be a whole number >= 1, got {rounds!r}")
     _check_fraction("max_drop", max_drop, closed=False)
-    if rounds > 1 and iter(batches) is batches:
+    if rounds > 1 and isinstance(batches, Iterator):
         raise InputError(f"batches is a one-shot iterator and rounds={rounds} passes over it; give a list or a DataLoader "
                          f"(anything that can be iterated again)")
     blocks = blocks if blocks is not None else find_blocks(model)
@@ -207,7 +222,7 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
 
 def _check_fraction(name: str, v, closed: bool = True) -> None:
     """A fraction argument: a real number in (0, 1] (`closed`) or (0, 1); TypeError for anything but a number."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a number in (0, 1{']' if closed else ')'}, got {type(v).__name__} {v!r:.40}")
     if not (0.0 < v <= 1.0 if closed else 0.0 < v < 1.0) or math.isnan(v):
         raise InputError(f"{name} must be in (0, 1{']' if closed else ')'}, got {v}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import math
 import pickle
 from dataclasses import dataclass, field
@@ -297,11 +298,15 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+_META_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _parameters_on_meta():
     """Modules built inside this block put each parameter and buffer on the meta device as it is registered, so a
     network is built without its weights' memory (at most one layer's, for a moment), while the builders' own
-    arithmetic on real tensors (a RegNet's widths) still runs."""
+    arithmetic on real tensors (a RegNet's widths) still runs. It patches `nn.Module` for the process: held under a
+    lock, and no other thread of sdcompress builds modules meanwhile."""
     register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
 
     def parameter(self, name, param):
@@ -314,11 +319,12 @@ def _parameters_on_meta():
         if tensor is not None:
             self._buffers[name] = tensor.to("meta")
 
-    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
+    with _META_LOCK:
+        nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
 
 
 def _check_against_weights(model: nn.Module, state: dict, weights: Path) -> None:
@@ -344,12 +350,19 @@ def _check_family_skeleton(spec: NetSpec, input_shape, state: dict, weights: Pat
             skeleton = build_model(spec)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, AssertionError) as e:
         raise InputError(f"{side}: the sidecar's spec does not describe a network this sdcompress builds ({first_line(e)})") from None
+    except (NotImplementedError, RuntimeError) as e:
+        if "meta" in str(e):
+            return  # a builder that computes with its own parameters cannot be built on meta: the real build checks it
+        raise InputError(f"{side}: the sidecar's spec does not describe a network this sdcompress builds ({first_line(e)})") from None
     _check_against_weights(skeleton, state, weights)
     try:
         with torch.no_grad():
             skeleton.eval()(torch.empty(1, *input_shape, device="meta"))
     except NotImplementedError:
         pass  # an operation without a meta kernel: the real network's first forward pass checks this instead
+    except RuntimeError as e:
+        if "meta" not in str(e):
+            raise InputError(f"{side}: the model does not take the sidecar's input shape {tuple(input_shape)} ({first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - the library's own refusal, e.g. "Input shape indivisible by patch size!"
         raise InputError(f"{side}: the model does not take the sidecar's input shape {tuple(input_shape)} "
                          f"({first_line(e) or type(e).__name__})") from None
@@ -361,7 +374,7 @@ def _check_header(spec: NetSpec, state: dict, weights: Path) -> None:
     if spec.family != "cifar_resnet":
         if spec.in_channels != 3:
             raise InputError(f"{weights.parent / SIDECAR}: {spec.arch} takes 3-channel images, the sidecar says {spec.in_channels}")
-        if not any(t.dim() == 2 and t.shape[0] == spec.num_classes for t in state.values()):
+        if not any(t.dim() >= 2 and t.shape[0] == spec.num_classes for t in state.values()):  # linear or 1x1-conv head
             raise InputError(f"{weights}: no classifier of {spec.num_classes} classes among the weights, as the sidecar says; the two "
                              f"files belong to different models")
         return

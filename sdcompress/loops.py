@@ -139,6 +139,12 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, normalize: Normalize, bat
     return used
 
 
+def _channels_last(model: nn.Module) -> bool:
+    """Whether a model's 4-D weights are in channels_last (a model without any counts as contiguous)."""
+    w = next((p for p in model.parameters() if p.dim() == 4), None)
+    return w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
 def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survival: bool = False, batch_size: int = 128,
              seed: int = 0, device: str = "auto", progress: bool = True, augment_with: tuple[int, bool] | None = None,
              distill: Distill | None = None, precision: str = "auto") -> dict:
@@ -149,8 +155,8 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     what is trained is what is evaluated and exported; with it on, kept blocks keep dropping at their p_l.
     `augment_with` is the (pad, flip) the network was trained with (`train_augmentation(meta)`); None: the
     default for the data. `precision` (auto | fp32 | bf16, `precision.resolve_precision`) is that of the training
-    steps, the teacher's forward pass included; the weights stay float32 and the model is handed back in the
-    contiguous layout.
+    steps, the teacher's forward pass included; the weights stay float32, and the model and teacher are handed back
+    in the memory layout they came in.
     """
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -172,9 +178,9 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     model.train()
     bar = tqdm(range(epochs * steps), disable=not progress, unit="step", dynamic_ncols=True,
                desc=f"fine-tune ({'distilled, ' if distill is not None else ''}{prec.name})")
-    to_layout(model, prec.channels_last)
-    if teacher is not None:
-        to_layout(teacher, prec.channels_last)
+    layouts = [(m, _channels_last(m)) for m in (model, teacher) if m is not None]  # handed back as they came
+    for m, _ in layouts:
+        to_layout(m, prec.channels_last)
     try:
         for step in bar:
             i = step % steps
@@ -194,9 +200,8 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
                     raise TrainingDiverged(f"fine-tuning loss became non-finite at step {step + 1} of {epochs * steps}; nothing "
                                            f"was written; try a lower --finetune-lr (it was {lr:g})")
     finally:
-        to_layout(model, False)
-        if teacher is not None:
-            to_layout(teacher, False)
+        for m, was in layouts:
+            to_layout(m, was)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingDiverged(f"fine-tuning left non-finite weights; nothing was written; try a lower --finetune-lr (it was {lr:g})")
     model.eval()

@@ -41,8 +41,8 @@ def cpu_bf16_units() -> dict[str, bool]:
 def bf16_fast(device: torch.device) -> tuple[bool, str]:
     """Whether bf16 autocast makes a training step faster on `device`, and why (for the log line)."""
     if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return ok, f"CUDA {'with' if ok else 'without'} bf16"
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 (a T4, a V100) is slower
+        return ok, f"CUDA {'with' if ok else 'without'} native bf16"
     if device.type != "cpu":
         return False, f"{device.type}: no measured bf16 speed-up"
     units = cpu_bf16_units()

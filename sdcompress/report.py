@@ -265,7 +265,8 @@ def export_markdown(report: dict) -> str:
         else:
             kind = f"weights {f['weights']}, batch {f['batch']}, opset {f['opset']}"
         lat = f.get("latency_ms")
-        lat_s = f"{lat['ms']:.3f} ms (onnxruntime CPU, batch {lat['batch']}, {lat['threads']} thread)" if lat and 'ms' in lat else "-"
+        ms = (lat or {}).get("ms", (lat or {}).get("onnxruntime_cpu_b1"))  # reports before fixed batches were timed at N
+        lat_s = f"{ms:.3f} ms (onnxruntime CPU, batch {lat.get('batch', 1)}, {lat['threads']} thread)" if ms is not None else "-"
         conv = f.get("consumer_conversion")
         conv_s = "-" if conv is None else (format_bytes(conv["bytes"]) if conv["bytes"] else "refused")
         ratio = f"{f['compression_ratio']:.1f}x" if f.get("compression_ratio") else "-"

@@ -107,15 +107,27 @@ def _in_sweep(path: str, out: Path) -> Path:
     return Path(path) if Path(path).is_absolute() else out / path
 
 
+def _older_settings(old: dict) -> dict:
+    """Settings a sweep wrote before `precision` meant the fine-tuning steps' (it was Core ML's, now
+    `coreml_precision`), as this version writes them: such a sweep is reused, not refused."""
+    if "coreml_precision" not in old:
+        old["coreml_precision"] = old.pop("precision", "float16")
+        if "distill" in old:  # it fine-tuned, in float32 on a CPU: what auto picks on one without AMX
+            old["precision"] = "auto"
+    return old
+
+
 def _forget_points(out: Path) -> None:
     """What `--force` does before any work: the index goes first, then every point's completion markers (point.json,
     and the report.json a pruning reuse is decided by), so that a run interrupted at any moment leaves no index
-    listing points of other settings and no old point that a resumed run would take for a new one."""
+    listing points of other settings and no old point (of any keep) or depth family that a resumed run would take for
+    a new one."""
     for name in ("sweep.json", "sweep.md", "tradeoff.png"):
         (out / name).unlink(missing_ok=True)
     for marker in ("point.json", "report.json"):
         for f in sorted((out / "points").glob(f"*/{marker}")):
             f.unlink()
+    (out / "family" / "report.json").unlink(missing_ok=True)  # a depth family is made again too
 
 
 def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, data, data_dir, device) -> dict:
@@ -195,13 +207,18 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
     sfile = out / "sweep-settings.json"
     if sfile.exists() and not force:
         try:
-            old = json.loads(sfile.read_text())
-        except ValueError:
+            old = _older_settings(json.loads(sfile.read_text()))
+        except (ValueError, AttributeError):
             old = None
         if old != settings:
             raise InputError(f"--out {out}: holds a sweep with other settings (checkpoint, strategy, formats, fine-tuning or data); "
                              "pass --force to redo its points, or another --out")
-    if force:
+    if cfg.depth_family:  # depths that collapse are refused now, not after every point is made
+        from .depths import check_distinct_depths
+        from .pruning import removable
+
+        check_distinct_depths(tuple(sorted(cfg.keeps, reverse=True)), len(removable(load_checkpoint(ckpt)[0])))
+    if force and sfile.exists():  # a sweep folder (a new --out has nothing to forget)
         _forget_points(out)
     atomic_write_json(sfile, settings)
     todo = [(k, b) for k in cfg.keeps for b in cfg.binarize]
@@ -244,7 +261,7 @@ def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, devic
 
 def _depth_family(ckpt, cfg: SweepConfig, out: Path, data, data_dir, force: bool, progress: bool) -> dict:
     """The float keeps as one depth family in DIR/family, reused when it is of the same checkpoint (SHA-256),
-    depths, ranking and formats."""
+    depths, ranking, formats and Core ML precision."""
     from .depths import run_depth_export
     from .files import file_sha256, parse_untrusted_json
 
@@ -255,7 +272,8 @@ def _depth_family(ckpt, cfg: SweepConfig, out: Path, data, data_dir, force: bool
             old = parse_untrusted_json(fdir / "report.json", "depth family report")
             same = ([d["depth"] for d in old["depths"]] == list(depths) and old["strategy"] == cfg.strategy
                     and old["checkpoint_sha256"] == file_sha256(resolve(ckpt)[0])
-                    and sorted(k if k != "onnx_family" else "onnx" for k in old["formats"]) == sorted(formats))
+                    and sorted(k if k != "onnx_family" else "onnx" for k in old["formats"]) == sorted(formats)
+                    and (old["formats"].get("coreml") or {}).get("precision", cfg.coreml_precision) == cfg.coreml_precision)
         except (InputError, ValueError, KeyError, TypeError):
             same = False  # unreadable or another family: made again
         if same:

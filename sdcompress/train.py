@@ -342,8 +342,15 @@ def resume_from(run: Run, out: Path) -> None:
     cfg, dd = run.cfg, run.dd
     if st.get("world_size", 1) != dd.world:
         raise InputError(f"--resume: the run in {out} used {st.get('world_size', 1)} processes; resume it with as many")
+    old = dict(st["config"])
+    ran = st.get("precision_ran")
+    if "precision" not in old:  # saved before --precision: bf16 autocast on CUDA with --amp on (the default), else fp32
+        ran = "bf16" if old.get("amp", True) and run.cuda else "fp32"
+        old["precision"] = cfg.precision
+    if ran is not None and ran != run.precision.name:
+        tqdm.write(f"--resume: the run in {out} trained in {ran}; it continues in {run.precision.describe()}")
     # a run saved before a setting existed had its default; settings since removed (amp, channels_last) are ignored
-    saved = {k: v for k, v in {**TrainConfig().to_dict(), **st["config"]}.items() if k in TrainConfig().to_dict()}
+    saved = {k: v for k, v in {**TrainConfig().to_dict(), **old}.items() if k in TrainConfig().to_dict()}
     if saved != cfg.to_dict():
         changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
         raise InputError(f"--resume: the run in {out} used a different config ({', '.join(changed)}); use the same flags")
@@ -442,6 +449,7 @@ def save_epoch(run: Run, out: Path, epoch: int, meta: dict, aug_states: list) ->
                 "stats": run.stats.state_dict(),
                 "history": run.history,
                 "start": run.start,
+                "precision_ran": run.precision.name,
             },
             folder / TRAIN_STATE,
         )

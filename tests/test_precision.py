@@ -34,13 +34,14 @@ def test_auto_follows_the_cpus_bf16_units(monkeypatch, amx, avx512, expected):
 
 def test_auto_trains_in_float32_where_the_cpu_has_no_bf16(monkeypatch, tmp_path):
     monkeypatch.setattr(precision, "cpu_bf16_units", _units(False, False))
-    train(TrainConfig(arch="resnet20", data="digits", epochs=1), tmp_path / "run", progress=False)
+    train(TrainConfig(arch="resnet20", data="digits", epochs=1, device="cpu"), tmp_path / "run", progress=False)
     m = json.loads((tmp_path / "run" / "model.json").read_text())["metrics"]
     assert (m["precision"], m["memory_format"], m["precision_requested"]) == ("fp32", "contiguous (NCHW)", "auto")
 
 
 def test_bf16_trains_float32_weights(tmp_path):
-    model, meta = train(TrainConfig(arch="resnet20", data="digits", epochs=3, precision="bf16"), tmp_path / "run", progress=False)
+    model, meta = train(TrainConfig(arch="resnet20", data="digits", epochs=3, precision="bf16", device="cpu"), tmp_path / "run",
+                        progress=False)
     losses = [h["train_loss"] for h in json.loads((tmp_path / "run" / "model.json").read_text())["history"]]
     assert losses[-1] < 0.7 * losses[0], losses  # it learns
     assert meta.metrics["val_top1"] > 0.5
@@ -82,15 +83,26 @@ def test_bf16_fine_tuning_records_its_precision(tmp_path, digits_run, capsys):
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in saved.values() if v.is_floating_point())
 
 
-def test_a_run_saved_before_the_precision_setting_resumes(tmp_path):
-    cfg = TrainConfig(arch="resnet20", data="digits", epochs=1, precision="fp32")
-    train(cfg, tmp_path / "run", progress=False)
+def test_a_run_saved_before_the_precision_setting_resumes(tmp_path, capsys):
+    cfg = TrainConfig(arch="resnet20", data="digits", epochs=2, precision="fp32", device="cpu")
+
+    def stop_after_first(rec):
+        if rec.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False, on_epoch=stop_after_first)
     state_path = tmp_path / "run" / "train_state.pt"
     state = torch.load(state_path, weights_only=True)
     old = {k: v for k, v in state["config"].items() if k != "precision"}
-    state["config"] = {**old, "amp": True, "channels_last": True}  # the settings it replaced
+    state["config"] = {**old, "amp": True, "channels_last": True}  # the settings it replaced, as such a run saved them
+    del state["precision_ran"]
     torch.save(state, state_path)
-    train(TrainConfig(arch="resnet20", data="digits", epochs=1, precision="auto"), tmp_path / "run", resume=True, progress=False)
+    capsys.readouterr()
+    _, meta = train(TrainConfig(arch="resnet20", data="digits", epochs=2, precision="bf16", device="cpu"), tmp_path / "run",
+                    resume=True, progress=False)
+    assert meta.metrics["epochs"] == 2 and meta.metrics["precision"] == "bf16"  # the second epoch ran, in bf16
+    assert "trained in fp32; it continues in bf16 autocast" in capsys.readouterr().out  # and the switch is said
 
 
 @pytest.mark.parametrize("cmd", [["train", "--precision", "fp16"], ["prune", "--precision", "half"],

@@ -30,7 +30,7 @@ def run(a) -> int:
     from ..zoo import same_data_as_bundled
 
     path = _resolve_ckpt(a.ckpt)
-    if a.json is not None and a.md is not None and a.json.absolute() == a.md.absolute():
+    if a.json is not None and a.md is not None and a.json.resolve() == a.md.resolve():
         raise InputError(f"--json and --md name the same file ({a.json})")
     for flag, f in (("--json", a.json), ("--md", a.md)):
         if f is not None and not f.parent.is_dir():
