@@ -52,3 +52,30 @@ def resnet18_ckpt(colour_data, tmp_path_factory):
                "--lr", "0.05", "--out", str(out), "--no-progress"])
     assert rc == 0
     return out
+
+
+def tree(root: Path) -> dict:
+    """Every path under `root` with its size and modification time: what "no file changed" compares."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def refusal_failures(cases: list[tuple[str, list[str]]], root: Path, capsys) -> list[str]:
+    """Each (name, argv) run through the CLI must exit 2 with one line on stderr, no traceback, and change nothing
+    under `root`; the cases that do not, each with what went wrong."""
+    from sdcompress.cli import main
+
+    failures = []
+    for name, argv in cases:
+        before = tree(root)
+        capsys.readouterr()
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # argparse's own usage errors
+            rc = e.code
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        problems = [p for p, bad in ((f"exit {rc}", rc != 2), (f"{len(lines)} lines", len(lines) != 1),
+                                     ("traceback", "Traceback" in err), ("files changed", tree(root) != before)) if bad]
+        if problems:
+            failures.append(f"{name}: {'; '.join(problems)} | {err.strip()[:240]}")
+    return failures

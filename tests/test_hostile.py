@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import refusal_failures
 from sdcompress.cli import main
 from sdcompress.cli.common import cores
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tree(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
 def _tampered(src: Path, dst: Path, change) -> str:
@@ -132,20 +129,7 @@ def test_hostile_inputs_one_line_exit_2_nothing_written(digits_run, resnet18_ckp
     rep["latency_ms"] = {"onnxruntime_cpu_b1": 0.5}
     cases = _cases(digits_run, resnet18_ckpt, colour_data, rep, tmp_path / "w")
     assert len(cases) >= 45, len(cases)
-    failures = []
-    for name, argv in cases:
-        before = _tree(tmp_path)
-        capsys.readouterr()
-        try:
-            rc = main(argv)
-        except SystemExit as e:  # argparse's own usage errors
-            rc = e.code
-        err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip()]
-        problems = [p for p, bad in (("exit %s" % rc, rc != 2), (f"{len(lines)} lines", len(lines) != 1),
-                                     ("traceback", "Traceback" in err), ("files changed", _tree(tmp_path) != before)) if bad]
-        if problems:
-            failures.append(f"{name}: {'; '.join(problems)} | {err.strip()[:240]}")
+    failures = refusal_failures(cases, tmp_path, capsys)
     assert not failures, "\n".join(failures)
 
 

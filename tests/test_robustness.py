@@ -7,11 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import refusal_failures
 from sdcompress.cli import main
-
-
-def _tree(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
 def _copy_ckpt(src: Path, dst: Path) -> Path:
@@ -288,27 +285,7 @@ def _data_cases(ck: Path, w: Path, out: str) -> list[tuple[str, list[str]]]:
 def test_bad_inputs_one_line_exit_2_nothing_written(digits_run, tmp_path, capsys):
     cases = _setup_cases(digits_run, tmp_path / "w")
     assert len(cases) >= 110, len(cases)
-    failures = []
-    for name, argv in cases:
-        before = _tree(tmp_path)
-        capsys.readouterr()
-        try:
-            rc = main(argv)
-        except SystemExit as e:  # argparse usage errors
-            rc = e.code
-        err = capsys.readouterr().err
-        lines = [l for l in err.splitlines() if l.strip()]
-        problems = []
-        if rc != 2:
-            problems.append(f"exit {rc}")
-        if len(lines) != 1:
-            problems.append(f"{len(lines)} lines: {err[:300]!r}")
-        if "Traceback" in err:
-            problems.append("traceback")
-        if _tree(tmp_path) != before:
-            problems.append("files changed")
-        if problems:
-            failures.append(f"{name}: {'; '.join(problems)} | {err.strip()[:200]}")
+    failures = refusal_failures(cases, tmp_path, capsys)
     assert not failures, "\n".join(failures)
 
 
