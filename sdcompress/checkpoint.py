@@ -283,9 +283,10 @@ def save_checkpoint(out_dir: str | Path, model: ResNet, meta: "dict | Sidecar") 
     return out / WEIGHTS
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path, unwrap: bool = False) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: a pickle that would run code is refused, never executed. Only a regular
-    file under MAX_WEIGHTS_BYTES is opened."""
+    file under MAX_WEIGHTS_BYTES is opened. `unwrap`: also take a training checkpoint that holds the state_dict under
+    "state_dict" or "model" beside other entries (epoch, best accuracy)."""
     read_untrusted_check(path, MAX_WEIGHTS_BYTES, "weights file (model.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -293,6 +294,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: refused to load: it holds more than tensors ({first_line(e)})") from None
     except Exception as e:  # truncated or not a torch file
         raise InputError(f"{path}: corrupt or not a PyTorch state_dict ({first_line(e)})") from None
+    if unwrap and isinstance(state, dict):
+        state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path}: not a state_dict of tensors")
     return state

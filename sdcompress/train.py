@@ -57,20 +57,14 @@ def read_start_state(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a pretrained network's file: a state_dict, or a training checkpoint holding one under
     "state_dict" or "model" beside other entries (epoch, best accuracy); a `module.` prefix (saved from
     DataParallel) is stripped. Loaded with weights_only=True: a file that would run code is refused."""
-    import pickle
+    from .checkpoint import load_state_dict
 
-    read_untrusted_check(Path(path), MAX_WEIGHTS_BYTES, "--weights file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise InputError(f"--weights {path}: refused to load: it holds more than tensors ({first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - truncated, or not a torch file
-        raise InputError(f"--weights {path}: corrupt or not a PyTorch file ({first_line(e)})") from None
-    if isinstance(obj, dict):
-        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
-        obj = inner if inner is not None else obj
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        raise InputError(f"--weights {path}: not a state_dict of tensors (nor a checkpoint holding one under 'state_dict')")
+        obj = load_state_dict(Path(path), unwrap=True)
+    except InputError as e:
+        raise InputError(f"--weights: {e}") from None
+    if not obj:
+        raise InputError(f"--weights {path}: an empty state_dict")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj

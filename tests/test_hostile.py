@@ -134,7 +134,7 @@ def test_hostile_inputs_one_line_exit_2_nothing_written(digits_run, resnet18_ckp
 
 
 def test_a_tampered_family_sidecar_is_refused_before_the_network_is_built(resnet18_ckpt, colour_data, tmp_path):
-    """A 640 M-parameter builder named in the sidecar: refused from a skeleton on the meta device, so the process
+    """torchvision's largest RegNet named in the sidecar: refused from a skeleton on the meta device, so the process
     never holds a network of that size (its float32 weights alone would be 2.5 GB)."""
     t = _tampered(resnet18_ckpt, tmp_path / "t", lambda m: m["spec"].update(arch="torchvision:regnet_y_128gf"))
     # the peak of this process's own memory (VmHWM; ru_maxrss would carry the forking test process's over exec)
