@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import InputError
 from .families import Block, family_of, replacement
+from .retrofit import Trained, finetune, recalibrate, train_stochastic_depth  # noqa: F401 - the API
 from .survival import fit_drop_effect
 
 
@@ -52,24 +53,48 @@ def _shape_through(model: nn.Module, paths: list[str], example_input: torch.Tens
     return seen
 
 
-def find_blocks(model: nn.Module, paths: list[str] | None = None, example_input: torch.Tensor | None = None) -> list[Block]:
+def find_blocks(model: nn.Module, example_input: torch.Tensor | None = None, paths: list[str] | None = None) -> list[Block]:
     """The residual blocks of `model`, input to output.
 
+    With `example_input`, any model: a forward pass finds the modules that, with their residual branch silenced,
+    pass their input or their own shortcut's output through (see `sdcompress.families.found`; `survey_blocks`
+    says why each other module was refused). Without it, the families sdcompress knows by class (torchvision's
+    residual networks, timm's, its own CIFAR ResNets).
+
     Args:
-        model: a torchvision residual network, a CIFAR ResNet of this project, or any module when `paths` is given.
-        paths: module paths of blocks to use instead of a family's (e.g. ["stages.1.blocks.0", ...]). Each must
-            keep its input's shape (it becomes the identity when removed); a forward pass of `example_input`
-            checks that, and that the model still runs with every named block removed.
-        example_input: an input batch, needed with `paths`.
+        model: the network (not modified).
+        example_input: an input batch (e.g. `torch.randn(2, 3, 32, 32)`).
+        paths: module paths of blocks to use instead (e.g. ["stages.1.blocks.0", ...]), checked on `example_input`:
+            each must keep its input's shape (it becomes the identity when removed), and the model must still
+            run with every named block removed.
+
+    Returns:
+        Block records: index, module path, stage (a new stage where the shape changes), removal ("identity" or
+        "shortcut"), class name.
 
     Raises:
-        InputError: a path that is not a module, a block that changes the shape, or a model nobody recognises.
+        InputError: a path that is not a module, a block that changes the shape, or a model with no residual block.
+
+    Example:
+        >>> blocks = sdcompress.find_blocks(model, torch.randn(2, 3, 32, 32))
+        >>> [b.path for b in blocks][:2]
+        ['layer1.0', 'layer1.1']
     """
+    if example_input is not None and not torch.is_tensor(example_input):
+        raise TypeError(f"example_input must be a tensor (an input batch), got {type(example_input).__name__}")
     if paths is None:
         try:
             return family_of(model)[1]
         except ValueError as e:
-            raise InputError(str(e)) from None
+            if example_input is None:
+                raise InputError(f"{e}; give an example input (find_blocks(model, torch.randn(2, 3, 32, 32))) and a forward "
+                                 f"pass finds them") from None
+        blocks, verdicts = survey_blocks(model, example_input, _with_blocks=True)
+        if not blocks:
+            seen = "; ".join(f"{c.path}: {c.why}" for c in verdicts[:3]) or "it has no module with parameters and submodules"
+            raise InputError(f"no residual blocks found in {type(model).__name__} ({seen})")
+        _check_removable(model, blocks, example_input, "found")
+        return blocks
     if example_input is None:
         raise InputError("blocks named by path need an example_input to check that removing them keeps the model valid")
     paths = None if isinstance(paths, str) else list(paths)  # a generator is read once, here
@@ -96,11 +121,39 @@ def find_blocks(model: nn.Module, paths: list[str] | None = None, example_input:
         if shapes[p][0] != shapes[p][1]:
             raise InputError(f"block {p!r} maps {shapes[p][0]} to {shapes[p][1]}; only a block that keeps the shape can be removed")
     blocks = [Block(i, p, 0, "identity", type(modules[p]).__name__, "named") for i, p in enumerate(order)]
-    try:
-        remove_blocks(model, blocks, blocks)(example_input)
-    except Exception as e:  # noqa: BLE001 - any failure means the named blocks are not removable together
-        raise InputError(f"the model does not run with the named blocks removed ({str(e).splitlines()[0][:100]})") from None
+    _check_removable(model, blocks, example_input, "named")
     return blocks
+
+
+def _check_removable(model: nn.Module, blocks: list[Block], example_input: torch.Tensor, how: str) -> None:
+    """The model runs with every block removed at once."""
+    try:
+        with torch.no_grad():
+            remove_blocks(model, blocks, blocks).eval()(example_input)
+    except Exception as e:  # noqa: BLE001 - any failure means the blocks are not removable together
+        raise InputError(f"the model does not run with the {how} blocks removed ({str(e).splitlines()[0][:100]})") from None
+
+
+def survey_blocks(model: nn.Module, example_input: torch.Tensor, _with_blocks: bool = False):
+    """Every module `find_blocks` looked at on a forward pass of `example_input`, with its verdict: a list of
+    `Candidate(path, kind, residual, why)`, in the order the modules ran.
+
+    Example:
+        >>> for c in sdcompress.survey_blocks(model, torch.randn(2, 3, 32, 32)):
+        ...     print(c.path, c.residual, c.why)
+        layer1 False contains 9 residual block(s) (layer1.0, ...): a stage of blocks, not a block
+        layer1.0 True with its branch silenced it passes its input through
+    """
+    from .families.found import survey
+
+    if not torch.is_tensor(example_input):
+        raise TypeError(f"example_input must be a tensor (an input batch), got {type(example_input).__name__}")
+    try:
+        blocks, verdicts = survey(model, example_input)
+    except Exception as e:  # noqa: BLE001 - the model's own failure on the example input
+        raise InputError(f"{type(model).__name__} does not run on the example input "
+                         f"({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
+    return (blocks, verdicts) if _with_blocks else verdicts
 
 
 def _is_index(v) -> bool:
@@ -158,6 +211,7 @@ class DropEffects:
     drop_rates: tuple[float | None, ...]  # removal probability of each block (None: not removable)
     runs: tuple[int, ...]  # passes on which each block was present
     params: int | None = None  # parameters of the model measured (prune refuses the effects for another model)
+    source: str = "measured"  # "measured": measure_drop_effects; "training": recorded by train_stochastic_depth
 
 
 def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block] | None = None, rounds: int = 1,

@@ -155,15 +155,15 @@ def test_named_blocks_of_any_module():
     model, x = _Custom().eval(), torch.rand(2, 3, 16, 16)
     with pytest.raises(InputError, match="no residual blocks"):
         sdcompress.find_blocks(model)
-    blocks = sdcompress.find_blocks(model, ["body.3", "body.0", "body.1"], x)
+    blocks = sdcompress.find_blocks(model, x, paths=["body.3", "body.0", "body.1"])
     assert [b.path for b in blocks] == ["body.0", "body.1", "body.3"]  # in forward order
     small = sdcompress.remove_blocks(model, [0, 2], blocks)
     assert _params(small) == _params(model) - (8 * 8 * 9 + 8) - (16 * 16 * 9 + 16)  # body.0 and body.3 gone
     assert small(x).shape == (2, 4)
     with pytest.raises(InputError, match="keeps the shape"):
-        sdcompress.find_blocks(model, ["body.2"], x)  # a strided conv: removing it breaks the network
+        sdcompress.find_blocks(model, x, paths=["body.2"])  # a strided conv: removing it breaks the network
     with pytest.raises(InputError, match="no module"):
-        sdcompress.find_blocks(model, ["body.9"], x)
+        sdcompress.find_blocks(model, x, paths=["body.9"])
 
 
 class _Planted(nn.Module):
@@ -189,7 +189,7 @@ class _AddConst(nn.Module):
 def test_measured_drop_effects_recover_planted_ones():
     consts = [0.30, -0.05, 0.00, 0.12, 0.50, 0.02]
     model = _Planted(consts)
-    blocks = sdcompress.find_blocks(model, [f"blocks.{i}" for i in range(6)], torch.zeros(4, 8))
+    blocks = sdcompress.find_blocks(model, torch.zeros(4, 8), paths=[f"blocks.{i}" for i in range(6)])
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(64, 8, generator=g), None) for _ in range(120)]  # noise in every batch's loss
     stats = sdcompress.measure_drop_effects(model, batches, blocks, rounds=2, loss_fn=lambda out, _: out.mean())

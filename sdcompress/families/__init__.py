@@ -30,7 +30,10 @@ class Block:
     stage: int  # 0-based; a new stage starts at a block that changes the shape
     removal: str  # identity | shortcut | none
     kind: str  # the block's class name
-    family: str  # the adapter that found it ("named": paths a user gave)
+    family: str  # the adapter that found it ("named": paths a user gave; "found": a forward-pass survey)
+    shortcut: str = ""  # "found" blocks: path of the block's own shortcut module, relative to the block ("": none)
+    after: str = ""  # "found" blocks: "relu" when the block applies ReLU after the addition
+    scale: str = ""  # "found" blocks: the branch's last affine layer (relative path), whose weights scale the branch
 
     @property
     def removable(self) -> bool:
@@ -74,6 +77,10 @@ def replacement(model: nn.Module, block: Block, share: bool = False) -> nn.Modul
         raise ValueError(f"block {block.index} ({block.path}, {block.kind}) has no residual path and cannot be removed")
     if block.family == "named":
         return nn.Identity()
+    if block.family == "found":
+        from .found import replacement as found_replacement
+
+        return found_replacement(model.get_submodule(block.path), block, share)
     return FAMILIES[block.family].replacement(model.get_submodule(block.path), block.removal, share)
 
 
@@ -85,5 +92,4 @@ def family_of(model: nn.Module) -> tuple[Family, list[Block]]:
         found = fam.find(model)
         if found:
             return fam, number(found, fam.name)
-    raise ValueError(f"no residual blocks recognised in {type(model).__name__}; name them with block paths "
-                     f"(sdcompress.find_blocks(model, paths=[...], example_input=x))")
+    raise ValueError(f"no residual blocks recognised in {type(model).__name__} by its classes")

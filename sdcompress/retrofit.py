@@ -1,0 +1,311 @@
+"""Training stages on any residual network and the user's own batches: stochastic depth (from scratch or from
+pretrained weights), BatchNorm re-estimation, fine-tuning with a teacher.
+
+    trained = sdcompress.train_stochastic_depth(model, train_loader, epochs=2)   # dropped blocks are not computed
+    small = sdcompress.prune(trained.model, keep=0.6, stats=trained.stats)      # ranked by the recorded drop effects
+    small = sdcompress.recalibrate(small, train_loader)
+    small, _ = sdcompress.finetune(small, train_loader, teacher=trained.model)  # distillation from the full network
+
+Stochastic depth (Huang et al. 2016): block l of L survives a mini-batch with probability p_l = 1 - l/L (1 - p_L)
+(the linear rule); a dropped block is swapped, for that one step, for what is left of it (nothing, or its own
+shortcut sharing its weights), so it is not computed and its parameters get no gradient. At evaluation every
+block runs, its residual branch scaled by p_l. For a block whose branch ends in an affine layer (its last
+BatchNorm, convolution or linear layer: `Block.scale`, found and checked by `find_blocks`) that scale lives in
+the weights: training starts with that layer's weight and bias divided by p_l, so the evaluation-time network at
+step 0 is exactly the pretrained one, and ends with them multiplied back by p_l, so the model handed back is an
+ordinary module of the user's class that evaluates as the paper's network. A block without such a layer runs at
+full weight in training and at evaluation (as in LayerDrop); `history["unscaled"]` lists those.
+
+While training, the loss of every step and which blocks were dropped are kept; the drop effect of each block (how
+much the loss rises when it is missing) is the least-squares fit of the loss on the drop indicators with a
+quadratic trend in the step number, as in the command-line trainer. `Trained.stats` feeds `prune(stats=...)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator
+from typing import Callable, Iterable, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError, TrainingDiverged
+from .families import Block, replacement
+from .precision import resolve_precision, to_layout
+from .survival import fit_drop_effect
+
+
+class Trained(NamedTuple):
+    """What `train_stochastic_depth` gives back: the trained model (a new module), the drop effects recorded while
+    training (`DropEffects`, for `prune`), and what ran (epochs, steps, seconds, mean loss of each epoch,
+    precision, survival probabilities)."""
+
+    model: nn.Module
+    stats: "DropEffects"  # noqa: F821 - api.DropEffects
+    history: dict
+
+
+def _check_batches(batches, epochs: int) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise InputError(f"epochs must be a whole number >= 1, got {epochs!r}")
+    if epochs > 1 and isinstance(batches, Iterator):
+        raise InputError(f"batches is a one-shot iterator and epochs={epochs} passes over it; give a list or a DataLoader")
+
+
+def _positive(name: str, v, lo: float = 0.0, hi: float = math.inf) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
+        raise InputError(f"{name} must be a number in ({lo:g}, {hi:g}], got {v!r:.40}")
+    return float(v)
+
+
+def _device_of(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _batch(item, dev: torch.device):
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0])):
+        raise InputError(f"each batch must be (inputs, targets) tensors, got {type(item).__name__}")
+    x, y = item[0], item[1]
+    return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True) if torch.is_tensor(y) else y
+
+
+def _fold(model: nn.Module, blocks: list[Block], factor: dict[int, float]) -> None:
+    """Multiply the weights of each block's `scale` layer by factor[block index]."""
+    with torch.no_grad():
+        for b in blocks:
+            if b.scale and b.index in factor:
+                for p in model.get_submodule(b.path).get_submodule(b.scale).parameters():
+                    p.mul_(factor[b.index])
+
+
+def _loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_decay: float, dev: torch.device,
+          precision: str, seed: int, progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None) -> dict:
+    """SGD (Nesterov momentum 0.9) with a cosine schedule over all steps; `loss_of(x, y, step)` is one step's loss."""
+    prec = resolve_precision(precision, dev)
+    try:
+        steps_per_epoch = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    total = steps_per_epoch * epochs if steps_per_epoch else None
+    opt = torch.optim.SGD([p for p in work.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=weight_decay)
+    torch.manual_seed(seed)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, desc=f"{desc} ({prec.name})")
+    to_layout(work, prec.channels_last)
+    work.train()
+    losses, step, t0 = [], 0, time.perf_counter()
+    try:
+        for epoch in range(epochs):
+            total_loss, n = 0.0, 0
+            for item in batches:
+                x, y = _batch(item, dev)
+                frac = step / total if total else epoch / epochs
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+                with prec.autocast(dev):
+                    loss = loss_of(prec.layout(x), y, step)
+                opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None: SGD leaves it untouched
+                loss.backward()
+                opt.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"{desc}: the loss became non-finite at step {step + 1}; try a lower lr (it was {lr:g})")
+                if on_step is not None:
+                    on_step(step, value)
+                total_loss, n, step = total_loss + value, n + 1, step + 1
+                bar.update(1)
+                if step % 25 == 0:
+                    bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{value:.3f}")
+            if n == 0:
+                raise InputError("batches is empty: give (inputs, targets) batches of training images")
+            losses.append(round(total_loss / n, 5))
+    finally:
+        bar.close()
+        to_layout(work, False)
+        work.eval()
+    return {"epochs": epochs, "steps": step, "seconds": round(time.perf_counter() - t0, 1), "epoch_loss": losses,
+            "lr": lr, **prec.to_dict()}
+
+
+def survival_probs(blocks: list[Block], p_last: float) -> dict[int, float]:
+    """The linear rule: p_l = 1 - l/L (1 - p_last) for block l = 1..L; a block that cannot be removed always runs."""
+    n = len(blocks)
+    return {b.index: (1.0 - (b.index + 1) / n * (1.0 - p_last)) if b.removable else 1.0 for b in blocks}
+
+
+def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1, *, blocks: list[Block] | None = None,
+                           p_last: float = 0.5, lr: float = 0.01, weight_decay: float = 1e-4,
+                           loss_fn: Callable = F.cross_entropy, recalibrate_batches: int = 100, precision: str = "auto",
+                           device: str | torch.device | None = None, seed: int = 0, progress: bool = False) -> Trained:
+    """Train `model` with stochastic depth on `batches`, from its current (e.g. pretrained) weights.
+
+    Args:
+        model: any residual network (not modified; a trained copy is returned).
+        batches: (inputs, targets) batches of training images, e.g. a shuffling, augmenting DataLoader.
+        epochs: passes over `batches`.
+        blocks: the blocks (default: `find_blocks` on the first batch).
+        p_last: survival probability of the last block (the paper's 0.5).
+        lr: the start of a cosine schedule (0.1 from scratch; 0.01 to 0.02 from pretrained weights).
+        weight_decay: SGD weight decay.
+        loss_fn: loss(outputs, targets).
+        recalibrate_batches: batches of `batches` on which BatchNorm statistics of the evaluation-time network are
+            re-estimated at the end (their running averages were gathered on networks with blocks missing); 0: not.
+        precision: "auto", "fp32" or "bf16" (autocast; weights stay float32).
+        device: where to train (default: where the model's parameters are).
+        seed: seed of the drop draws.
+        progress: a progress bar.
+
+    Returns:
+        `Trained(model, stats, history)`.
+
+    Example:
+        >>> trained = sdcompress.train_stochastic_depth(model, loader, epochs=2, lr=0.02)
+        >>> small = sdcompress.prune(trained.model, keep=0.6, stats=trained.stats)
+    """
+    from .api import DropEffects, find_blocks
+
+    _check_batches(batches, epochs)
+    p_last = _positive("p_last", p_last, 0.0, 1.0)
+    lr = _positive("lr", lr, 0.0, 10.0)
+    if isinstance(recalibrate_batches, bool) or not isinstance(recalibrate_batches, int) or recalibrate_batches < 0:
+        raise InputError(f"recalibrate_batches must be a whole number >= 0, got {recalibrate_batches!r}")
+    dev = _device_of(model, device)
+    work = copy.deepcopy(model).to(dev)
+    if blocks is None:
+        first = next(iter(batches), None)
+        if first is None:
+            raise InputError("batches is empty: give (inputs, targets) batches of training images")
+        blocks = find_blocks(work, _batch(first, dev)[0][:2])
+    probs = survival_probs(blocks, p_last)
+    idx = [b.index for b in blocks if b.removable]
+    if not idx:
+        raise InputError("the model has no removable block")
+    skip = {i: replacement(work, blocks[i], share=True) for i in idx}
+    block_of = {i: work.get_submodule(blocks[i].path) for i in idx}
+    p = torch.tensor([probs[i] for i in idx])
+    gen = torch.Generator().manual_seed(seed)
+    _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
+    dropped_log: list[np.ndarray] = []
+    loss_log: list[float] = []
+
+    def loss_of(x, y, step):
+        runs = (torch.rand(len(idx), generator=gen) < p).tolist()
+        dropped_log.append(np.array([not r for r in runs], dtype=np.uint8))
+        gone = [i for i, r in zip(idx, runs) if not r]
+        try:
+            for i in gone:
+                work.set_submodule(blocks[i].path, skip[i])
+            out = work(x)
+        finally:
+            for i in gone:
+                work.set_submodule(blocks[i].path, block_of[i])
+        return loss_fn(out.float(), y)
+
+    history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, seed, progress, "stochastic depth", loss_of,
+                    on_step=lambda step, v: loss_log.append(v))
+    _fold(work, blocks, {i: probs[i] for i in idx})
+    if recalibrate_batches:
+        work = recalibrate(work, batches, recalibrate_batches, device=dev)
+    dropped = np.stack(dropped_log)
+    fit = fit_drop_effect(dropped, np.array(loss_log), np.arange(len(loss_log)))
+    effect: list[float | None] = [None] * len(blocks)
+    stderr: list[float | None] = [None] * len(blocks)
+    rate: list[float | None] = [None] * len(blocks)
+    runs = [len(loss_log)] * len(blocks)
+    for k, i in enumerate(idx):
+        effect[i] = float(fit.effect[k]) if math.isfinite(fit.effect[k]) else None
+        stderr[i] = float(fit.stderr[k]) if math.isfinite(fit.stderr[k]) else None
+        rate[i] = 1.0 - probs[i]
+        runs[i] = len(loss_log) - int(dropped[:, k].sum())
+    stats = DropEffects(tuple(blocks), tuple(effect), tuple(stderr), len(loss_log), tuple(rate), tuple(runs),
+                        sum(q.numel() for q in work.parameters()), source="training")
+    history.update({"p_last": p_last, "survival": [probs[b.index] for b in blocks],
+                    "unscaled": [b.path for b in blocks if b.removable and not b.scale],
+                    "recalibrated_batches": recalibrate_batches})
+    return Trained(work, stats, history)
+
+
+@torch.no_grad()
+def recalibrate(model: nn.Module, batches: Iterable, num_batches: int = 100, device: str | torch.device | None = None) -> nn.Module:
+    """A copy of `model` with its BatchNorm statistics re-estimated on up to `num_batches` of `batches` (a
+    cumulative average, the evaluation-time network: what is left after pruning, as it will run). Use training
+    batches with the training augmentation: the weights were learned against statistics of augmented batches.
+
+    Example:
+        >>> small = sdcompress.recalibrate(sdcompress.prune(model, keep=0.6, stats=stats), train_loader)
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise InputError(f"num_batches must be a whole number >= 1, got {num_batches!r}")
+    dev = _device_of(model, device)
+    work = copy.deepcopy(model).to(dev).eval()
+    bns = [m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return work
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    try:
+        for item in batches:
+            if seen == num_batches:
+                break
+            work(_batch(item, dev)[0])
+            seen += 1
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        work.eval()
+    if seen == 0:
+        raise InputError("batches is empty: give (inputs, targets) batches of training images")
+    return work
+
+
+def finetune(model: nn.Module, batches: Iterable, teacher: nn.Module | None, epochs: int = 1, *, lr: float = 0.01,
+             weight_decay: float = 1e-4, temperature: float = 4.0, alpha: float = 0.9, precision: str = "auto",
+             device: str | torch.device | None = None, seed: int = 0, progress: bool = False) -> tuple[nn.Module, dict]:
+    """Fine-tune a copy of `model` (e.g. pruned) on `batches`, learning from `teacher` as well as the labels.
+
+    The loss is alpha T^2 KL(teacher / T || student / T) + (1 - alpha) cross-entropy (Hinton et al. 2015), the
+    teacher's logits computed on the same batch; `teacher=None` trains on the labels alone. The evaluation-time
+    network is what is trained (no block drops). Returns (model, history).
+
+    Example:
+        >>> small, history = sdcompress.finetune(small, train_loader, teacher=trained.model, epochs=1)
+    """
+    from .loops import distill_loss
+
+    _check_batches(batches, epochs)
+    lr = _positive("lr", lr, 0.0, 10.0)
+    temperature = _positive("temperature", temperature, 0.0, 100.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise InputError(f"alpha must be a number in [0, 1], got {alpha!r:.40}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+    dev = _device_of(model, device)
+    work = copy.deepcopy(model).to(dev)
+    guide = copy.deepcopy(teacher).to(dev).eval() if teacher is not None else None
+
+    def loss_of(x, y, step):
+        out = work(x).float()
+        if guide is None:
+            return F.cross_entropy(out, y)
+        with torch.no_grad():
+            soft = guide(x).float()
+        return distill_loss(out, soft, y, temperature, alpha)
+
+    history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, seed, progress,
+                    "fine-tune, distilled" if guide is not None else "fine-tune", loss_of)
+    history["distill"] = {"temperature": temperature, "alpha": alpha} if guide is not None else None
+    return work, history

@@ -1,0 +1,341 @@
+"""A user's own network through the Python API: blocks found by a forward pass in code written in several styles
+(and in the peer's ResNet-56, written elsewhere), nothing proposed in a plain stack, and the chain of stages."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sdcompress
+from sdcompress.errors import InputError
+
+PEER = Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar-resnet-peer"
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+# --- style 1: a `shortcut` module (1x1 conv + BN where the shape changes), blocks in nn.Sequential -------------
+class ShortcutBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class SequentialNet(nn.Module):
+    def __init__(self, n=2, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        layers, cin = [], 8
+        for cout, stride in ((8, 1), (16, 2), (32, 2)):
+            for i in range(n):
+                layers.append(ShortcutBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+# --- style 2: `if self.downsample is not None`, blocks in an nn.ModuleList looped over in forward --------------
+class DownsampleBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.AvgPool2d(stride), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.body(x)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ModuleListNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.blocks = nn.ModuleList([DownsampleBlock(8, 8, 1), DownsampleBlock(8, 8, 1), DownsampleBlock(8, 16, 2),
+                                     DownsampleBlock(16, 16, 1)])
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# --- style 3: pre-activation, `torch.add` in forward, no activation after the addition; a transition conv between
+# stages (the shape changes outside any block)
+class PreActBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.relu(self.norm1(x)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return torch.add(x, h)
+
+
+class PreActNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.stage1 = nn.Sequential(PreActBlock(8), PreActBlock(8), PreActBlock(8))
+        self.transition = nn.Conv2d(8, 16, 3, 2, 1)
+        self.stage2 = nn.Sequential(PreActBlock(16), PreActBlock(16))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.stage2(self.transition(self.stage1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+# --- style 4: blocks with an attribute-held residual scale and an MLP branch, nested inside stage modules --------
+class ScaledBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, 1, 3, groups=c)
+        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, c, 1))
+
+    def forward(self, x):
+        return x + self.mlp(self.dw(x))
+
+
+class Stage(nn.Module):
+    def __init__(self, cin, cout, n):
+        super().__init__()
+        self.down = nn.Conv2d(cin, cout, 2, 2) if cin != cout else nn.Identity()
+        self.blocks = nn.Sequential(*[ScaledBlock(cout) for _ in range(n)])
+
+    def forward(self, x):
+        return self.blocks(self.down(x))
+
+
+class NestedNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, 2)
+        self.stages = nn.ModuleList([Stage(8, 8, 2), Stage(8, 16, 3)])
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for s in self.stages:
+            x = s(x)
+        return self.head(x.mean((2, 3)))
+
+
+class PlainNet(nn.Module):
+    """Conv / BN / ReLU units of the same shapes as a residual network's blocks, with no shortcut anywhere."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.units = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU()) for _ in range(4)])
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.head(self.units(F.relu(self.stem(x))).mean((2, 3)))
+
+
+def _randomize_bn(model):
+    """Trained-looking BatchNorm statistics, so a test does not pass on fresh ones by luck."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+# (model, block paths, stages, removal, the branch's last affine layer) counted by hand
+STYLES = {
+    "shortcut module, Sequential": (SequentialNet, [f"layers.{i}" for i in range(6)], [0, 0, 1, 1, 2, 2],
+                                    ["identity", "identity", "shortcut", "identity", "shortcut", "identity"], "bn2"),
+    "if self.downsample, ModuleList": (ModuleListNet, [f"blocks.{i}" for i in range(4)], [0, 0, 1, 1],
+                                       ["identity", "identity", "shortcut", "identity"], "body.4"),
+    "torch.add, pre-activation": (PreActNet, ["stage1.0", "stage1.1", "stage1.2", "stage2.0", "stage2.1"], [0, 0, 0, 1, 1],
+                                  ["identity"] * 5, "conv2"),
+    "x + mlp(x), nested stages": (NestedNet, ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0",
+                                              "stages.1.blocks.1", "stages.1.blocks.2"], [0, 0, 1, 1, 1], ["identity"] * 5, "mlp.2"),
+}
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_blocks_and_stages_found_without_paths(style):
+    build, paths, stages, removals, scale = STYLES[style]
+    model = _randomize_bn(build())
+    blocks = sdcompress.find_blocks(model, X)
+    assert [b.path for b in blocks] == paths
+    assert [b.stage for b in blocks] == stages
+    assert [b.removal for b in blocks] == removals
+    assert all(b.scale == scale for b in blocks)
+    # every block removed at once: the model runs, and the removed blocks' parameters are gone
+    bare = sdcompress.remove_blocks(model, range(len(blocks)), blocks)
+    assert bare(X).shape == (2, 10)
+    kept_shortcuts = sum(_params(model.get_submodule(b.path).get_submodule(b.shortcut)) for b in blocks if b.shortcut)
+    assert _params(bare) == _params(model) - sum(_params(model.get_submodule(b.path)) for b in blocks) + kept_shortcuts
+
+
+def test_a_removed_block_is_its_shortcut_exactly():
+    """Removing a downsampling block leaves relu(shortcut(x)): checked against the block with its branch's last
+    BatchNorm silenced by hand."""
+    model = _randomize_bn(SequentialNet())
+    blocks = sdcompress.find_blocks(model, X)
+    down = next(b for b in blocks if b.removal == "shortcut")
+    assert down.after == "relu" and down.shortcut == "shortcut"
+    small = sdcompress.remove_blocks(model, [down], blocks)
+    silenced = _randomize_bn(SequentialNet())
+    silenced.load_state_dict(model.state_dict())
+    bn = silenced.get_submodule(down.path).bn2
+    bn.weight.data.zero_()
+    bn.bias.data.zero_()
+    with torch.no_grad():
+        assert torch.allclose(small(X), silenced(X), atol=1e-5)
+
+
+def test_a_plain_stack_proposes_nothing_and_says_why():
+    model = _randomize_bn(PlainNet())
+    with pytest.raises(InputError, match="no residual blocks found in PlainNet"):
+        sdcompress.find_blocks(model, X)
+    verdicts = {c.path: c for c in sdcompress.survey_blocks(model, X)}
+    assert not any(c.residual for c in verdicts.values())
+    assert "not residual" in verdicts["units.0"].why
+    assert "units" in verdicts
+
+
+def test_a_stage_of_blocks_is_not_a_block():
+    verdicts = {c.path: c for c in sdcompress.survey_blocks(_randomize_bn(PreActNet()), X)}
+    assert not verdicts["stage1"].residual and "contains 3 residual block(s)" in verdicts["stage1"].why
+    assert verdicts["stage1.0"].residual
+
+
+def _peer_resnet(name: str):
+    if not (PEER / "resnet.py").exists():
+        pytest.skip(f"the peer's pretrained ResNets are not at {PEER} (../shared is absent)")
+    spec = importlib.util.spec_from_file_location("peer_resnet", PEER / "resnet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = getattr(mod, name)()
+    files = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
+    state = torch.load(PEER / files[name], map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    return model.eval()
+
+
+def test_peer_resnet56_all_27_blocks_and_3_stages():
+    model = _peer_resnet("resnet56")
+    blocks = sdcompress.find_blocks(model, X)
+    assert [b.path for b in blocks] == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(9)]
+    assert [b.stage for b in blocks] == [0] * 9 + [1] * 9 + [2] * 9
+    down = [b for b in blocks if b.removal == "shortcut"]
+    assert [b.path for b in down] == ["layer2.0", "layer3.0"]
+    assert all(b.shortcut == "shortcut" and b.scale == "bn2" for b in down)
+    # the downsampling blocks are removable as their own parameter-free shortcut (stride-2 subsampling, zero channels)
+    small = sdcompress.remove_blocks(model, down, blocks)
+    assert _params(small) == _params(model) - sum(_params(model.get_submodule(b.path)) for b in down)
+    with torch.no_grad():
+        assert small(X).shape == (2, 10)
+
+
+def _loader(n=96, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+def test_stochastic_depth_from_pretrained_weights_starts_at_the_pretrained_function():
+    """The 1/p_l fold into each block's last BatchNorm, and its undoing at the end: with nothing learned (lr ~ 0,
+    BatchNorm statistics frozen), the model handed back computes what the pretrained one did."""
+    model = _peer_resnet("resnet20")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0
+    trained = sdcompress.train_stochastic_depth(model, _loader(), epochs=1, lr=1e-12, weight_decay=0.0, recalibrate_batches=0)
+    with torch.no_grad():
+        ref = model(X)
+        assert torch.allclose(trained.model(X), ref, atol=1e-4 * float(ref.abs().max()))
+    assert type(trained.model) is type(model) and trained.history["unscaled"] == []
+    assert trained.history["survival"][0] == pytest.approx(1 - 1 / 9 * 0.5) and trained.history["survival"][-1] == 0.5
+
+
+def test_a_dropped_block_is_not_computed():
+    """A forward hook on each block counts the steps it ran (the hooks travel with the model's copy); those counts
+    must be the record's run counts, and fewer than the steps for the blocks that drop most."""
+    model = _randomize_bn(SequentialNet())
+    blocks = sdcompress.find_blocks(model, X)
+    ran = {b.path: 0 for b in blocks}
+    for b in blocks:
+        model.get_submodule(b.path).register_forward_hook(lambda m, i, o, p=b.path: ran.__setitem__(p, ran[p] + 1))
+    trained = sdcompress.train_stochastic_depth(model, _loader(n=320), epochs=1, blocks=blocks, recalibrate_batches=0)
+    assert trained.stats.batches == 20 and trained.stats.source == "training"
+    assert [ran[b.path] for b in blocks] == list(trained.stats.runs)
+    assert trained.stats.runs[-1] < 20
+    assert trained.stats.drop_rates[-1] == pytest.approx(0.5) and trained.stats.drop_rates[0] == pytest.approx(0.5 / 6)
+
+
+def test_the_chain_on_a_users_model(tmp_path):
+    """train_stochastic_depth -> prune by the recorded statistics -> recalibrate -> finetune with a teacher ->
+    export to ONNX, verified: on a model class written here."""
+    model = _randomize_bn(ModuleListNet())
+    data = _loader(n=256, batch=16)
+    trained = sdcompress.train_stochastic_depth(model, data, epochs=2, lr=0.05, recalibrate_batches=4)
+    assert trained.history["steps"] == 32 and len(trained.history["epoch_loss"]) == 2
+    effects = [e for e in trained.stats.effect if e is not None]
+    assert effects and all(isinstance(e, float) for e in effects)
+    small = sdcompress.prune(trained.model, keep=0.5, stats=trained.stats)
+    assert len(sdcompress.find_blocks(small, X)) == 2
+    assert _params(small) < _params(trained.model)
+    small = sdcompress.recalibrate(small, data, num_batches=4)
+    tuned, history = sdcompress.finetune(small, data, teacher=trained.model, epochs=1)
+    assert history["distill"] == {"temperature": 4.0, "alpha": 0.9} and history["steps"] == 16
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), small.state_dict().values()))
+    check = sdcompress.export_onnx(tuned, tmp_path / "small.onnx", X)
+    assert check["max_abs_diff"] < 1e-3 and (tmp_path / "small.onnx").stat().st_size > 0
+
+
+def test_bad_arguments_are_refused():
+    model = _randomize_bn(SequentialNet())
+    with pytest.raises(InputError, match="epochs"):
+        sdcompress.train_stochastic_depth(model, _loader(), epochs=0)
+    with pytest.raises(InputError, match="p_last"):
+        sdcompress.train_stochastic_depth(model, _loader(), p_last=1.5)
+    with pytest.raises(InputError, match="one-shot iterator"):
+        sdcompress.train_stochastic_depth(model, iter(_loader()), epochs=2)
+    with pytest.raises(InputError, match="empty"):
+        sdcompress.recalibrate(model, [])
+    with pytest.raises(InputError, match=r"\(inputs, targets\)"):
+        sdcompress.finetune(model, [torch.zeros(2, 3, 32, 32)], teacher=None)

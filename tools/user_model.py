@@ -1,0 +1,145 @@
+"""A user's own pretrained network through the Python API alone: the peer's CIFAR ResNet-56 (its own class and
+weights, `../shared/models/cifar-resnet-peer`), pruned as it is, then retrofitted with stochastic depth and pruned
+again, scored on all of `../shared/data/cifar10-test`.
+
+    python tools/user_model.py --epochs 2 --out runs/user-model
+
+(a) the pretrained model; (b) `measure_drop_effects`, then `prune` at keep 0.8 / 0.6 / 0.4 by those effects,
+`recalibrate`d; (c) `train_stochastic_depth` for --epochs from the pretrained weights, then the same keeps by the
+recorded drop effects and by `every-other`, recalibrated; (d) keep 0.6 of (c) by its statistics, fine-tuned with
+distillation from (c)'s full network. Training uses the 45,000-image training split of `../shared/data/cifar10`
+(seed 0); nothing is chosen on the test images. Each stage's result is kept under --out (`results.json`,
+`retrofit.pt`), so a rerun picks up where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sdcompress  # noqa: E402
+from sdcompress.data import _decode_folder, augment, load_dataset  # noqa: E402
+
+PEER = ROOT.parent / "shared" / "models" / "cifar-resnet-peer"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the peer's trainer normalizes with ImageNet's constants
+
+
+class Batches:
+    """(images, labels) batches of uint8 images: shuffled, padded-cropped and flipped each pass (`train`), then
+    normalized as the peer's model expects; what a DataLoader with those transforms would give."""
+
+    def __init__(self, images, labels, batch_size=128, train=True, seed=0):
+        self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
+        self.gen = torch.Generator().manual_seed(seed)
+        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return len(self.labels) // self.batch_size if self.train else -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels), generator=self.gen) if self.train else torch.arange(len(self.labels))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.train:
+                x = augment(x, 4, True, self.gen)
+            yield (x.float() / 255 - self.mean) / self.std, self.labels[idx]
+
+
+@torch.no_grad()
+def top1(model, batches) -> float:
+    model.eval()
+    right = total = 0
+    for x, y in batches:
+        right += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return round(100.0 * right / total, 2)
+
+
+def peer_resnet56():
+    spec = importlib.util.spec_from_file_location("peer_resnet", PEER / "resnet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.resnet56()
+    state = torch.load(PEER / "resnet56-4bfd9763.th", map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--finetune", type=int, default=1)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    ap.add_argument("--test-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10-test"))
+    ap.add_argument("--out", default="runs/user-model")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res_path = out / "results.json"
+    res = json.loads(res_path.read_text()) if res_path.exists() else {}
+
+    def note(key, value):
+        res[key] = value
+        res_path.write_text(json.dumps(res, indent=1))
+        print(f"{key}: {value}", flush=True)
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ds = load_dataset("cifar10", args.data_dir)
+    test = _decode_folder(Path(args.test_dir))[0]
+    train = Batches(ds.train.images, ds.train.labels)
+    test_b = Batches(test.images, test.labels, 500, train=False)
+    model = peer_resnet56()
+    example = next(iter(test_b))[0][:2]
+    blocks = sdcompress.find_blocks(model, example)
+    note("blocks", len(blocks))
+    if "a" not in res:
+        note("a", top1(model, test_b))
+    if "b" not in res:
+        t = time.perf_counter()
+        stats = sdcompress.measure_drop_effects(model, [next(iter(train)) for _ in range(40)], blocks, rounds=3)
+        b = {"measure_seconds": round(time.perf_counter() - t, 1)}
+        for keep in (0.8, 0.6, 0.4):
+            small = sdcompress.recalibrate(sdcompress.prune(model, keep, stats=stats), train)
+            b[str(keep)] = top1(small, test_b)
+        note("b", b)
+    ck = out / "retrofit.pt"
+    if ck.exists():
+        saved = torch.load(ck, weights_only=False)
+        retro = peer_resnet56()
+        retro.load_state_dict(saved["state_dict"])
+        stats, history = saved["stats"], saved["history"]
+    else:
+        trained = sdcompress.train_stochastic_depth(model, train, args.epochs, blocks=blocks, lr=args.lr,
+                                                    precision=args.precision, progress=True)
+        retro, stats, history = trained
+        torch.save({"state_dict": retro.state_dict(), "stats": stats, "history": history}, ck)
+    if "c" not in res:
+        c = {"epochs": history["epochs"], "seconds": history["seconds"], "precision": history["precision"],
+             "lr": args.lr, "full": top1(retro, test_b), "val_full": top1(retro, Batches(ds.val.images, ds.val.labels, 500, False))}
+        for keep in (0.8, 0.6, 0.4):
+            for strategy in ("stats", "every-other"):
+                small = sdcompress.recalibrate(sdcompress.prune(retro, keep, stats=stats, strategy=strategy), train)
+                c[f"{keep} {strategy}"] = top1(small, test_b)
+        note("c", c)
+    if "d" not in res:
+        small = sdcompress.recalibrate(sdcompress.prune(retro, 0.6, stats=stats), train)
+        tuned, h = sdcompress.finetune(small, train, teacher=retro, epochs=args.finetune, precision=args.precision, progress=True)
+        note("d", {"epochs": args.finetune, "seconds": h["seconds"], "top1": top1(tuned, test_b),
+                   "params": sum(p.numel() for p in tuned.parameters()), "params_full": sum(p.numel() for p in retro.parameters())})
+
+
+if __name__ == "__main__":
+    main()
