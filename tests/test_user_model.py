@@ -339,3 +339,19 @@ def test_bad_arguments_are_refused():
         sdcompress.recalibrate(model, [])
     with pytest.raises(InputError, match=r"\(inputs, targets\)"):
         sdcompress.finetune(model, [torch.zeros(2, 3, 32, 32)], teacher=None)
+
+
+def test_readme_opening_example_runs(tmp_path, monkeypatch):
+    """The README's first example, as printed there."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Your own trained model, from Python"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert (tmp_path / "model.onnx").stat().st_size > 1000
+    assert [b.path for b in scope["blocks"]] == [f"layers.{i}" for i in range(5)]
+    assert [b.stage for b in scope["blocks"]] == [0, 0, 1, 1, 1]
+    assert len(sdcompress.find_blocks(scope["small"], scope["example"])) == 3

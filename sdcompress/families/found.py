@@ -112,6 +112,8 @@ def _judge(path: str, mod: nn.Module, calls: dict, order: list[str]) -> tuple[Ca
     matches = []
     with torch.no_grad():
         for rel in shortcuts:
+            if not any(True for name, _ in mod.named_parameters() if not rel or not (name == rel or name.startswith(rel + "."))):
+                continue  # all its weights are in that path: no branch (e.g. a block already removed to its shortcut)
             try:
                 silent = _zeroed_except(mod, rel)
                 y0 = silent(x)
