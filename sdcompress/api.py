@@ -30,6 +30,7 @@ from .errors import InputError
 from .families import Block, family_of, replacement
 from .retrofit import Trained, finetune, recalibrate, train_stochastic_depth  # noqa: F401 - the API
 from .survival import fit_drop_effect
+from .usermodel import load, mark_removed, save  # noqa: F401 - the API
 
 
 def _shape_through(model: nn.Module, paths: list[str], example_input: torch.Tensor) -> dict[str, tuple]:
@@ -196,7 +197,7 @@ def remove_blocks(model: nn.Module, remove: Iterable[Block | int], blocks: list[
         raise InputError(f"block {unknown[0]!r} is not one of the model's blocks")
     new = copy.deepcopy(model)
     for b in chosen:
-        new.set_submodule(b.path, _replacement(model, b))
+        new.set_submodule(b.path, mark_removed(_replacement(model, b), b))  # marked: `save` records what it was
     return new
 
 

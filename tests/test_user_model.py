@@ -355,3 +355,46 @@ def test_readme_opening_example_runs(tmp_path, monkeypatch):
     assert [b.path for b in scope["blocks"]] == [f"layers.{i}" for i in range(5)]
     assert [b.stage for b in scope["blocks"]] == [0, 0, 1, 1, 1]
     assert len(sdcompress.find_blocks(scope["small"], scope["example"])) == 3
+
+
+def test_save_then_load_gives_identical_outputs(tmp_path):
+    model = _randomize_bn(SequentialNet())
+    blocks = sdcompress.find_blocks(model, X)
+    small = sdcompress.remove_blocks(model, [2, 5], blocks)  # a downsampling block (its shortcut stays) and a plain one
+    stats = sdcompress.measure_drop_effects(small, _loader(n=160), rounds=1, blocks=sdcompress.find_blocks(small, X))
+    sdcompress.save(small, tmp_path / "small", stats=stats)
+    again, side = sdcompress.load(tmp_path / "small", model=SequentialNet())
+    assert [b.path for b in side["removed"]] == ["layers.2", "layers.5"]
+    assert _params(again) == _params(small)
+    with torch.no_grad():
+        assert torch.equal(again(X), small.eval()(X))
+    assert side["stats"].effect == stats.effect
+    assert sdcompress.prune(again, keep=0.5, stats=side["stats"])(X).shape == (2, 10)  # the statistics still apply
+    with pytest.raises(InputError, match="exists"):
+        sdcompress.save(small, tmp_path / "small")
+    with pytest.raises(InputError, match="not a ModuleListNet"):
+        sdcompress.load(tmp_path / "small", model=ModuleListNet())
+
+
+def test_a_sidecar_never_imports_what_it_names(tmp_path, monkeypatch):
+    """A sidecar that names a module of its own: loading without a model refuses, and the module is not imported
+    (it would leave a marker file behind); only a builder the caller names is imported."""
+    import json
+    import sys
+
+    model = _randomize_bn(SequentialNet())
+    sdcompress.save(model, tmp_path / "m")
+    side = json.loads((tmp_path / "m" / "blocks.json").read_text())
+    side["class"] = "planted_module.Net"
+    (tmp_path / "m" / "blocks.json").write_text(json.dumps(side))
+    (tmp_path / "planted_module.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(InputError, match="never used to import"):
+        sdcompress.load(tmp_path / "m")
+    assert "planted_module" not in sys.modules and not (tmp_path / "imported").exists()
+    (tmp_path / "mine.py").write_text("import test_user_model as t\ndef build():\n    return t.SequentialNet()\n")
+    side["class"] = "mine.SequentialNet"
+    (tmp_path / "m" / "blocks.json").write_text(json.dumps(side))
+    again, _ = sdcompress.load(tmp_path / "m", builder="mine:build")
+    with torch.no_grad():
+        assert torch.equal(again(X), model(X))

@@ -1,0 +1,139 @@
+"""Checkpoints of a user's own module: `save(model, folder)` and `load(folder, model=MyNet())`.
+
+A folder holds `weights.pt` (the state_dict, read back with `weights_only=True`) and `blocks.json`, the sidecar:
+the model's class name (checked, never imported), its blocks, the blocks removed and what each became, and the
+drop effects when given. Loading rebuilds from the user's own object: every removed block of the fresh model is
+replaced as it was (`families.replacement`, so the removed blocks' parameters are not there), then the weights
+are loaded strictly. A sidecar alone never makes sdcompress import or run anything: a builder is used only when
+the caller names it (`builder="package.module:function"`, imported because the caller asked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .families import REMOVALS, Block, replacement
+from .files import atomic_torch_save, atomic_write_json, output_folder, parse_untrusted_json
+
+FORMAT = "sdcompress-module"
+MARK = "_sdcompress_removed"  # attribute of the module a removed block became: its Block
+
+
+def mark_removed(module: nn.Module, block: Block) -> nn.Module:
+    setattr(module, MARK, block)
+    return module
+
+
+def removed_blocks(model: nn.Module) -> list[Block]:
+    return [getattr(m, MARK) for _, m in model.named_modules() if isinstance(getattr(m, MARK, None), Block)]
+
+
+def _block_dict(b: Block) -> dict:
+    return dataclasses.asdict(b)
+
+
+def _block_from(d, where: str) -> Block:
+    fields = {f.name: f.type for f in dataclasses.fields(Block)}
+    if not isinstance(d, dict) or set(d) - set(fields) or not {"index", "path", "stage", "removal", "kind", "family"} <= set(d):
+        raise InputError(f"{where}: not a block record")
+    if not isinstance(d["index"], int) or not isinstance(d["stage"], int) or d["removal"] not in REMOVALS:
+        raise InputError(f"{where}: not a block record")
+    if not all(isinstance(d.get(k, ""), str) for k in ("path", "kind", "family", "shortcut", "after", "scale")):
+        raise InputError(f"{where}: not a block record")
+    if d.get("after", "") not in ("", "relu"):
+        raise InputError(f"{where}: unknown activation {d['after']!r}")
+    return Block(**d)
+
+
+def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None, stats=None, force: bool = False) -> Path:
+    """Write `model` (e.g. pruned) to `folder`: weights and the sidecar. `blocks`: its present blocks (default: those of
+    `stats`, if given); `stats`: the `DropEffects` to keep with it. The folder is written as one unit.
+
+    Example:
+        >>> sdcompress.save(small, "runs/small", stats=trained.stats)
+        >>> again = sdcompress.load("runs/small", model=Net())
+    """
+    folder = Path(folder)
+    if folder.exists() and not force:
+        raise InputError(f"{folder} exists; pass force=True to replace it")
+    blocks = list(blocks) if blocks is not None else (list(stats.blocks) if stats is not None else [])
+    side = {
+        "format": FORMAT, "version": 1,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "params": sum(p.numel() for p in model.parameters()),
+        "removed": [_block_dict(b) for b in removed_blocks(model)],
+        "blocks": [_block_dict(b) for b in blocks],
+        "stats": None if stats is None else {
+            "source": stats.source, "batches": stats.batches, "effect": list(stats.effect), "stderr": list(stats.stderr),
+            "drop_rates": list(stats.drop_rates), "runs": list(stats.runs), "params": stats.params,
+        },
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with output_folder(folder) as tmp:
+        atomic_torch_save(state, tmp / "weights.pt")
+        atomic_write_json(tmp / "blocks.json", side)
+    return folder
+
+
+def _build(builder: str) -> nn.Module:
+    m = re.fullmatch(r"(?:python:)?([A-Za-z_][\w.]*):([A-Za-z_]\w*)", builder or "")
+    if not m:
+        raise InputError(f"builder must be 'package.module:function', got {builder!r}")
+    try:
+        fn = getattr(importlib.import_module(m.group(1)), m.group(2))
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"cannot import builder {builder!r} ({e})") from None
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"builder {builder!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load(folder: str | Path, model: nn.Module | None = None, builder: str | None = None):
+    """The model saved in `folder`, rebuilt on `model` (a fresh instance of the user's class, its weights are
+    replaced) or on what `builder` ("package.module:function", imported because you named it) returns.
+
+    Returns:
+        (model, sidecar): the model in evaluation mode, and the sidecar as a dict (blocks, removed, stats).
+    """
+    from .api import DropEffects
+
+    folder = Path(folder)
+    side = parse_untrusted_json(folder / "blocks.json", "module sidecar")
+    if not isinstance(side, dict) or side.get("format") != FORMAT:
+        raise InputError(f"{folder}/blocks.json: not an sdcompress module sidecar")
+    if model is None and builder is None:
+        raise InputError(f"{folder} holds a {side.get('class')!s:.80} model: pass model=YourClass(...) (or name a builder); "
+                         f"the sidecar is never used to import anything")
+    if model is None:
+        model = _build(builder)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    want = str(side.get("class", ""))
+    if want.rsplit(".", 1)[-1] != type(model).__qualname__.rsplit(".", 1)[-1]:
+        raise InputError(f"{folder} holds a {want:.80} model, not a {type(model).__name__}")
+    removed = [_block_from(d, f"{folder}/blocks.json removed[{i}]") for i, d in enumerate(side.get("removed") or [])]
+    modules = dict(model.named_modules())
+    for b in removed:
+        if b.path not in modules or type(modules[b.path]).__name__ != b.kind:
+            raise InputError(f"{folder}: removed block {b.path!r} ({b.kind}) is not a module of this {type(model).__name__}")
+        model.set_submodule(b.path, mark_removed(replacement(model, b), b))
+    state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError(f"{folder}: the weights do not fit this {type(model).__name__} ({str(e).splitlines()[1][:160].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    blocks = [_block_from(d, f"{folder}/blocks.json blocks[{i}]") for i, d in enumerate(side.get("blocks") or [])]
+    st = side.get("stats")
+    stats = None
+    if isinstance(st, dict) and blocks:
+        stats = DropEffects(tuple(blocks), tuple(st["effect"]), tuple(st["stderr"]), int(st["batches"]), tuple(st["drop_rates"]),
+                            tuple(st["runs"]), st.get("params"), source=str(st.get("source", "measured")))
+    return model.eval(), {"blocks": blocks, "removed": removed, "stats": stats, "class": want}
