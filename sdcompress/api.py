@@ -34,24 +34,13 @@ from .usermodel import load, mark_removed, save  # noqa: F401 - the API
 
 
 def _shape_through(model: nn.Module, paths: list[str], example_input: torch.Tensor) -> dict[str, tuple]:
-    """(input shape, output shape) of each named module on one evaluation-time forward pass."""
-    seen: dict[str, tuple] = {}
-    handles = []
-    for p in paths:
-        def hook(mod, args, out, p=p):
-            if torch.is_tensor(args[0]) and torch.is_tensor(out):
-                seen[p] = (tuple(args[0].shape), tuple(out.shape))
-        handles.append(model.get_submodule(p).register_forward_hook(hook))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return seen
+    """(input shape, output shape) of each named module that took and gave a tensor on one evaluation-time forward
+    pass, in the order they finished."""
+    from .families.found import catch
+
+    calls, _, order = catch(model, example_input, paths)
+    return {p: (tuple(calls[p][-1][0][0].shape), tuple(calls[p][-1][2].shape)) for p in order
+            if calls[p][-1][0] and torch.is_tensor(calls[p][-1][0][0]) and torch.is_tensor(calls[p][-1][2])}
 
 
 def find_blocks(model: nn.Module, example_input: torch.Tensor | None = None, paths: list[str] | None = None) -> list[Block]:
@@ -214,6 +203,23 @@ class DropEffects:
     params: int | None = None  # parameters of the model measured (prune refuses the effects for another model)
     source: str = "measured"  # "measured": measure_drop_effects; "training": recorded by train_stochastic_depth
 
+    @classmethod
+    def from_fit(cls, blocks: list[Block], idx: list[int], fit, dropped: np.ndarray, rates, params: int,
+                 source: str = "measured") -> "DropEffects":
+        """The effects of a `survival.fit_drop_effect` fit over the removable blocks `idx` (columns of `dropped`,
+        removed at `rates`); a block that is never removed runs on every pass."""
+        passes = len(dropped)
+        effect: list[float | None] = [None] * len(blocks)
+        stderr: list[float | None] = [None] * len(blocks)
+        rate: list[float | None] = [None] * len(blocks)
+        runs = [passes] * len(blocks)
+        for k, i in enumerate(idx):
+            effect[i] = float(fit.effect[k]) if math.isfinite(fit.effect[k]) else None
+            stderr[i] = float(fit.stderr[k]) if math.isfinite(fit.stderr[k]) else None
+            rate[i] = float(rates[k])
+            runs[i] = passes - int(dropped[:, k].sum())
+        return cls(tuple(blocks), tuple(effect), tuple(stderr), passes, tuple(rate), tuple(runs), params, source)
+
 
 def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block] | None = None, rounds: int = 1,
                          max_drop: float = 0.5, loss_fn: Callable = F.cross_entropy, seed: int = 0) -> DropEffects:
@@ -262,17 +268,7 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
         raise InputError(f"{len(losses)} batches cannot estimate {len(idx)} drop effects; give more batches or rounds")
     dropped = np.stack(dropped)
     fit = fit_drop_effect(dropped, np.array(losses), np.arange(len(losses)), trend_degree=0)
-    effect: list[float | None] = [None] * len(blocks)
-    stderr: list[float | None] = [None] * len(blocks)
-    rate: list[float | None] = [None] * len(blocks)
-    runs = [len(losses)] * len(blocks)  # a block that is never removed runs on every pass
-    for k, i in enumerate(idx):
-        effect[i] = float(fit.effect[k]) if math.isfinite(fit.effect[k]) else None
-        stderr[i] = float(fit.stderr[k]) if math.isfinite(fit.stderr[k]) else None
-        rate[i] = float(rates[k])
-        runs[i] = len(losses) - int(dropped[:, k].sum())
-    return DropEffects(tuple(blocks), tuple(effect), tuple(stderr), len(losses), tuple(rate), tuple(runs),
-                       sum(p.numel() for p in model.parameters()))
+    return DropEffects.from_fit(blocks, idx, fit, dropped, rates, sum(p.numel() for p in model.parameters()))
 
 
 def _check_fraction(name: str, v, closed: bool = True) -> None:

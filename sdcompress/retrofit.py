@@ -87,7 +87,7 @@ def _fold(model: nn.Module, blocks: list[Block], factor: dict[int, float]) -> No
 
 
 def _loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_decay: float, dev: torch.device,
-          precision: str, seed: int, progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None) -> dict:
+          precision: str, progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None) -> dict:
     """SGD (Nesterov momentum 0.9) with a cosine schedule over all steps; `loss_of(x, y, step)` is one step's loss."""
     prec = resolve_precision(precision, dev)
     try:
@@ -97,7 +97,6 @@ def _loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_dec
     total = steps_per_epoch * epochs if steps_per_epoch else None
     opt = torch.optim.SGD([p for p in work.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True,
                           weight_decay=weight_decay)
-    torch.manual_seed(seed)
     from tqdm import tqdm
 
     bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, desc=f"{desc} ({prec.name})")
@@ -211,24 +210,15 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
                 work.set_submodule(blocks[i].path, block_of[i])
         return loss_fn(out.float(), y)
 
-    history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, seed, progress, "stochastic depth", loss_of,
+    history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, progress, "stochastic depth", loss_of,
                     on_step=lambda step, v: loss_log.append(v))
     _fold(work, blocks, {i: probs[i] for i in idx})
     if recalibrate_batches:
         work = recalibrate(work, batches, recalibrate_batches, device=dev)
     dropped = np.stack(dropped_log)
     fit = fit_drop_effect(dropped, np.array(loss_log), np.arange(len(loss_log)))
-    effect: list[float | None] = [None] * len(blocks)
-    stderr: list[float | None] = [None] * len(blocks)
-    rate: list[float | None] = [None] * len(blocks)
-    runs = [len(loss_log)] * len(blocks)
-    for k, i in enumerate(idx):
-        effect[i] = float(fit.effect[k]) if math.isfinite(fit.effect[k]) else None
-        stderr[i] = float(fit.stderr[k]) if math.isfinite(fit.stderr[k]) else None
-        rate[i] = 1.0 - probs[i]
-        runs[i] = len(loss_log) - int(dropped[:, k].sum())
-    stats = DropEffects(tuple(blocks), tuple(effect), tuple(stderr), len(loss_log), tuple(rate), tuple(runs),
-                        sum(q.numel() for q in work.parameters()), source="training")
+    stats = DropEffects.from_fit(blocks, idx, fit, dropped, [1.0 - probs[i] for i in idx],
+                                 sum(q.numel() for q in work.parameters()), source="training")
     history.update({"p_last": p_last, "survival": [probs[b.index] for b in blocks],
                     "unscaled": [b.path for b in blocks if b.removable and not b.scale],
                     "recalibrated_batches": recalibrate_batches})
@@ -274,7 +264,7 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int = 100, dev
 
 def finetune(model: nn.Module, batches: Iterable, teacher: nn.Module | None, epochs: int = 1, *, lr: float = 0.01,
              weight_decay: float = 1e-4, temperature: float = 4.0, alpha: float = 0.9, precision: str = "auto",
-             device: str | torch.device | None = None, seed: int = 0, progress: bool = False) -> tuple[nn.Module, dict]:
+             device: str | torch.device | None = None, progress: bool = False) -> tuple[nn.Module, dict]:
     """Fine-tune a copy of `model` (e.g. pruned) on `batches`, learning from `teacher` as well as the labels.
 
     The loss is alpha T^2 KL(teacher / T || student / T) + (1 - alpha) cross-entropy (Hinton et al. 2015), the
@@ -305,7 +295,7 @@ def finetune(model: nn.Module, batches: Iterable, teacher: nn.Module | None, epo
             soft = guide(x).float()
         return distill_loss(out, soft, y, temperature, alpha)
 
-    history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, seed, progress,
+    history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, progress,
                     "fine-tune, distilled" if guide is not None else "fine-tune", loss_of)
     history["distill"] = {"temperature": temperature, "alpha": alpha} if guide is not None else None
     return work, history

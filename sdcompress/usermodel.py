@@ -35,13 +35,9 @@ def removed_blocks(model: nn.Module) -> list[Block]:
     return [getattr(m, MARK) for _, m in model.named_modules() if isinstance(getattr(m, MARK, None), Block)]
 
 
-def _block_dict(b: Block) -> dict:
-    return dataclasses.asdict(b)
-
-
 def _block_from(d, where: str) -> Block:
-    fields = {f.name: f.type for f in dataclasses.fields(Block)}
-    if not isinstance(d, dict) or set(d) - set(fields) or not {"index", "path", "stage", "removal", "kind", "family"} <= set(d):
+    fields = {f.name for f in dataclasses.fields(Block)}
+    if not isinstance(d, dict) or set(d) - fields or not {"index", "path", "stage", "removal", "kind", "family"} <= set(d):
         raise InputError(f"{where}: not a block record")
     if not isinstance(d["index"], int) or not isinstance(d["stage"], int) or d["removal"] not in REMOVALS:
         raise InputError(f"{where}: not a block record")
@@ -68,8 +64,8 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         "format": FORMAT, "version": 1,
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "params": sum(p.numel() for p in model.parameters()),
-        "removed": [_block_dict(b) for b in removed_blocks(model)],
-        "blocks": [_block_dict(b) for b in blocks],
+        "removed": [dataclasses.asdict(b) for b in removed_blocks(model)],
+        "blocks": [dataclasses.asdict(b) for b in blocks],
         "stats": None if stats is None else {
             "source": stats.source, "batches": stats.batches, "effect": list(stats.effect), "stderr": list(stats.stderr),
             "drop_rates": list(stats.drop_rates), "runs": list(stats.runs), "params": stats.params,

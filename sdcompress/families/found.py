@@ -59,13 +59,13 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale))
 
 
-def _catch(model: nn.Module, example_input: torch.Tensor) -> tuple[dict, dict, list[str]]:
-    """Every module's calls on one evaluation-time pass: path -> list of (args, kwargs, output); and the order in
-    which modules were first called."""
+def catch(model: nn.Module, example_input: torch.Tensor, paths: list[str] | None = None) -> tuple[dict, dict, list[str]]:
+    """The calls of every module (or of `paths`) on one evaluation-time pass: path -> list of (args, kwargs,
+    output); the model's modules by path; and the order in which the modules first finished."""
     calls: dict[str, list] = {}
     order: list[str] = []
     handles = []
-    for path, mod in model.named_modules():
+    for path, mod in (model.named_modules() if paths is None else ((p, model.get_submodule(p)) for p in paths)):
         def hook(m, args, kwargs, out, path=path):
             if path not in calls:
                 calls[path] = []
@@ -165,7 +165,7 @@ def _last_affine(mod: nn.Module, prefix: str, shortcut: str, order: list[str], x
 
 def survey(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Block], list[Candidate]]:
     """The residual blocks of `model` (innermost, in the order they run) and the verdict on every candidate."""
-    calls, modules, order = _catch(model, example_input)
+    calls, modules, order = catch(model, example_input)
     verdicts: list[Candidate] = []
     found: dict[str, dict] = {}
     for path in order:
@@ -183,12 +183,11 @@ def survey(model: nn.Module, example_input: torch.Tensor) -> tuple[list[Block], 
         verdicts.append(cand)
         if info is not None:
             found[path] = info
-    inner = found
     blocks: list[Block] = []
     prev_out = None
     stage = 0
-    for path in [p for p in order if p in inner]:
-        info = inner[path]
+    for path in [p for p in order if p in found]:
+        info = found[path]
         shape_in, shape_out = info["shapes"]
         if blocks and (shape_in != prev_out or shape_in != shape_out):
             stage += 1
