@@ -8,7 +8,7 @@ residual network sdcompress recognises (torchvision's, its own CIFAR ResNets) or
 __version__ = "0.1.0"
 
 API = ("find_blocks", "survey_blocks", "remove_blocks", "measure_drop_effects", "prune", "train_stochastic_depth", "recalibrate",
-       "finetune", "export_onnx", "save", "load", "DropEffects", "Trained")
+       "finetune", "binarize", "export", "footprint", "export_onnx", "save", "load", "DropEffects", "Trained")
 __all__ = ["__version__", *API]
 
 

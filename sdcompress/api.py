@@ -355,3 +355,186 @@ def _export_onnx_eval(model: nn.Module, path, example_input: torch.Tensor, atol:
         if not diff <= atol * max(1.0, float(np.abs(ref).max())):
             raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.3g}; nothing written")
     return {"bytes": Path(path).stat().st_size, "max_abs_diff": diff}
+
+
+def _present(model: nn.Module, blocks: list[Block]) -> list[Block]:
+    """The blocks of `blocks` still in `model` (not removed to their shortcut)."""
+    from .usermodel import MARK
+
+    modules = dict(model.named_modules())
+    return [b for b in blocks if b.path in modules and type(modules[b.path]).__name__ == b.kind and not hasattr(modules[b.path], MARK)]
+
+
+def _example(example_input, what: str) -> torch.Tensor:
+    if not torch.is_tensor(example_input) or not example_input.is_floating_point() or example_input.dim() != 4 or not len(example_input):
+        shown = tuple(example_input.shape) if torch.is_tensor(example_input) else type(example_input).__name__
+        raise InputError(f"{what} must be a float batch of images (N, C, H, W), as the model takes them; got {shown}")
+    return example_input.detach().cpu().float()
+
+
+def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks: list[Block] | None = None, *, stem: bool = False,
+             head: bool = False, full_precision: Iterable[str] = ()) -> nn.Module:
+    """A copy of `model` whose convolution and linear layers inside its residual blocks hold 1-bit weights: sign(w)
+    times one scale per output channel (the mean |w| of that channel).
+
+    The layers keep latent float weights, so `finetune` trains them (straight-through estimator); their
+    `state_dict`, `save` and every exported file store the signs as bits. Depthwise and grouped convolutions and
+    attention projections stay float, and so do the stem and the classifier unless asked.
+
+    Args:
+        example_input: an input batch, to find the blocks (`find_blocks`) when `blocks` is not given.
+        blocks: the model's blocks (e.g. `stats.blocks`); those already removed are skipped.
+        stem, head: binarize the first convolution outside the blocks / the last linear layer too.
+        full_precision: layer names to keep float (e.g. ["layer1.0.conv1"]).
+    """
+    from .binary import BinaryConv2d, BinaryLinear, apply_binary, default_targets
+
+    if any(isinstance(m, (BinaryConv2d, BinaryLinear)) for m in model.modules()):
+        raise InputError("the model is already binarized; binarize the full-precision model")
+    if isinstance(full_precision, str):
+        raise TypeError("full_precision must be a list of layer names, not one string")
+    blocks = list(blocks) if blocks is not None else find_blocks(model, example_input)
+    paths = [b.path for b in _present(model, blocks)]
+    if not paths:
+        raise InputError("the model has no residual block left to binarize")
+    try:
+        names = default_targets(model, stem, head, tuple(full_precision), paths=paths)
+    except ValueError as e:
+        raise InputError(str(e).replace("--full-precision", "full_precision")) from None
+    if not names:
+        raise InputError("nothing left to binarize: every layer inside the blocks is kept float")
+    new = copy.deepcopy(model)
+    apply_binary(new, names)
+    return new.train(model.training)
+
+
+EXPORT_SUFFIXES = {".onnx": "onnx", ".ort": "ort", ".mlpackage": "coreml"}
+
+
+def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, formats: Iterable[str] | None = None,
+           classes: list[str] | None = None, mean: Iterable[float] | None = None, std: Iterable[float] | None = None,
+           weights: str = "auto", batch: int | None = 1, coreml_precision: str = "float16", name: str | None = None,
+           threads: int = 1, force: bool = False) -> dict:
+    """Export the evaluation-time `model` for phones: ONNX (`.onnx`), ONNX Runtime Mobile (`.ort`) and Core ML
+    (`.mlpackage`), each written under a temporary name, reloaded and verified against PyTorch on `example_input`
+    before it is put in place (what `sdcompress export` runs).
+
+    Args:
+        out: a file whose suffix names its format (`small.onnx`, `small.ort`, `Small.mlpackage`), or a folder that
+            receives each of `formats` (default all three: model.onnx, model.ort, NAME.mlpackage) and report.json.
+        example_input: real inputs as the model takes them (e.g. a batch of normalized test images); at most 64
+            are used to verify.
+        classes: the names of the outputs, written into the files (default "0", "1", ...).
+        mean, std: the per-channel normalization of pixel / 255 that the model's inputs had. With them the Core ML
+            package takes an image and normalizes it itself (verified on `example_input` as 0-255 pixels); without
+            them it takes the normalized tensor.
+        weights: ONNX / ORT weight storage: "auto" (float; a binarized model's 1-bit layers as int8 in .onnx and as
+            bits in .ort), "float", "int8", "int4" or "1bit".
+        batch: the batch size fixed in the graphs and a Core ML tensor input (None: any).
+        coreml_precision: "float16" or "float32".
+        name: the Core ML package's (and Swift class's) name (default from the model's class name).
+
+    Returns:
+        the report: per format its file, bytes, verification (max difference and top-1 agreement with PyTorch),
+        latency and onnxruntime's mobile usability check.
+    """
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+
+    from .checkpoint import DataInfo
+    from .exporters.coreml import check_name, package_name
+    from .exporters.onnx import WEIGHTS
+    from .files import atomic_write_json, check_output_folder, output_folder
+    from .pipeline import check_formats, write_exports
+
+    out = Path(out)
+    x = _example(example_input, "example_input")[:64]
+    single = EXPORT_SUFFIXES.get(out.suffix)
+    if single and formats is not None and tuple(formats) != (single,):
+        raise InputError(f"{out.name} names the {single} format; formats={list(formats)} does not match (give a folder for several)")
+    formats = (single,) if single else tuple(formats) if formats is not None else ("onnx", "ort", "coreml")
+    if isinstance(formats, str) or not formats:
+        raise InputError("formats must be a list of onnx, ort and coreml")
+    check_formats(formats)
+    if weights not in WEIGHTS:
+        raise InputError(f"unknown weight form {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or not 1 <= batch <= 1024):
+        raise InputError(f"batch must be 1 to 1024 or None (any), got {batch!r:.40}")
+    if coreml_precision not in ("float16", "float32"):
+        raise InputError(f"coreml_precision must be float16 or float32, got {coreml_precision!r:.40}")
+    c = x.shape[1]
+    if (mean is None) != (std is None):
+        raise InputError("give both mean and std (the normalization the model's inputs had), or neither")
+    if mean is not None:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != c or len(std) != c or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+            raise InputError(f"mean and std need {c} finite values each (std > 0), one per input channel")
+    try:
+        name = check_name(name) if name is not None else package_name(type(model).__name__)
+    except ValueError as e:
+        raise InputError(str(e).replace("--name", "name")) from None
+    if single and out.exists() and not force:
+        raise InputError(f"{out} exists; pass force=True to replace it")
+    if not single:
+        check_output_folder(out, force, flag="out")
+    work = copy.deepcopy(model).cpu().eval()
+    pixels = None
+    if mean is not None:  # the images as a phone's camera gives them: whole pixel values, then the same normalization
+        m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        pixels = ((x * s + m).clamp(0, 1) * 255).round()
+        x = (pixels / 255 - m) / s
+    with torch.no_grad():
+        logits = work(x)
+    if not torch.is_tensor(logits) or logits.dim() != 2:
+        raise InputError(f"the model must return a (N, classes) tensor of logits to be exported, got "
+                         f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
+    if not torch.isfinite(logits).all():
+        raise InputError("the model's own outputs on example_input are not finite (NaN or infinite logits): nothing to export")
+    classes = [str(k) for k in range(logits.shape[1])] if classes is None else [str(k) for k in classes]
+    if len(classes) != logits.shape[1] or len(set(classes)) != len(classes):
+        raise InputError(f"classes needs {logits.shape[1]} distinct names, one per output; got {len(classes)}")
+    data = DataInfo("example_input", "", tuple(classes), tuple(x.shape[1:]), mean, std, {})
+    meta = SimpleNamespace(data=data)
+    desc = f"{type(model).__name__} image classifier, {len(classes)} classes; exported by sdcompress"
+    card = {"description": desc, "author": "unspecified", "license": "unspecified", "version": ""}
+    kw = dict(threads=threads, weights=weights, batch=batch, precision=coreml_precision, coreml_input="image" if mean else "tensor",
+              name=name, card=card)
+    head = {"stage": "export", "model": {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                                         "params": sum(p.numel() for p in model.parameters())}}
+    if not single:
+        with output_folder(out) as folder:
+            files = write_exports(work, meta, folder, x, pixels, "example_input", formats, **kw)
+            result = {**head, "formats": files}
+            atomic_write_json(folder / "report.json", result)
+        return result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        files = write_exports(work, meta, Path(tmp), x, pixels, "example_input", formats, **kw)
+        entry = files[single]
+        made = Path(tmp) / entry["file"]
+        if single == "ort":
+            Path(tmp, "model.required_operators.config").replace(out.with_suffix(".required_operators.config"))
+        if made.is_dir():  # a package is a folder: the old one is set aside, then removed with the temporary folder
+            if out.exists():
+                out.replace(Path(tmp) / "replaced")
+            made.replace(out)
+        else:
+            made.replace(out)
+        entry["file"] = out.name
+    return {**head, "formats": files}
+
+
+def footprint(model: nn.Module, example_input: torch.Tensor, blocks: list[Block] | None = None) -> dict:
+    """The footprint of `model` as data, what `sdcompress report` renders: parameters, memory at each layer's
+    precision (1-bit layers at 1 bit per weight plus a float32 scale per output channel), MACs and output shape
+    per layer and per block, from one forward pass of one image of `example_input`'s shape.
+
+    Args:
+        blocks: the model's blocks (default `find_blocks(model, example_input)`); removed ones are skipped.
+    """
+    from .footprints import footprint as _footprint
+
+    x = _example(example_input, "example_input")
+    blocks = list(blocks) if blocks is not None else find_blocks(model, x[:2])
+    return _footprint(model, tuple(x.shape[1:]), blocks=_present(model, blocks))

@@ -107,7 +107,7 @@ def multifunction_package(members: list[dict], meta: Sidecar, card: dict, path: 
                           verbose: bool = False) -> dict:
     """Write one package with a function per depth (the deepest the default); return the sizes of the package and
     of the separate packages it replaces."""
-    from .export import coreml
+    from .exporters import coreml
     from .files import path_bytes
 
     ct = coreml.import_coremltools(verbose)
@@ -149,8 +149,8 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
     from .checkpoint import load_checkpoint, resolve
     from .compare import timing_run
     from .evaluate import calibration_images, eval_data
-    from .export import coreml
-    from .export.onnx import compare_outputs, interleaved_latency, latency_entry, mobile_usability, ort_session, run_batches
+    from .exporters import coreml
+    from .exporters.onnx import compare_outputs, interleaved_latency, latency_entry, mobile_usability, ort_session, run_batches
     from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes
     from .pipeline import VerificationFailed, _export_onnx, check_finite, compression_ratio, reference_onnx_bytes
     from .zoo import card_fields
@@ -172,7 +172,7 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
                                      "top1", "macs", "params")}
             row["blocks"] = len(m["kept"])
             if "onnx" in formats:  # verified as every export's file is; timed below, all depths together
-                o = _export_onnx(m["model"], meta, folder, x_img, eval_name, threads, "auto", batch, "onnx",
+                o = _export_onnx(m["model"], meta, folder, Normalize(meta.data.mean, meta.data.std)(x_img), eval_name, threads, "auto", batch, "onnx",
                                  filename=f"model_{m['function']}.onnx", timed=False)
                 sessions[m["function"]] = ort_session(str(folder / o["file"]), threads)
                 row["onnx"] = {**o, "compression_ratio": compression_ratio(reference, o["bytes"])}
@@ -293,7 +293,7 @@ def _unfolded(net):
     left as they are: export turns them into the file's weight form)."""
     import copy
 
-    from .export.onnx import fold_survival
+    from .exporters.onnx import fold_survival
 
     m = copy.deepcopy(net).cpu().eval()
     fold_survival(m)
@@ -313,7 +313,7 @@ def family_onnx(members: list[dict], meta: Sidecar, batch=1) -> tuple[bytes, dic
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from .export.onnx import auto_form, export_onnx
+    from .exporters.onnx import auto_form, export_onnx
 
     form = auto_form(members[0]["model"], "onnx")  # as each depth's own file: float, or int8 for a binarized model
     shared: dict[bytes, onnx.TensorProto] = {}

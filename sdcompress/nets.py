@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .binarize import apply_binary
+from .binary import apply_binary
 from .survival import survival_probs
 
 # Blocks per stage (n) of each registered architecture: depth = 6n + 2.
@@ -42,7 +42,7 @@ class NetSpec:
     survival_rule: str = "linear"  # linear | uniform | none
     p_last: float = 0.5  # the paper's p_L
     blocks_kept: tuple[int, ...] | None = None  # None: every block; else the kept block numbers, ascending
-    binarized: tuple[str, ...] = ()  # names of the layers with 1-bit weights (see binarize.py)
+    binarized: tuple[str, ...] = ()  # names of the layers with 1-bit weights (see binary.py)
     # A model of another family ("torchvision:resnet18", "timm:convnext_atto"; see families/model.py) also carries:
     args: tuple[tuple[str, object], ...] = ()  # builder arguments besides num_classes, sorted (families.model.ARGS)
     paths: tuple[str, ...] = ()  # module path of every residual block of the full model, in order

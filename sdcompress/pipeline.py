@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .binarize import BinarizeConfig, binarize_stage
+from .binary import BinarizeConfig, binarize_stage
 from .checkpoint import Sidecar, load_checkpoint, resolve, save_checkpoint
 from .compare import timing_run
 from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes
@@ -157,7 +157,7 @@ def reference_onnx_bytes(model, meta: Sidecar, batch) -> int:
 
     import torch
 
-    from .export.onnx import export_onnx
+    from .exporters.onnx import export_onnx
     from .nets import build_model
 
     full = build_model(replace(model.spec, blocks_kept=None, binarized=())).eval()
@@ -176,12 +176,14 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
 
     Each file is written under a temporary name, reloaded and checked against PyTorch, and only then renamed into
     place; a file that fails verification is deleted and the command fails. `weights` is the ONNX / ORT weight form
-    (export.onnx.WEIGHTS); `batch` the fixed batch size of the ONNX / ORT graphs and a tensor Core ML input (None:
+    (exporters.onnx.WEIGHTS); `batch` the fixed batch size of the ONNX / ORT graphs and a tensor Core ML input (None:
     dynamic); `name` the Core ML package's (and Swift class's) name.
     """
     import torch
 
-    from .export.onnx import WEIGHTS
+    from .exporters.coreml import package_name
+    from .exporters.onnx import WEIGHTS
+    from .zoo import card_fields
 
     check_formats(formats)
     if weights not in WEIGHTS:
@@ -193,17 +195,13 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     images, eval_name = eval_data(meta, ckpt, data, data_dir)
     idx = torch.arange(min(batch_images, len(images)))
     check_finite(model, meta, images.images[idx], eval_name)
-    files: dict[str, dict] = {}
     reference = reference_onnx_bytes(model, meta, batch)
-    exported: dict[str, tuple] = {}  # weight form -> export_onnx's result: .onnx and .ort of one form share one export
+    pixels = images.images[idx]
+    x = Normalize(meta.data.mean, meta.data.std)(pixels)
     with output_folder(out) as folder:  # every file, or none: an interrupted export leaves the old folder as it was
-        for fmt in formats:
-            check_interrupt()
-            if fmt in ("onnx", "ort"):
-                files[fmt] = _export_onnx(model, meta, folder, images.images[idx], eval_name, threads, weights, batch, fmt, exported)
-            else:
-                files["coreml"] = _export_coreml(model, meta, ckpt, folder, images.images[idx], eval_name, precision, coreml_input,
-                                                 verbose, batch, name, deployment_target)
+        files = write_exports(model, meta, folder, x, pixels.float(), eval_name, formats, threads=threads, weights=weights, batch=batch,
+                              precision=precision, coreml_input=coreml_input, name=name or package_name(checkpoint_folder(ckpt).name),
+                              deployment_target=deployment_target, card=card_fields(ckpt, meta), verbose=verbose)
         for f in files.values():
             f["compression_ratio"] = compression_ratio(reference, f["bytes"])
         rep = model_report(model, meta.data.input_shape, resolve(ckpt)[0], None)
@@ -219,17 +217,34 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     return result
 
 
-def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, weights: str, batch, fmt: str,
+def write_exports(model, meta, folder: Path, x, pixels, eval_name: str, formats, *, threads: int = 1, weights: str = "auto",
+                  batch: int | None = 1, precision: str = "float16", coreml_input: str = "image", name: str = "Model",
+                  deployment_target: str | None = None, card: dict | None = None, verbose: bool = False) -> dict[str, dict]:
+    """Each of `formats` written into `folder` (model.onnx, model.ort, NAME.mlpackage), reloaded and verified on the
+    model inputs `x` (`pixels`: the same images as pixel values, for a Core ML image input): what `sdcompress
+    export` and `sdcompress.export` both run. Returns each format's entry of the report."""
+    files: dict[str, dict] = {}
+    exported: dict[str, tuple] = {}  # weight form -> export_onnx's result: .onnx and .ort of one form share one export
+    for fmt in formats:
+        check_interrupt()
+        if fmt in ("onnx", "ort"):
+            files[fmt] = _export_onnx(model, meta, folder, x, eval_name, threads, weights, batch, fmt, exported)
+        else:
+            files["coreml"] = _export_coreml(model, meta, folder, x, pixels, eval_name, precision, coreml_input, verbose, batch, name,
+                                             deployment_target, card)
+    return files
+
+
+def _export_onnx(model, meta, out: Path, x, eval_name: str, threads: int, weights: str, batch, fmt: str,
                  exported: dict | None = None, filename: str | None = None, timed: bool = True) -> dict:
     """model.onnx (or `filename`) or model.ort in `out` (the staging folder of `output_folder`: a failure here leaves
-    nothing). `exported` caches export_onnx's result per weight form across calls; `timed=False` leaves the latency
-    to the caller (who times several files together)."""
+    nothing), verified on the model inputs `x`. `exported` caches export_onnx's result per weight form across calls;
+    `timed=False` leaves the latency to the caller (who times several files together)."""
     import torch
 
-    from .export.onnx import (auto_form, compare_outputs, consumer_ort_bytes, export_onnx, fixed_batch, latency_entry, latency_ms,
+    from .exporters.onnx import (auto_form, compare_outputs, consumer_ort_bytes, export_onnx, fixed_batch, latency_entry, latency_ms,
                               mobile_usability, ort_format, ort_session, run_batches, verify_onnx)
 
-    x = Normalize(meta.data.mean, meta.data.std)(images)
     form = auto_form(model, fmt) if weights == "auto" else weights
     exported = {} if exported is None else exported
     if form not in exported:
@@ -271,23 +286,25 @@ def _export_onnx(model, meta, out: Path, images, eval_name: str, threads: int, w
     return entry
 
 
-def _export_coreml(model, meta, ckpt, out: Path, images, eval_name: str, precision: str, input_kind: str, verbose: bool,
-                   batch, name: str | None, deployment_target: str | None) -> dict:
-    """NAME.mlpackage in `out` (the staging folder of `output_folder`: a failure here leaves nothing)."""
-    from .export import coreml
-    from .zoo import card_fields
+def _export_coreml(model, meta, out: Path, x, pixels, eval_name: str, precision: str, input_kind: str, verbose: bool,
+                   batch, name: str, deployment_target: str | None, card: dict | None) -> dict:
+    """NAME.mlpackage in `out` (the staging folder of `output_folder`: a failure here leaves nothing), verified on the
+    model inputs `x` (and, for an image input, their `pixels`)."""
+    from .exporters import coreml
+    from .zoo import CARD_FIELDS
 
     try:
         coreml.import_coremltools(verbose)
     except ImportError as e:
         raise InputError(f"--format coreml needs coremltools ({e}); install it with `pip install coremltools==9.0`") from None
     try:
-        ml, facts = coreml.convert(model, meta, precision, input_kind, card_fields(ckpt, meta), verbose, batch=batch, target=deployment_target)
+        ml, facts = coreml.convert(model, meta, precision, input_kind, card or dict.fromkeys(CARD_FIELDS, ""), verbose, batch=batch,
+                                   target=deployment_target)
     except ValueError as e:
         raise InputError(str(e)) from None
-    pkg = out / f"{name or coreml.package_name(checkpoint_folder(ckpt).name)}.mlpackage"
+    pkg = out / f"{name}.mlpackage"
     coreml.save(ml, pkg, verbose)
-    check = coreml.verify(pkg, model, meta, images, input_kind, precision, verbose)
+    check = coreml.verify_inputs(pkg, model, meta.data.classes, x, pixels, input_kind, precision, verbose)
     if not check["ok"]:
         raise VerificationFailed(f"Core ML output differs from PyTorch by {check['max_abs_diff']:.3g} in class probabilities "
                                  f"(top-1 agreement {check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")

@@ -17,18 +17,21 @@ REPORT_SCHEMA = "sdcompress.report/1"
 
 
 def model_report(model: ResNet, input_shape: tuple[int, int, int], checkpoint: str | Path | None = None,
-                 accuracy: dict | None = None, macs: dict | None = None) -> dict:
+                 accuracy: dict | None = None, macs: dict | None = None, info: dict | None = None) -> dict:
     """The report of one model in the shape DESIGN.md fixes (params, MACs, bytes, accuracy); `input_shape` is one
-    image's (C, H, W); `macs` is `count_macs`' result when the caller has it already."""
-    from .binarize import precision_profile
+    image's (C, H, W); `macs` is `count_macs`' result when the caller has it already; `info` the "model" entry
+    of a model without a spec (arch, blocks_total, blocks_kept, binarized)."""
+    from .binary import precision_profile
 
-    spec = model.spec
     params = count_params(model)
     macs = macs or count_macs(model, tuple(input_shape))
     prof = precision_profile(model, macs["per_layer"])
+    if info is None:
+        spec = model.spec
+        info = {"arch": spec.arch, "blocks_total": spec.blocks_total, "blocks_kept": list(spec.kept), "binarized": bool(spec.binarized)}
     return {
         "schema": REPORT_SCHEMA,
-        "model": {"arch": spec.arch, "blocks_total": spec.blocks_total, "blocks_kept": list(spec.kept), "binarized": bool(spec.binarized)},
+        "model": info,
         "params": {"total": params, "by_bits": prof["params_by_bits"]},
         "memory_bytes": prof["memory_bytes"],
         "float32_equivalent_bytes": prof["float32_equivalent_bytes"],

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from .binarize import BinarizeConfig
+from .binary import BinarizeConfig
 from .checkpoint import load_checkpoint, read_sidecar, resolve
 from .compare import timing_run
 from .files import atomic_write_bytes, atomic_write_json
@@ -166,7 +166,7 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
 def _latency(points: list[dict], input_shape: tuple[int, ...], cfg: SweepConfig, onnx_bytes: dict[str, bytes | str]) -> dict[str, float]:
     """Median batch-1 onnxruntime latency of every point (a file's bytes, or its path), measured in interleaved
     rounds in this one run."""
-    from .export.onnx import interleaved_latency, ort_session
+    from .exporters.onnx import interleaved_latency, ort_session
 
     sessions = {p["label"]: ort_session(onnx_bytes[p["label"]], cfg.threads) for p in points}
     return interleaved_latency(sessions, input_shape, cfg.latency_rounds, cfg.latency_runs)
@@ -199,7 +199,7 @@ def file_bytes(p: dict) -> int | None:
 def run_sweep(ckpt, cfg: SweepConfig, out: Path, data=None, data_dir=None, device="auto", progress=True, force=False) -> dict:
     from tqdm import tqdm
 
-    from .export.onnx import export_onnx
+    from .exporters.onnx import export_onnx
 
     ckpt = Path(ckpt)
     out.mkdir(parents=True, exist_ok=True)

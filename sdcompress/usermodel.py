@@ -1,8 +1,8 @@
 """Checkpoints of a user's own module: `save(model, folder)` and `load(folder, model=MyNet())`.
 
 A folder holds `weights.pt` (the state_dict, read back with `weights_only=True`) and `blocks.json`, the sidecar:
-the model's class name (checked, never imported), its blocks, the blocks removed and what each became, and the
-drop effects when given. Loading rebuilds from the user's own object: every removed block of the fresh model is
+the model's class name (checked, never imported), its blocks, the blocks removed and what each became, its
+1-bit layers, and the drop effects when given. Loading rebuilds from the user's own object: every removed block of the fresh model is
 replaced as it was (`families.replacement`, so the removed blocks' parameters are not there), then the weights
 are loaded strictly. A sidecar alone never makes sdcompress import or run anything: a builder is used only when
 the caller names it (`builder="package.module:function"`, imported because the caller asked).
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .binary import apply_binary
 from .errors import InputError
 from .families import REMOVALS, Block, replacement
 from .files import atomic_torch_save, atomic_write_json, output_folder, parse_untrusted_json
@@ -65,6 +66,7 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "params": sum(p.numel() for p in model.parameters()),
         "removed": [dataclasses.asdict(b) for b in removed_blocks(model)],
+        "binarized": [n for n, m in model.named_modules() if getattr(m, "weight_bits_per_value", 32) == 1],
         "blocks": [dataclasses.asdict(b) for b in blocks],
         "stats": None if stats is None else {
             "source": stats.source, "batches": stats.batches, "effect": list(stats.effect), "stderr": list(stats.stderr),
@@ -121,6 +123,13 @@ def load(folder: str | Path, model: nn.Module | None = None, builder: str | None
         if b.path not in modules or type(modules[b.path]).__name__ != b.kind:
             raise InputError(f"{folder}: removed block {b.path!r} ({b.kind}) is not a module of this {type(model).__name__}")
         model.set_submodule(b.path, mark_removed(replacement(model, b), b))
+    binarized = side.get("binarized") or []
+    if not isinstance(binarized, list) or not all(isinstance(n, str) for n in binarized):
+        raise InputError(f"{folder}/blocks.json: binarized must be a list of layer names")
+    try:
+        apply_binary(model, binarized)  # 1-bit layers first: their weights are stored as packed signs
+    except ValueError as e:
+        raise InputError(f"{folder}: {e}") from None
     state = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)

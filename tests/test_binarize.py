@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from sdcompress.binarize import BinaryConv2d, binarize_weight, pack_signs, sign_ste, unpack_signs
+from sdcompress.binary import BinaryConv2d, binarize_weight, pack_signs, sign_ste, unpack_signs
 from sdcompress.checkpoint import load_checkpoint
 from sdcompress.cli import main
 

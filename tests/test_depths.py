@@ -20,7 +20,7 @@ def family(digits_run, tmp_path_factory):
 
 
 def _spec(pkg):
-    from sdcompress.export.coreml import import_coremltools
+    from sdcompress.exporters.coreml import import_coremltools
 
     ct = import_coremltools()
     return ct.models.MLModel(str(pkg), skip_model_load=True).get_spec()
@@ -71,8 +71,8 @@ def test_functions_named_nested_and_weights_stored_once(family, digits_run):
 def test_each_function_is_the_separately_pruned_model(family, digits_run, tmp_path):
     from sdcompress.data import Normalize
     from sdcompress.evaluate import eval_data
-    from sdcompress.export.coreml import _load_program, run_program
-    from sdcompress.export.onnx import ort_session, run_batches
+    from sdcompress.exporters.coreml import _load_program, run_program
+    from sdcompress.exporters.onnx import ort_session, run_batches
 
     assert main(["prune", str(digits_run), "--keep", "0.6", "--data", "digits", "--out", str(tmp_path / "p")]) == 0
     pruned, meta = load_checkpoint(tmp_path / "p")
@@ -120,7 +120,7 @@ def test_a_binarized_family_with_a_dynamic_batch_in_one_onnx_file(digits_run, tm
 
     from sdcompress.data import Normalize
     from sdcompress.evaluate import eval_data
-    from sdcompress.export.onnx import ort_session
+    from sdcompress.exporters.onnx import ort_session
 
     assert main(["binarize", str(digits_run), "--data", "digits", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     out = tmp_path / "fam"

@@ -49,7 +49,7 @@ def test_onnx_weight_forms_parity_and_consumers(variants, name, weights, tmp_pat
     OpenCV 5 cannot read) with the same top-1, onnxruntime's own ORT conversion measured."""
     from sdcompress.data import Normalize
     from sdcompress.evaluate import eval_data
-    from sdcompress.export.onnx import ort_session, run_batches
+    from sdcompress.exporters.onnx import ort_session, run_batches
 
     out = tmp_path / name
     assert main(["export", str(variants / name), "--format", "onnx", "--weights", weights, "--out", str(out)]) == 0
@@ -104,7 +104,7 @@ def test_onnx_weight_forms_parity_and_consumers(variants, name, weights, tmp_pat
 
 
 def test_dynamic_batch_and_float_reference(variants, tmp_path):
-    from sdcompress.export.onnx import ort_session
+    from sdcompress.exporters.onnx import ort_session
 
     out = tmp_path / "dyn"
     assert main(["export", str(variants / "both"), "--format", "onnx", "--weights", "1bit", "--batch", "dynamic", "--out", str(out)]) == 0
@@ -124,7 +124,7 @@ def test_dynamic_batch_and_float_reference(variants, tmp_path):
 
 
 def test_ort_format_keeps_bits_and_writes_operator_config(variants, tmp_path):
-    from sdcompress.export.onnx import ort_session, run_batches
+    from sdcompress.exporters.onnx import ort_session, run_batches
 
     out = tmp_path / "ort"
     assert main(["export", str(variants / "both"), "--format", "onnx,ort", "--out", str(out)]) == 0
@@ -147,7 +147,7 @@ def test_ort_format_keeps_bits_and_writes_operator_config(variants, tmp_path):
 
 
 def test_corrupted_export_is_caught_and_nothing_written(variants, tmp_path, monkeypatch):
-    import sdcompress.export.onnx as exp
+    import sdcompress.exporters.onnx as exp
 
     real = exp.export_onnx
 
@@ -182,7 +182,7 @@ def test_export_of_mismatched_weights_fails_with_one_line(variants, tmp_path, ca
 # ---- Core ML ---------------------------------------------------------------------------------------------------
 def _coremltools():
     try:
-        from sdcompress.export.coreml import import_coremltools
+        from sdcompress.exporters.coreml import import_coremltools
 
         return import_coremltools()
     except ImportError as e:
@@ -196,7 +196,7 @@ def _pkg(out):
 
 
 def _program(path):
-    from sdcompress.export.coreml import _load_program
+    from sdcompress.exporters.coreml import _load_program
 
     return _load_program(path)
 
@@ -254,7 +254,7 @@ def test_coreml_binarized_package_is_smaller_by_the_bits(variants, coreml_out):
 def test_coreml_tensor_input_float32_dynamic_batch(variants, tmp_path):
     _coremltools()
     from sdcompress.data import Normalize
-    from sdcompress.export.coreml import run_program
+    from sdcompress.exporters.coreml import run_program
 
     out = tmp_path / "t"
     assert main(["export", str(variants / "both"), "--format", "coreml", "--coreml-input", "tensor", "--coreml-precision", "float32", "--batch", "dynamic", "--out", str(out)]) == 0
@@ -275,7 +275,7 @@ def torch_randint(shape):
 
 def test_corrupted_coreml_package_is_caught(variants, tmp_path, monkeypatch):
     _coremltools()
-    import sdcompress.export.coreml as cm
+    import sdcompress.exporters.coreml as cm
 
     real = cm.save
 
@@ -308,7 +308,7 @@ def test_coremltools_notices_stay_quiet(variants, tmp_path):
 
 
 def test_package_names_are_swift_identifiers():
-    from sdcompress.export.coreml import check_name, package_name
+    from sdcompress.exporters.coreml import check_name, package_name
 
     assert package_name("resnet56-sd") == "ResNet56SD"
     assert package_name("resnet56-sd-prune") == "ResNet56SDPrune"

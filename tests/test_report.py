@@ -8,7 +8,7 @@ import torch
 from sdcompress.cli import main
 from sdcompress.compare import compare, load_report, render
 from sdcompress.errors import InputError
-from sdcompress.footprint import footprint, render_markdown
+from sdcompress.footprints import footprint, render_markdown
 from sdcompress.nets import NetSpec, build_model
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -389,7 +389,7 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_before_commit(digits_run, tmp
     import signal
     import time
 
-    import sdcompress.export.coreml as cm
+    import sdcompress.exporters.coreml as cm
 
     real = cm.convert
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,7 +310,13 @@ def test_a_dropped_block_is_not_computed():
 
 def test_the_chain_on_a_users_model(tmp_path):
     """train_stochastic_depth -> prune by the recorded statistics -> recalibrate -> finetune with a teacher ->
-    export to ONNX, verified: on a model class written here."""
+    binarize -> finetune -> export to .onnx, .ort and .mlpackage, each verified -> footprint -> save / load: on a
+    model class written here."""
+    import onnx
+    import onnxruntime as ort
+
+    from sdcompress.binary import BinaryConv2d
+
     model = _randomize_bn(ModuleListNet())
     data = _loader(n=256, batch=16)
     trained = sdcompress.train_stochastic_depth(model, data, epochs=2, lr=0.05, recalibrate_batches=4)
@@ -325,6 +332,49 @@ def test_the_chain_on_a_users_model(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), small.state_dict().values()))
     check = sdcompress.export_onnx(tuned, tmp_path / "small.onnx", X)
     assert check["max_abs_diff"] < 1e-3 and (tmp_path / "small.onnx").stat().st_size > 0
+
+    binary = sdcompress.binarize(tuned, blocks=trained.stats.blocks)  # the removed blocks are skipped
+    convs = [n for n, m in binary.named_modules() if isinstance(m, BinaryConv2d)]
+    assert convs and all(n.startswith(("blocks.0.", "blocks.1.", "blocks.2.", "blocks.3.")) for n in convs)
+    assert not isinstance(binary.stem, BinaryConv2d) and not isinstance(tuned.get_submodule(convs[0]), BinaryConv2d)
+    binary, _ = sdcompress.finetune(binary, data, teacher=tuned, epochs=1)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    rep = sdcompress.export(binary, tmp_path / "phone", x, mean=mean, std=std, classes=[f"c{k}" for k in range(10)])
+    f = rep["formats"]
+    assert sorted(f) == ["coreml", "onnx", "ort"] and all(e["verification"]["ok"] for e in f.values())
+    assert f["ort"]["weights"] == "1bit" and f["onnx"]["weights"] == "int8" and f["coreml"]["input"] == "image"
+    assert (tmp_path / "phone" / "report.json").is_file() and (tmp_path / "phone" / f["coreml"]["file"]).is_dir()
+    # each file again, by its own consumer: onnxruntime for .onnx and .ort, coremltools' loader for the package
+    pix = ((x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1) * 255).round()
+    xq = (pix / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = binary.eval()(xq).numpy()
+    for fname in ("model.onnx", "model.ort"):
+        sess = ort.InferenceSession(str(tmp_path / "phone" / fname), providers=["CPUExecutionProvider"])
+        got = np.concatenate([sess.run(None, {"input": xq[i:i + 1].numpy()})[0] for i in range(len(xq))])
+        assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "phone" / "model.onnx")).metadata_props}
+    assert meta["class_names"].startswith('["c0"') and meta["mean"] == "[0.5, 0.4, 0.3]"
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(tmp_path / "phone" / f["coreml"]["file"]), skip_model_load=True).get_spec()
+    assert spec.description.input[0].name == "image" and spec.description.metadata.userDefined["mean"] == "[0.5, 0.4, 0.3]"
+    one = sdcompress.export(binary, tmp_path / "one.ort", x)  # one file by its suffix
+    assert (tmp_path / "one.ort").is_file() and (tmp_path / "one.required_operators.config").is_file()
+    assert list(one["formats"]) == ["ort"] and one["formats"]["ort"]["file"] == "one.ort"
+
+    fp = sdcompress.footprint(binary, x, blocks=trained.stats.blocks)
+    assert fp["totals"]["params"]["1"] == sum(binary.get_submodule(n).weight.numel() for n in convs)
+    assert fp["totals"]["params"]["total"] == _params(binary)
+    assert {b["group"] for b in fp["blocks"]} >= {"stem", "head"} and len([b for b in fp["blocks"] if b["group"].startswith("block ")]) == 2
+    sdcompress.save(binary, tmp_path / "binary", stats=trained.stats)
+    again, side = sdcompress.load(tmp_path / "binary", model=ModuleListNet())
+    with torch.no_grad():  # latent weights come back as sign * alpha: the same network, to float rounding of alpha
+        assert torch.allclose(again(xq), binary(xq), rtol=1e-5, atol=1e-6)
+    weights = torch.load(tmp_path / "binary" / "weights.pt", weights_only=True)
+    assert f"{convs[0]}.weight_bits" in weights and f"{convs[0]}.weight" not in weights  # stored as bits
 
 
 def test_bad_arguments_are_refused():

@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdcompress.binarize import BinarizeConfig  # noqa: E402
+from sdcompress.binary import BinarizeConfig  # noqa: E402
 from sdcompress.checkpoint import load_checkpoint  # noqa: E402
 from sdcompress.data import Normalize  # noqa: E402
 from sdcompress.evaluate import eval_data  # noqa: E402
-from sdcompress.export import onnx as ex  # noqa: E402
+from sdcompress.exporters import onnx as ex  # noqa: E402
 from sdcompress.pipeline import run_binarize, run_prune  # noqa: E402
 from sdcompress.pruning import PruneConfig  # noqa: E402
 from sdcompress.zoo import bundled  # noqa: E402

@@ -10,7 +10,7 @@ import argparse
 import time
 
 from sdcompress.checkpoint import load_checkpoint
-from sdcompress.export import coreml
+from sdcompress.exporters import coreml
 from sdcompress.zoo import card_fields
 
 

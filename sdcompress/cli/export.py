@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
 
 def run(a) -> int:
     from ..errors import InputError
-    from ..export.coreml import check_name, package_name
+    from ..exporters.coreml import check_name, package_name
     from ..pipeline import check_formats, run_export
     from ..report import format_bytes
 

@@ -26,7 +26,7 @@ def run(a) -> int:
     from ..checkpoint import load_checkpoint
     from ..files import atomic_write_bytes, atomic_write_json, check_output_file
     from ..evaluate import evaluate_checkpoint
-    from ..footprint import footprint, render_markdown
+    from ..footprints import footprint, render_markdown
     from ..zoo import same_data_as_bundled
 
     path = _resolve_ckpt(a.ckpt)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .binarize import bits_per_value
+from .binary import bits_per_value
 from .files import checkpoint_folder, path_bytes
 from .nets import ResNet, count_macs, forward_with_hooks
 from .report import model_report
@@ -19,10 +19,10 @@ from .report import model_report
 EXPORTED = ("model.pt", "model.onnx", "model.ort", "model.mlpackage")
 
 
-def _grouper(model):
-    """`group(layer name)`: "block N" for a layer inside kept block N, "stem" before the first block in module
-    order, "head" after it."""
-    prefixes = {model.spec.block_path(b) + ".": b for b in model.block_ids}
+def _grouper(model, paths: dict[int, str]):
+    """`group(layer name)`: "block N" for a layer inside kept block N (at `paths[N]`), "stem" before the first block
+    in module order, "head" after it."""
+    prefixes = {path + ".": b for b, path in paths.items()}
     order = [n for n, _ in model.named_modules()]
     first = next((i for i, n in enumerate(order) if n.startswith(tuple(prefixes))), len(order))
     position = {n: i for i, n in enumerate(order)}
@@ -50,10 +50,10 @@ def _output_shapes(model: ResNet, input_shape: tuple[int, ...], names: list[str]
     return shapes
 
 
-def layer_rows(model: ResNet, shapes: dict[str, list[int]], macs: dict[str, int]) -> list[dict]:
+def layer_rows(model: ResNet, shapes: dict[str, list[int]], macs: dict[str, int], paths: dict[int, str]) -> list[dict]:
     """One row per module holding parameters (conv, BatchNorm, linear) that ran, in module order."""
     rows = []
-    _group = _grouper(model)
+    _group = _grouper(model, paths)
     for name, m in model.named_modules():
         if name not in shapes or not any(True for _ in m.parameters(recurse=False)):
             continue
@@ -114,24 +114,31 @@ def _exports_of(weights: Path | None, folder: Path | None) -> tuple[dict[str, in
 
 
 def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path | None = None, accuracy: dict | None = None,
-              exports: Path | None = None) -> dict:
+              exports: Path | None = None, blocks: list | None = None) -> dict:
     """The footprint report of a model as data (what `sdcompress report` renders); `input_shape` is one image's.
     Exported files are looked for beside the checkpoint and in `exports` (export's output folder, taken only when
-    its report says it holds this network)."""
+    its report says it holds this network). `blocks`: the present blocks of a model without a spec (a user's own
+    module, `families.Block`s); the project's networks name theirs in `model.spec`."""
     shape = tuple(input_shape)
     owners = [n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-    paths = {b: model.spec.block_path(b) for b in model.block_ids}
+    if blocks is None:
+        paths = {b: model.spec.block_path(b) for b in model.block_ids}
+        info = None
+    else:
+        paths = {b.index: b.path for b in blocks}
+        info = {"arch": f"python:{type(model).__module__}.{type(model).__qualname__}", "blocks_total": None,
+                "blocks_kept": sorted(paths), "binarized": any(bits_per_value(m) == 1 for m in model.modules())}
     shapes = _output_shapes(model, shape, owners + list(paths.values()))
     macs = count_macs(model, shape)
-    layers = layer_rows(model, shapes, macs["per_layer"])
-    blocks = block_rows(layers, shapes, paths)
+    layers = layer_rows(model, shapes, macs["per_layer"], paths)
+    per_block = block_rows(layers, shapes, paths)
     folder = checkpoint_folder(ckpt) if ckpt is not None else None
     files = {f: path_bytes(folder / f) for f in EXPORTED if folder is not None and (folder / f).exists()}
     weights = folder / "model.pt" if "model.pt" in files else None
     beside, ratio_here = _exports_of(weights, folder)
     found, ratio_there = _exports_of(weights, exports)
     files = {**found, **beside, **files}
-    rep = model_report(model, shape, folder / "model.pt" if "model.pt" in files else None, accuracy, macs)
+    rep = model_report(model, shape, folder / "model.pt" if "model.pt" in files else None, accuracy, macs, info)
     rep["bytes"]["onnx"] = files.get("model.onnx")
     rep["bytes"]["ort"] = files.get("model.ort")
     rep["bytes"]["coreml"] = next((n for f, n in files.items() if f.endswith(".mlpackage")), None)
@@ -145,7 +152,7 @@ def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path
         "checkpoint": str(ckpt) if ckpt is not None else None,
         "input_shape": list(shape),
         "layers": layers,
-        "blocks": blocks,
+        "blocks": per_block,
         "totals": {
             "params": {"32": by_bits.get("32", 0), "1": by_bits.get("1", 0), "total": rep["params"]["total"]},
             "memory_bytes": {"32": mem.get("32", 0), "1": mem.get("1", 0), "scales": mem["scales"], "total": mem["total"]},

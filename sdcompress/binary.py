@@ -154,13 +154,15 @@ def _in_attention(name: str, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def default_targets(model: nn.Module, stem: bool = False, head: bool = False, full_precision: tuple[str, ...] = ()) -> list[str]:
+def default_targets(model: nn.Module, stem: bool = False, head: bool = False, full_precision: tuple[str, ...] = (),
+                    paths: list[str] | None = None) -> list[str]:
     """Layers to binarize: the regular convolutions and linear layers inside the residual blocks, plus the stem
     (the first convolution outside the blocks) and the classifier (the last linear layer) when asked.
 
     The stem and classifier stay full precision by default (standard practice: they are small and sensitive), and
     so do depthwise and grouped convolutions (a 3x3 depthwise filter has 9 weights per channel: one bit each
-    leaves too little) and attention projections: binarizing those is where accuracy collapses.
+    leaves too little) and attention projections: binarizing those is where accuracy collapses. `paths`: the
+    module paths of the present blocks (default: those `model.spec` names).
     """
     modules = dict(model.named_modules())
     layers = {n: m for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
@@ -168,7 +170,8 @@ def default_targets(model: nn.Module, stem: bool = False, head: bool = False, fu
     if unknown:
         raise ValueError(f"--full-precision names {unknown} that are not conv or linear layers of this model "
                          f"(e.g. {', '.join(list(layers)[:3])})")
-    inside = tuple(model.spec.block_path(b) + "." for b in model.block_ids)
+    paths = [model.spec.block_path(b) for b in model.block_ids] if paths is None else paths
+    inside = tuple(p + "." for p in paths)
     names = [n for n, m in layers.items() if n.startswith(inside) and getattr(m, "groups", 1) == 1 and not _in_attention(n, modules)]
     outside = [n for n in layers if not n.startswith(inside)]
     if stem:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..binarize import BinaryConv2d, BinaryLinear
+from ..binary import BinaryConv2d, BinaryLinear
 from ..checkpoint import Sidecar
 from ..nets import BasicBlock, ResNet, Shortcut
 
@@ -281,9 +281,19 @@ def _pack_initializer(graph, init, axis: int) -> bool:
     return True
 
 
+def spec_json(model: nn.Module) -> str:
+    """What an exported file says it holds: the project's network spec, or a user's module's class and blocks."""
+    spec = getattr(model, "spec", None)
+    if hasattr(spec, "to_dict"):
+        return json.dumps(spec.to_dict())
+    return json.dumps({"class": f"{type(model).__module__}.{type(model).__qualname__}",
+                       "params": sum(p.numel() for p in model.parameters())})
+
+
 def export_onnx(model: nn.Module, meta: Sidecar, weights: str = "float", batch: int | None = None) -> tuple[bytes, dict, nn.Module]:
     """The ONNX file's bytes for a model, facts about it, and the PyTorch module it computes (the reference to
-    verify it against: the same as `model` except for int8/int4 rounding of float layers).
+    verify it against: the same as `model` except for int8/int4 rounding of float layers). `meta` is anything with
+    the sidecar's `data` (a `checkpoint.DataInfo`: input shape, classes, and mean / std or None).
 
     `weights` is one of WEIGHTS other than auto (resolve it with `auto_form`); `batch` fixes the batch size (None:
     dynamic)."""
@@ -321,13 +331,12 @@ def export_onnx(model: nn.Module, meta: Sidecar, weights: str = "float", batch: 
     props = {
         "input_layout": "NCHW float32, RGB" if dm.input_shape[0] == 3 else "NCHW float32",
         "input_shape": json.dumps([batch or "N", *dm.input_shape]),
-        "preprocessing": "pixel / 255, then (x - mean) / std per channel",
-        "mean": json.dumps(dm.mean),
-        "std": json.dumps(dm.std),
+        **({"preprocessing": "pixel / 255, then (x - mean) / std per channel", "mean": json.dumps(dm.mean), "std": json.dumps(dm.std)}
+           if dm.mean is not None else {"preprocessing": "none here: the input the PyTorch model takes"}),
         "class_names": json.dumps(dm.classes),
         "output": "logits (apply softmax for probabilities)",
         "weights": weights,
-        "sdcompress_spec": json.dumps(model.spec.to_dict()),
+        "sdcompress_spec": spec_json(model),
     }
     onnx.helper.set_model_props(proto, props)
     proto.producer_name = "sdcompress"

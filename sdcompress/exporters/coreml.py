@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -34,11 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..binarize import BinaryConv2d
+from ..binary import BinaryConv2d
 from ..checkpoint import Sidecar
 from ..nets import ResNet
 from ..zoo import CARD_FIELDS
-from .onnx import deployable_copy
+from .onnx import deployable_copy, spec_json
 
 PRECISIONS = ("float16", "float32")
 TARGETS = ("iOS16", "iOS17", "iOS18")
@@ -169,6 +168,8 @@ def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card:
     dm = meta.data
     c, h, w = dm.input_shape
     if input_kind == "image":
+        if dm.mean is None:
+            raise ValueError("an image input builds the normalization in: give the mean and std of the model's input")
         inp, inv_std = _image_input(ct, dm)
         dyn = None
         example = torch.rand(1, c, h, w) * 255
@@ -209,11 +210,13 @@ def convert(model: ResNet, meta: Sidecar, precision: str, input_kind: str, card:
     if input_kind == "image":
         ml.input_description["image"] = f"{'RGB' if c == 3 else 'grayscale'} image, {w}x{h} pixels; normalization is built in"
     else:
-        ml.input_description["input"] = f"NCHW float32 batch of shape (N, {c}, {h}, {w}): pixel / 255, then (x - mean) / std per channel, mean {list(dm.mean)}, std {list(dm.std)}"
+        ml.input_description["input"] = (f"NCHW float32 batch of shape (N, {c}, {h}, {w}): pixel / 255, then (x - mean) / std per channel, "
+                                         f"mean {list(dm.mean)}, std {list(dm.std)}" if dm.mean is not None else
+                                         f"NCHW float32 batch of shape (N, {c}, {h}, {w}), as the PyTorch model takes it")
     ml.output_description["classLabel"] = "most likely class"
     ml.output_description["classLabel_probs"] = "probability of each class"
-    ml.user_defined_metadata.update({"sdcompress_spec": json.dumps(model.spec.to_dict()),
-                                     "mean": str(list(dm.mean)), "std": str(list(dm.std))})
+    ml.user_defined_metadata.update({"sdcompress_spec": spec_json(model),
+                                     **({"mean": str(list(dm.mean)), "std": str(list(dm.std))} if dm.mean is not None else {})})
     facts = {"deployment_target": target, "precision": precision, "input": input_kind,
              "binary_layers": {"form": ("1-bit table per output channel" if target == "iOS18" else "int8, one scale per output channel")
                                if binary_convs else None, "count": len(binary_convs)},
@@ -519,13 +522,20 @@ def verify(path: Path, model: ResNet, meta: Sidecar, images_uint8: torch.Tensor,
     from ..data import Normalize
 
     dm = meta.data
-    x = Normalize(dm.mean, dm.std)(images_uint8)
+    return verify_inputs(path, model, dm.classes, Normalize(dm.mean, dm.std)(images_uint8), images_uint8.float(), input_kind, precision,
+                         verbose, function)
+
+
+def verify_inputs(path: Path, model: nn.Module, classes, x: torch.Tensor, pixels: torch.Tensor | None, input_kind: str, precision: str,
+                  verbose: bool = False, function: str = "main") -> dict:
+    """`verify` on model inputs `x` (what the PyTorch model takes) and, for an image input, the same images as
+    pixel values 0-255 (`pixels`)."""
     with torch.no_grad():
         ref_logits = model.cpu().eval()(x)
     ref_probs = torch.softmax(ref_logits, 1).numpy()
-    feed = images_uint8.float().numpy() if input_kind == "image" else x.numpy()
+    feed = pixels.float().numpy() if input_kind == "image" else x.numpy()
     if sys.platform == "darwin":
-        logits, probs = _macos_outputs(path, feed, input_kind, dm.classes, verbose, function)
+        logits, probs = _macos_outputs(path, feed, input_kind, classes, verbose, function)
         how = "Core ML prediction (macOS)"
     else:
         logits, probs = _reference_outputs(path, feed, "image" if input_kind == "image" else "input", verbose, function)
