@@ -471,9 +471,12 @@ def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, fo
         if len(mean) != c or len(std) != c or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
             raise InputError(f"mean and std need {c} finite values each (std > 0), one per input channel")
     try:
-        name = check_name(name) if name is not None else package_name(type(model).__name__)
+        name = check_name(name if name is not None else type(model).__name__)
     except ValueError as e:
-        raise InputError(str(e).replace("--name", "name")) from None
+        if name is None:  # a class name that is no Swift identifier
+            name = package_name(type(model).__name__)
+        else:
+            raise InputError(str(e).replace("--name", "name")) from None
     if single and out.exists() and not force:
         raise InputError(f"{out} exists; pass force=True to replace it")
     if not single:

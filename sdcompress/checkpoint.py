@@ -36,6 +36,9 @@ def resolve(path: str | Path) -> tuple[Path, Path]:
     elif p.suffix == ".json":
         p = p.with_name(WEIGHTS) if p.name == SIDECAR else p.with_suffix(".pt")
     if not p.exists():
+        if (p.parent / "blocks.json").is_file() and (p.parent / "weights.pt").is_file():
+            raise InputError(f"{path} holds a model of your own class (sdcompress.save): name its builder with --arch "
+                             f"python:package.module:function")
         raise InputError(f"checkpoint {path}: no such file ({p})")
     side = p.with_name(SIDECAR) if p.name == WEIGHTS else p.with_suffix(".json")
     if not side.exists():

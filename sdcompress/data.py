@@ -327,3 +327,29 @@ def train_augmentation(meta) -> tuple[int, bool]:
     from .config import TrainConfig
 
     return augmentation(TrainConfig.from_dict(meta.train_config), meta.data.input_shape)
+
+
+class ImageBatches:
+    """`(inputs, labels)` batches of an ImageSet for the Python API's stages: shuffled, padded-cropped and flipped on
+    each pass over it when `train`, then normalized as the model expects; what a DataLoader with those transforms
+    would give. Can be iterated again (a new shuffle each time)."""
+
+    def __init__(self, images: ImageSet, mean, std, batch_size: int = 128, train: bool = True, pad: int = 0, flip: bool = False,
+                 seed: int = 0):
+        self.images, self.batch_size, self.train, self.pad, self.flip = images, batch_size, train, pad, flip
+        self.gen = torch.Generator().manual_seed(seed)
+        self.normalize = Normalize(list(mean), list(std))
+
+    def __len__(self) -> int:
+        n = len(self.images.labels)
+        return max(1, n // self.batch_size) if self.train else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.images.labels)
+        order = torch.randperm(n, generator=self.gen) if self.train else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images.images[idx]
+            if self.train and (self.pad or self.flip):
+                x = augment(x, self.pad, self.flip, self.gen)
+            yield self.normalize(x), self.images.labels[idx]

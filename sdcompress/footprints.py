@@ -125,8 +125,10 @@ def footprint(model: ResNet, input_shape: tuple[int, int, int], ckpt: str | Path
         paths = {b: model.spec.block_path(b) for b in model.block_ids}
         info = None
     else:
+        from .usermodel import removed_blocks
+
         paths = {b.index: b.path for b in blocks}
-        info = {"arch": f"python:{type(model).__module__}.{type(model).__qualname__}", "blocks_total": None,
+        info = {"arch": f"python:{type(model).__module__}.{type(model).__qualname__}", "blocks_total": len(paths) + len(removed_blocks(model)),
                 "blocks_kept": sorted(paths), "binarized": any(bits_per_value(m) == 1 for m in model.modules())}
     shapes = _output_shapes(model, shape, owners + list(paths.values()))
     macs = count_macs(model, shape)

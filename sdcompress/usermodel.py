@@ -49,9 +49,12 @@ def _block_from(d, where: str) -> Block:
     return Block(**d)
 
 
-def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None, stats=None, force: bool = False) -> Path:
+def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None, stats=None, force: bool = False,
+         data: dict | None = None, arch: str | None = None) -> Path:
     """Write `model` (e.g. pruned) to `folder`: weights and the sidecar. `blocks`: its present blocks (default: those of
-    `stats`, if given); `stats`: the `DropEffects` to keep with it. The folder is written as one unit.
+    `stats`, if given); `stats`: the `DropEffects` to keep with it; `data`: what the model takes (the command line
+    keeps the data's name, classes and normalization here); `arch`: the builder it was made with, as a record
+    (loading imports a builder only when the caller names it). The folder is written as one unit.
 
     Example:
         >>> sdcompress.save(small, "runs/small", stats=trained.stats)
@@ -68,6 +71,8 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         "removed": [dataclasses.asdict(b) for b in removed_blocks(model)],
         "binarized": [n for n, m in model.named_modules() if getattr(m, "weight_bits_per_value", 32) == 1],
         "blocks": [dataclasses.asdict(b) for b in blocks],
+        "arch": arch,
+        "data": data,
         "stats": None if stats is None else {
             "source": stats.source, "batches": stats.batches, "effect": list(stats.effect), "stderr": list(stats.stderr),
             "drop_rates": list(stats.drop_rates), "runs": list(stats.runs), "params": stats.params,
@@ -80,10 +85,17 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
     return folder
 
 
-def _build(builder: str) -> nn.Module:
+def build(builder: str) -> nn.Module:
+    """The module `builder` ("package.module:function", optionally after "python:") returns, imported now because the
+    caller named it."""
     m = re.fullmatch(r"(?:python:)?([A-Za-z_][\w.]*):([A-Za-z_]\w*)", builder or "")
     if not m:
         raise InputError(f"builder must be 'package.module:function', got {builder!r}")
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path:  # as `python -m` does: the user's own package, where they run the command
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(m.group(1)), m.group(2))
     except (ImportError, AttributeError) as e:
@@ -111,7 +123,7 @@ def load(folder: str | Path, model: nn.Module | None = None, builder: str | None
         raise InputError(f"{folder} holds a {side.get('class')!s:.80} model: pass model=YourClass(...) (or name a builder); "
                          f"the sidecar is never used to import anything")
     if model is None:
-        model = _build(builder)
+        model = build(builder)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     want = str(side.get("class", ""))
@@ -141,4 +153,6 @@ def load(folder: str | Path, model: nn.Module | None = None, builder: str | None
     if isinstance(st, dict) and blocks:
         stats = DropEffects(tuple(blocks), tuple(st["effect"]), tuple(st["stderr"]), int(st["batches"]), tuple(st["drop_rates"]),
                             tuple(st["runs"]), st.get("params"), source=str(st.get("source", "measured")))
-    return model.eval(), {"blocks": blocks, "removed": removed, "stats": stats, "class": want}
+    data = side.get("data") if isinstance(side.get("data"), dict) else None
+    return model.eval(), {"blocks": blocks, "removed": removed, "stats": stats, "class": want, "data": data,
+                          "arch": side.get("arch") if isinstance(side.get("arch"), str) else None}

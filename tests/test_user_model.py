@@ -401,7 +401,10 @@ def test_readme_opening_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert (tmp_path / "model.onnx").stat().st_size > 1000
+    assert sorted(scope["report"]["formats"]) == ["coreml", "onnx", "ort"]
+    assert all(e["verification"]["ok"] for e in scope["report"]["formats"].values())
+    assert (tmp_path / "phone" / "model.ort").stat().st_size > 1000 and (tmp_path / "phone" / "Net.mlpackage").is_dir()
+    assert (tmp_path / "tiny" / "blocks.json").is_file()
     assert [b.path for b in scope["blocks"]] == [f"layers.{i}" for i in range(5)]
     assert [b.stage for b in scope["blocks"]] == [0, 0, 1, 1, 1]
     assert len(sdcompress.find_blocks(scope["small"], scope["example"])) == 3
@@ -448,3 +451,72 @@ def test_a_sidecar_never_imports_what_it_names(tmp_path, monkeypatch):
     again, _ = sdcompress.load(tmp_path / "m", builder="mine:build")
     with torch.no_grad():
         assert torch.equal(again(X), model(X))
+
+
+USER_PACKAGE = '''
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class DigitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.blocks = nn.Sequential(*[Block(16) for _ in range(4)])
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def build():
+    return DigitNet()
+'''
+
+
+def test_the_command_line_on_a_users_class(tmp_path, monkeypatch, capsys):
+    """train --arch python:..., from the user's own weights -> prune --arch python:... -> export --arch python:...:
+    the builder imported from where the command runs, because the command line names it; the folders are
+    sdcompress.save's, loadable from Python."""
+    import json
+
+    from sdcompress.cli import main
+
+    (tmp_path / "mynets.py").write_text(USER_PACKAGE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mynets
+
+    torch.manual_seed(0)
+    torch.save({"state_dict": mynets.build().state_dict(), "epoch": 3}, tmp_path / "mine.pt")  # "trained elsewhere"
+    arch = "python:mynets:build"
+    assert main(["train", "--arch", arch, "--weights", "mine.pt", "--data", "digits", "--epochs", "2", "--lr", "0.05",
+                 "--out", "sd", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "4 blocks found; 2 epochs of stochastic depth from mine.pt" in out and "validation split top-1" in out
+    side = json.loads((tmp_path / "sd" / "blocks.json").read_text())
+    assert side["arch"] == arch and side["data"]["source"] == "digits" and side["stats"]["source"] == "training"
+    assert main(["prune", "sd", "--arch", arch, "--keep", "0.5", "--recalibrate", "4", "--out", "small", "--no-progress"]) == 0
+    assert "blocks 4 -> 2 (stats)" in capsys.readouterr().out
+    small, small_side = sdcompress.load("small", model=mynets.DigitNet())
+    assert len(small_side["removed"]) == 2 and _params(small) < _params(mynets.DigitNet())
+    assert main(["export", "small", "--arch", arch, "--format", "onnx,ort", "--out", "phone"]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and "model.ort" in out and (tmp_path / "phone" / "model.ort").is_file()
+    assert main(["report", "small", "--arch", arch]) == 0
+    assert "2 of 4 blocks" in capsys.readouterr().out
+    # the folder alone never imports: without --arch it is not a checkpoint of the project's, and says so
+    assert main(["prune", "small", "--keep", "0.5", "--out", "again"]) == 2
+    assert "name its builder with --arch python:" in capsys.readouterr().err
+    assert main(["prune", "small", "--arch", "torchvision:resnet18"]) == 2
+    assert not (tmp_path / "again").exists()

@@ -51,6 +51,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default=None, help="images to verify on (default: the bundled evaluation set or the checkpoint's validation split)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=_threads, default=1, help="onnxruntime threads for the latency figure")
+    p.add_argument("--arch", default=None, metavar="python:PACKAGE.MODULE:FUNCTION",
+                   help="your own model class: the builder of the model in CKPT, a folder written by `sdcompress train --arch "
+                        "python:...` or sdcompress.save; imported because you name it here, never because a file does")
     p.add_argument("--out", type=Path, default=None, help="output folder (default sdcompress-out/NAME-export)")
     p.add_argument("--force", action="store_true", help="overwrite exported files already in --out")
     p.add_argument("--verbose", action="store_true", help="let coremltools' own notices and progress bars through")
@@ -63,6 +66,12 @@ def run(a) -> int:
     from ..pipeline import check_formats, run_export
     from ..report import format_bytes
 
+    from .user import is_python, run_export as run_user_export
+
+    if a.arch is not None:
+        if not is_python(a.arch):
+            raise InputError(f"--arch {a.arch!r}: export takes --arch only for your own class, as python:package.module:function")
+        return run_user_export(a)
     formats = a.format or (("onnx", "coreml") if a.depths else ("onnx", "ort", "coreml"))
     check_formats(formats)
     path = _resolve_ckpt(a.ckpt)

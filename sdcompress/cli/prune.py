@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-params", type=parse_size, default=None, metavar="N", help="keep the most blocks whose parameters fit, e.g. 300k")
     p.add_argument("--strategy", default=d.strategy, choices=list(STRATEGIES))
     p.add_argument("--sensitivity-batches", type=_positive_int, default=d.sensitivity_batches)
+    p.add_argument("--arch", default=None, metavar="python:PACKAGE.MODULE:FUNCTION",
+                   help="your own model class: the builder of the model in CKPT, a folder written by `sdcompress train --arch "
+                        "python:...` or sdcompress.save; imported because you name it here, never because a file does")
     _recovery_args(p, d, "sdcompress-out/NAME-prune-keepK")
     p.set_defaults(func=run)
 
@@ -65,6 +68,14 @@ def add_parser(sub) -> None:
 def run(a) -> int:
     from ..pruning import PruneConfig
     from ..pipeline import run_prune
+    from .user import is_python, run_prune as run_user_prune
+
+    if a.arch is not None:
+        if not is_python(a.arch):
+            from ..errors import InputError
+
+            raise InputError(f"--arch {a.arch!r}: prune takes --arch only for your own class, as python:package.module:function")
+        return run_user_prune(a)
 
     cfg = PruneConfig(keep=None if (a.blocks_to_keep or a.max_size or a.max_params) else a.keep, blocks_to_keep=a.blocks_to_keep,
                       max_size=a.max_size, max_params=a.max_params, strategy=a.strategy, recalibrate=a.recalibrate,

@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     p.add_argument("--md", type=Path, default=None, help="write the rendered tables (Markdown) here")
     p.add_argument("--force", action="store_true", help="overwrite --json / --md")
+    p.add_argument("--arch", default=None, metavar="python:PACKAGE.MODULE:FUNCTION",
+                   help="your own model class: the builder of the model in CKPT, a folder written by sdcompress.save; imported "
+                        "because you name it here, never because a file does")
     p.set_defaults(func=run)
 
 
@@ -36,12 +39,41 @@ def run(a) -> int:
         if f is not None and not f.parent.is_dir():
             raise InputError(f"{flag} {f}: folder {f.parent} does not exist")
         check_output_file(f, a.force, flag, (path,))
+    if a.arch is not None:
+        return _run_user(a)
     model, meta = load_checkpoint(path)
     acc = None
     if a.data is not None or a.ckpt is None or same_data_as_bundled(path, meta):
         acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, "auto", 500)
     exports = OUT_ROOT / f"{_model_name(path)}-export"  # where `sdcompress export` writes by default
     fp = footprint(model, meta.data.input_shape, path, acc, exports if exports.is_dir() else None)
+    md = render_markdown(fp)
+    print(md, end="")
+    if a.json:
+        atomic_write_json(a.json, fp)
+    if a.md:
+        atomic_write_bytes(a.md, md.encode())
+    return 0
+
+
+def _run_user(a) -> int:
+    """The footprint of a model of the user's own class (`sdcompress.footprint`), rendered as for any checkpoint."""
+    import torch
+
+    from .. import api
+    from ..files import atomic_write_bytes, atomic_write_json
+    from ..footprints import render_markdown
+    from .user import _load, is_python
+
+    if not is_python(a.arch):
+        raise InputError(f"--arch {a.arch!r}: report takes --arch only for your own class, as python:package.module:function")
+    if a.ckpt is None:
+        raise InputError("--arch python:... needs the folder of the model (sdcompress report FOLDER --arch ...)")
+    model, side, data = _load(a.ckpt, a.arch)
+    shape = tuple(data.get("input_shape") or ())
+    if len(shape) != 3:
+        raise InputError(f"{a.ckpt}/blocks.json: no input shape in its data record")
+    fp = api.footprint(model, torch.zeros(1, *shape), blocks=side["blocks"] or None)
     md = render_markdown(fp)
     print(md, end="")
     if a.json:

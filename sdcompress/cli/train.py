@@ -29,7 +29,8 @@ def _arch(s: str) -> str:
 
     if ":" in s or s in ARCHS:
         return s
-    raise argparse.ArgumentTypeError(f"unknown architecture {s!r}; choose one of {', '.join(ARCHS)}, or torchvision:NAME, timm:NAME")
+    raise argparse.ArgumentTypeError(f"unknown architecture {s!r}; choose one of {', '.join(ARCHS)}, or torchvision:NAME, timm:NAME, "
+                                     f"python:package.module:function")
 
 
 def add_parser(sub) -> None:
@@ -40,7 +41,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a network with stochastic depth", description="Train a network with stochastic depth: the project's CIFAR ResNets, or a torchvision or timm residual network.")
     d = TrainConfig()
     p.add_argument("--arch", default=d.arch, type=_arch, metavar="ARCH",
-                   help=f"{', '.join(ARCHS)}; or torchvision:NAME (resnet18, mobilenet_v2, convnext_tiny, ...) or timm:NAME")
+                   help=f"{', '.join(ARCHS)}; or torchvision:NAME (resnet18, mobilenet_v2, convnext_tiny, ...) or timm:NAME; or your "
+                        f"own class, python:package.module:function (its builder, imported because you name it; see the README)")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="start from a pretrained network's state_dict (or a checkpoint holding one under 'state_dict'): stochastic "
                         "depth retrofitted onto it; the project's ResNets get 1/p_l folded into each block's last BatchNorm so "
@@ -91,6 +93,10 @@ def run(a) -> int:
 
     from ..config import TrainConfig
     from ..train import train
+    from .user import is_python, run_train
+
+    if is_python(a.arch):
+        return run_train(a)
 
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in fields(TrainConfig)})
     out = a.out or OUT_ROOT / f"{cfg.arch.replace(':', '-')}-{Path(cfg.data).stem}-train"

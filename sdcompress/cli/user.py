@@ -1,0 +1,194 @@
+"""A user's own model class on the command line: `--arch python:package.module:function`.
+
+The builder is imported because the user named it on this command line (never because a file names it). Each
+command loads the model, calls the Python API's functions (`train_stochastic_depth`, `prune`, `recalibrate`,
+`finetune`, `export`) and saves with `sdcompress.save`: a folder of `weights.pt` and `blocks.json`, which also
+keeps the data's name, classes and normalization for the next command.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+PREFIX = "python:"
+
+
+def is_python(arch: str | None) -> bool:
+    return bool(arch) and arch.startswith(PREFIX)
+
+
+def _data(name: str, data_dir, val_size=None, seed: int = 0):
+    from ..data import load_dataset
+
+    return load_dataset(name, data_dir, val_size, seed)
+
+
+def _batches(ds, images, mean, std, batch_size: int, train: bool, seed: int):
+    from ..data import ImageBatches
+
+    pad, flip = (max(1, ds.input_shape[1] // 8), ds.input_shape[0] == 3) if train else (0, False)
+    return ImageBatches(images, mean, std, batch_size, train, pad, flip, seed)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _top1(model, batches) -> float:
+    import torch
+
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            right += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return right / total
+
+
+def _eval_split(ds):
+    return (ds.val, "validation split") if ds.val is not None and len(ds.val) else (ds.test, "test split") if ds.test is not None else (None, None)
+
+
+def _load(folder, arch: str):
+    from ..errors import InputError
+    from ..usermodel import load
+
+    folder = Path(folder)
+    if not (folder / "blocks.json").is_file():
+        raise InputError(f"{folder}: not a folder saved by sdcompress.save (no blocks.json); --arch python:... takes such a folder")
+    model, side = load(folder, builder=arch)
+    data = side.get("data") or {}
+    if not isinstance(data.get("source"), str) or len(data.get("mean") or []) != len(data.get("std") or []) or not data.get("mean"):
+        raise InputError(f"{folder}/blocks.json: no data record (source, mean, std); pass a folder written by `sdcompress train --arch python:...`")
+    return model, side, data
+
+
+def run_train(a) -> int:
+    """`sdcompress train --arch python:...`: the user's model, their weights when given, stochastic depth."""
+    import torch
+
+    from .. import api
+    from ..errors import InputError
+    from ..files import check_output_folder
+    from ..train import read_start_state
+    from ..usermodel import build
+
+    if a.resume:
+        raise InputError("--resume is not available with --arch python:...; run the epochs again")
+    out = a.out or Path("sdcompress-out") / f"{a.arch.rsplit(':', 1)[-1]}-{Path(a.data).stem}-train"
+    check_output_folder(out, a.force)
+    model = build(a.arch)
+    start = "random weights"
+    if a.weights:
+        state = read_start_state(a.weights)
+        if a.weights_map:
+            from ..train import map_keys
+
+            state, _ = map_keys(state, a.arch, a.weights_map)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            lines = str(e).splitlines()
+            raise InputError(f"--weights {a.weights}: does not fit {type(model).__name__} ({(lines[1] if len(lines) > 1 else lines[0]).strip()[:160]})") from None
+        start = a.weights
+    ds = _data(a.data, a.data_dir, a.val_size, a.split_seed)
+    if (a.mean is None) != (a.std is None):
+        raise InputError("give --mean and --std together")
+    mean, std = (list(a.mean), list(a.std)) if a.mean else (ds.mean, ds.std)
+    if len(mean) != ds.input_shape[0] or len(std) != ds.input_shape[0]:
+        raise InputError(f"--mean / --std need {ds.input_shape[0]} values, one per channel of {ds.name}")
+    images = ds.train if a.train_limit is None else ds.train.subset(torch.arange(min(a.train_limit, len(ds.train))))
+    train = _batches(ds, images, mean, std, a.batch_size, True, a.seed)
+    held, held_name = _eval_split(ds)
+    check = _batches(ds, held, mean, std, 500, False, 0) if held is not None else None
+    example = next(iter(_batches(ds, images, mean, std, 2, False, 0)))[0]
+    blocks = api.find_blocks(model, example)
+    before = _top1(model, check) if check is not None and a.weights else None
+    trained = api.train_stochastic_depth(model, train, a.epochs, blocks=blocks, p_last=a.p_last, lr=a.lr, weight_decay=a.weight_decay,
+                                         precision=a.precision, device=_device(a.device), seed=a.seed, progress=not a.no_progress)
+    after = _top1(trained.model, check) if check is not None else None
+    data = {"name": ds.name, "source": a.data, "data_dir": a.data_dir, "classes": list(ds.classes), "input_shape": list(ds.input_shape),
+            "mean": list(mean), "std": list(std), "split": ds.split}
+    api.save(trained.model, out, stats=trained.stats, force=a.force, data=data, arch=a.arch)
+    h = trained.history
+    acc = "" if after is None else f"; {held_name} top-1 {'' if before is None else f'{100 * before:.2f}% -> '}{100 * after:.2f}%"
+    print(f"{len(blocks)} blocks found; {h['epochs']} epochs of stochastic depth from {start}, {h['precision']}, {h['seconds']:.0f} s{acc}")
+    print(f"wrote {out}/weights.pt, {out}/blocks.json")
+    return 0
+
+
+def run_prune(a) -> int:
+    """`sdcompress prune FOLDER --arch python:...`: prune by the recorded statistics, recalibrate, fine-tune."""
+    from .. import api
+    from ..errors import InputError
+    from ..files import check_output_folder
+
+    if a.ckpt is None:
+        raise InputError("--arch python:... needs the folder of the model (sdcompress prune FOLDER --arch ...)")
+    if a.keep is None or a.blocks_to_keep or a.max_size or a.max_params or a.teacher:
+        raise InputError("with --arch python:..., prune takes --keep (not --blocks-to-keep, --max-size, --max-params or --teacher)")
+    if a.strategy not in ("stats", "top", "every-other"):
+        raise InputError(f"--strategy {a.strategy} is not available with --arch python:...; choose stats, top or every-other")
+    out = a.out or Path("sdcompress-out") / f"{Path(a.ckpt).name}-prune-keep{a.keep}"
+    check_output_folder(out, a.force, (a.ckpt,))
+    model, side, data = _load(a.ckpt, a.arch)
+    ds = _data(a.data or data["source"], a.data_dir or data.get("data_dir"), (data.get("split") or {}).get("val_size"),
+               (data.get("split") or {}).get("seed", 0))
+    mean, std = data["mean"], data["std"]
+    train = _batches(ds, ds.train, mean, std, 128, True, a.seed)
+    held, held_name = _eval_split(ds)
+    check = _batches(ds, held, mean, std, 500, False, 0) if held is not None else None
+    stats = side["stats"] if a.strategy == "stats" else None
+    if a.strategy == "stats" and stats is None:
+        raise InputError(f"{a.ckpt} holds no drop effects; use --strategy every-other or top")
+    small = api.prune(model, a.keep, stats=stats, strategy=a.strategy, blocks=side["blocks"] or None)
+    if a.recalibrate:
+        small = api.recalibrate(small, train, num_batches=a.recalibrate, device=_device(a.device))
+    tuned = None
+    if a.finetune:  # tuned: the fine-tuning record
+        small, tuned = api.finetune(small, train, teacher=model if a.distill else None, epochs=a.finetune, lr=a.finetune_lr,
+                                    temperature=a.distill_temperature, alpha=a.distill_alpha, precision=a.precision, device=_device(a.device),
+                                    progress=not a.no_progress)
+    before, after = (_top1(model, check), _top1(small, check)) if check is not None else (None, None)
+    present = api._present(small, side["blocks"])
+    api.save(small, out, blocks=present, force=a.force, data=data, arch=side.get("arch") or a.arch)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    acc = "" if after is None else f", {held_name} top-1 {100 * before:.2f}% -> {100 * after:.2f}%"
+    print(f"blocks {len(side['blocks'])} -> {len(present)} ({a.strategy}), params {n(model):,} -> {n(small):,}{acc}")
+    if tuned:
+        print(f"fine-tuned {tuned['epochs']} epochs{' (distilled)' if a.distill else ''}, {tuned['seconds']:.0f} s")
+    print(f"wrote {out}/weights.pt, {out}/blocks.json")
+    return 0
+
+
+def run_export(a) -> int:
+    """`sdcompress export FOLDER --arch python:...`: the API's `export`, verified on the held-out images."""
+    from .. import api
+    from ..errors import InputError
+    from ..report import format_bytes
+
+    if a.ckpt is None:
+        raise InputError("--arch python:... needs the folder of the model (sdcompress export FOLDER --arch ...)")
+    if a.depths:
+        raise InputError("--depths is not available with --arch python:...")
+    model, side, data = _load(a.ckpt, a.arch)
+    ds = _data(a.data or data["source"], a.data_dir or data.get("data_dir"), (data.get("split") or {}).get("val_size"),
+               (data.get("split") or {}).get("seed", 0))
+    held, held_name = _eval_split(ds)
+    if held is None:
+        raise InputError(f"{ds.name} has no held-out images to verify the files on")
+    x = next(iter(_batches(ds, held, data["mean"], data["std"], 64, False, 0)))[0]
+    out = a.out or Path("sdcompress-out") / f"{Path(a.ckpt).name}-export"
+    rep = api.export(model, out, x, formats=a.format or ("onnx", "ort", "coreml"), classes=data.get("classes"),
+                     mean=data["mean"] if a.coreml_input == "image" else None, std=data["std"] if a.coreml_input == "image" else None,
+                     weights=a.weights, batch=a.batch, coreml_precision=a.coreml_precision, name=a.name, threads=a.threads, force=a.force)
+    for f in rep["formats"].values():
+        v = f["verification"]
+        print(f"{f['file']} {format_bytes(f['bytes'])}; top-1 agreement with PyTorch {100 * v['top1_agreement']:.1f}% on {v['n']} images "
+              f"of the {held_name}, max difference {v['max_abs_diff']:.2g}", file=sys.stdout)
+    print(f"wrote {', '.join(str(Path(out) / f['file']) for f in rep['formats'].values())}, {out}/report.json")
+    return 0
