@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_distill, check_teacher, check_lr, check_number
+from .config import check_recovery
 from .errors import InputError
-from .precision import check_precision
 
 STE_CLIP = 1.0
 
@@ -229,12 +228,7 @@ class BinarizeConfig:
     precision: str = "auto"  # of the fine-tuning steps: auto | fp32 | bf16 (precision.resolve_precision)
 
     def __post_init__(self):
-        check_number("--recalibrate", self.recalibrate, 0, 100_000)
-        check_number("--finetune", self.finetune, 0, 10_000)
-        check_lr("--finetune-lr", self.finetune_lr)
-        check_distill(self.distill_temperature, self.distill_alpha)
-        check_teacher(self.teacher, self.finetune, self.distill)
-        check_precision("--precision", self.precision)
+        check_recovery(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -81,3 +81,15 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_recovery(cfg) -> None:
+    """The recovery settings a stage's config shares (prune, binarize): recalibration, fine-tuning, distillation."""
+    from .precision import check_precision
+
+    check_number("--recalibrate", cfg.recalibrate, 0, 100_000)
+    check_number("--finetune", cfg.finetune, 0, 10_000)
+    check_lr("--finetune-lr", cfg.finetune_lr)
+    check_distill(cfg.distill_temperature, cfg.distill_alpha)
+    check_teacher(cfg.teacher, cfg.finetune, cfg.distill)
+    check_precision("--precision", cfg.precision)

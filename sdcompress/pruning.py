@@ -19,9 +19,8 @@ import torch
 
 from .data import ImageSet, Normalize, train_augmentation
 from .checkpoint import Sidecar, SurvivalTable
-from .config import check_distill, check_teacher, check_lr, check_number
+from .config import check_recovery
 from .errors import InputError
-from .precision import check_precision
 from .nets import ResNet, build_model, count_macs, count_params
 from .loops import batch_loss, recalibrate_bn
 
@@ -60,12 +59,7 @@ class PruneConfig:
             raise InputError(f"--keep must be in (0, 1], got {self.keep}")
         if self.recalibrate < 0 or self.finetune < 0 or self.sensitivity_batches < 1 or self.batch_size < 1:
             raise InputError("--recalibrate and --finetune must be >= 0, --sensitivity-batches and --batch-size >= 1")
-        check_number("--recalibrate", self.recalibrate, 0, 100_000)
-        check_number("--finetune", self.finetune, 0, 10_000)
-        check_lr("--finetune-lr", self.finetune_lr)
-        check_distill(self.distill_temperature, self.distill_alpha)
-        check_teacher(self.teacher, self.finetune, self.distill)
-        check_precision("--precision", self.precision)
+        check_recovery(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -27,9 +27,9 @@ def add_parser(sub) -> None:
 
 def run(a) -> int:
     from ..checkpoint import load_checkpoint
-    from ..files import atomic_write_bytes, atomic_write_json, check_output_file
+    from ..files import check_output_file
     from ..evaluate import evaluate_checkpoint
-    from ..footprints import footprint, render_markdown
+    from ..footprints import footprint
     from ..zoo import same_data_as_bundled
 
     path = _resolve_ckpt(a.ckpt)
@@ -46,7 +46,14 @@ def run(a) -> int:
     if a.data is not None or a.ckpt is None or same_data_as_bundled(path, meta):
         acc = evaluate_checkpoint(model, meta, path, a.data, a.data_dir, "auto", 500)
     exports = OUT_ROOT / f"{_model_name(path)}-export"  # where `sdcompress export` writes by default
-    fp = footprint(model, meta.data.input_shape, path, acc, exports if exports.is_dir() else None)
+    return _write(a, footprint(model, meta.data.input_shape, path, acc, exports if exports.is_dir() else None))
+
+
+def _write(a, fp: dict) -> int:
+    """Print the rendered footprint; write it to --json / --md when asked."""
+    from ..files import atomic_write_bytes, atomic_write_json
+    from ..footprints import render_markdown
+
     md = render_markdown(fp)
     print(md, end="")
     if a.json:
@@ -61,8 +68,6 @@ def _run_user(a) -> int:
     import torch
 
     from .. import api
-    from ..files import atomic_write_bytes, atomic_write_json
-    from ..footprints import render_markdown
     from .user import _load, is_python
 
     if not is_python(a.arch):
@@ -73,11 +78,4 @@ def _run_user(a) -> int:
     shape = tuple(data.get("input_shape") or ())
     if len(shape) != 3:
         raise InputError(f"{a.ckpt}/blocks.json: no input shape in its data record")
-    fp = api.footprint(model, torch.zeros(1, *shape), blocks=side["blocks"] or None)
-    md = render_markdown(fp)
-    print(md, end="")
-    if a.json:
-        atomic_write_json(a.json, fp)
-    if a.md:
-        atomic_write_bytes(a.md, md.encode())
-    return 0
+    return _write(a, api.footprint(model, torch.zeros(1, *shape), blocks=side["blocks"] or None))

@@ -67,6 +67,21 @@ def _load(folder, arch: str):
     return model, side, data
 
 
+def _need_folder(a, command: str) -> None:
+    from ..errors import InputError
+
+    if a.ckpt is None:
+        raise InputError(f"--arch python:... needs the folder of the model (sdcompress {command} FOLDER --arch ...)")
+
+
+def _load_with_data(a):
+    """The model in a.ckpt, its sidecar, its data record and that data (or --data), split as in training."""
+    model, side, data = _load(a.ckpt, a.arch)
+    split = data.get("split") or {}
+    ds = _data(a.data or data["source"], a.data_dir or data.get("data_dir"), split.get("val_size"), split.get("seed", 0))
+    return model, side, data, ds
+
+
 def run_train(a) -> int:
     """`sdcompress train --arch python:...`: the user's model, their weights when given, stochastic depth."""
     import torch
@@ -127,17 +142,14 @@ def run_prune(a) -> int:
     from ..errors import InputError
     from ..files import check_output_folder
 
-    if a.ckpt is None:
-        raise InputError("--arch python:... needs the folder of the model (sdcompress prune FOLDER --arch ...)")
+    _need_folder(a, "prune")
     if a.keep is None or a.blocks_to_keep or a.max_size or a.max_params or a.teacher:
         raise InputError("with --arch python:..., prune takes --keep (not --blocks-to-keep, --max-size, --max-params or --teacher)")
     if a.strategy not in ("stats", "top", "every-other"):
         raise InputError(f"--strategy {a.strategy} is not available with --arch python:...; choose stats, top or every-other")
     out = a.out or Path("sdcompress-out") / f"{Path(a.ckpt).name}-prune-keep{a.keep}"
     check_output_folder(out, a.force, (a.ckpt,))
-    model, side, data = _load(a.ckpt, a.arch)
-    ds = _data(a.data or data["source"], a.data_dir or data.get("data_dir"), (data.get("split") or {}).get("val_size"),
-               (data.get("split") or {}).get("seed", 0))
+    model, side, data, ds = _load_with_data(a)
     mean, std = data["mean"], data["std"]
     train = _batches(ds, ds.train, mean, std, 128, True, a.seed)
     held, held_name = _eval_split(ds)
@@ -171,13 +183,10 @@ def run_export(a) -> int:
     from ..errors import InputError
     from ..report import format_bytes
 
-    if a.ckpt is None:
-        raise InputError("--arch python:... needs the folder of the model (sdcompress export FOLDER --arch ...)")
+    _need_folder(a, "export")
     if a.depths:
         raise InputError("--depths is not available with --arch python:...")
-    model, side, data = _load(a.ckpt, a.arch)
-    ds = _data(a.data or data["source"], a.data_dir or data.get("data_dir"), (data.get("split") or {}).get("val_size"),
-               (data.get("split") or {}).get("seed", 0))
+    model, side, data, ds = _load_with_data(a)
     held, held_name = _eval_split(ds)
     if held is None:
         raise InputError(f"{ds.name} has no held-out images to verify the files on")
