@@ -438,7 +438,6 @@ def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, fo
         the report: per format its file, bytes, verification (max difference and top-1 agreement with PyTorch),
         latency and onnxruntime's mobile usability check.
     """
-    import shutil
     import tempfile
     from types import SimpleNamespace
 
@@ -518,12 +517,9 @@ def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, fo
         made = Path(tmp) / entry["file"]
         if single == "ort":
             Path(tmp, "model.required_operators.config").replace(out.with_suffix(".required_operators.config"))
-        if made.is_dir():  # a package is a folder: the old one is set aside, then removed with the temporary folder
-            if out.exists():
-                out.replace(Path(tmp) / "replaced")
-            made.replace(out)
-        else:
-            made.replace(out)
+        if made.is_dir() and out.exists():  # a package is a folder: the old one goes with the temporary folder
+            out.replace(Path(tmp) / "replaced")
+        made.replace(out)
         entry["file"] = out.name
     return {**head, "formats": files}
 

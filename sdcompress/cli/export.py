@@ -66,11 +66,10 @@ def run(a) -> int:
     from ..pipeline import check_formats, run_export
     from ..report import format_bytes
 
-    from .user import is_python, run_export as run_user_export
+    from .user import check_arch, run_export as run_user_export
 
     if a.arch is not None:
-        if not is_python(a.arch):
-            raise InputError(f"--arch {a.arch!r}: export takes --arch only for your own class, as python:package.module:function")
+        check_arch(a.arch, "export")
         return run_user_export(a)
     formats = a.format or (("onnx", "coreml") if a.depths else ("onnx", "ort", "coreml"))
     check_formats(formats)

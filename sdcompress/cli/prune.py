@@ -68,13 +68,10 @@ def add_parser(sub) -> None:
 def run(a) -> int:
     from ..pruning import PruneConfig
     from ..pipeline import run_prune
-    from .user import is_python, run_prune as run_user_prune
+    from .user import check_arch, run_prune as run_user_prune
 
     if a.arch is not None:
-        if not is_python(a.arch):
-            from ..errors import InputError
-
-            raise InputError(f"--arch {a.arch!r}: prune takes --arch only for your own class, as python:package.module:function")
+        check_arch(a.arch, "prune")
         return run_user_prune(a)
 
     cfg = PruneConfig(keep=None if (a.blocks_to_keep or a.max_size or a.max_params) else a.keep, blocks_to_keep=a.blocks_to_keep,

@@ -68,10 +68,9 @@ def _run_user(a) -> int:
     import torch
 
     from .. import api
-    from .user import _load, is_python
+    from .user import _load, check_arch
 
-    if not is_python(a.arch):
-        raise InputError(f"--arch {a.arch!r}: report takes --arch only for your own class, as python:package.module:function")
+    check_arch(a.arch, "report")
     if a.ckpt is None:
         raise InputError("--arch python:... needs the folder of the model (sdcompress report FOLDER --arch ...)")
     model, side, data = _load(a.ckpt, a.arch)

@@ -8,7 +8,6 @@ keeps the data's name, classes and normalization for the next command.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 PREFIX = "python:"
@@ -24,29 +23,28 @@ def _data(name: str, data_dir, val_size=None, seed: int = 0):
     return load_dataset(name, data_dir, val_size, seed)
 
 
-def _batches(ds, images, mean, std, batch_size: int, train: bool, seed: int):
-    from ..data import ImageBatches
+def _batches(ds, images, mean, std, batch_size: int, train: bool, seed: int, augment: str = "auto"):
+    from types import SimpleNamespace
 
-    pad, flip = (max(1, ds.input_shape[1] // 8), ds.input_shape[0] == 3) if train else (0, False)
+    from ..data import ImageBatches, augmentation
+
+    pad, flip = augmentation(SimpleNamespace(augment=augment), ds.input_shape) if train else (0, False)
     return ImageBatches(images, mean, std, batch_size, train, pad, flip, seed)
 
 
-def _device(name: str) -> str:
-    import torch
+def _top1(model, images, mean, std) -> float | None:
+    from ..data import Normalize
+    from ..loops import evaluate
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return None if images is None else evaluate(model, images, Normalize(mean, std))["top1"]
 
 
-def _top1(model, batches) -> float:
-    import torch
+def check_arch(arch: str, command: str) -> None:
+    """--arch on a command other than train names a user's builder, nothing else."""
+    from ..errors import InputError
 
-    model.eval()
-    right = total = 0
-    with torch.no_grad():
-        for x, y in batches:
-            right += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    return right / total
+    if not is_python(arch):
+        raise InputError(f"--arch {arch!r}: {command} takes --arch only for your own class, as python:package.module:function")
 
 
 def _eval_split(ds):
@@ -89,6 +87,7 @@ def run_train(a) -> int:
     from .. import api
     from ..errors import InputError
     from ..files import check_output_folder
+    from ..loops import resolve_device
     from ..train import read_start_state
     from ..usermodel import build
 
@@ -117,15 +116,14 @@ def run_train(a) -> int:
     if len(mean) != ds.input_shape[0] or len(std) != ds.input_shape[0]:
         raise InputError(f"--mean / --std need {ds.input_shape[0]} values, one per channel of {ds.name}")
     images = ds.train if a.train_limit is None else ds.train.subset(torch.arange(min(a.train_limit, len(ds.train))))
-    train = _batches(ds, images, mean, std, a.batch_size, True, a.seed)
+    train = _batches(ds, images, mean, std, a.batch_size, True, a.seed, a.augment)
     held, held_name = _eval_split(ds)
-    check = _batches(ds, held, mean, std, 500, False, 0) if held is not None else None
     example = next(iter(_batches(ds, images, mean, std, 2, False, 0)))[0]
     blocks = api.find_blocks(model, example)
-    before = _top1(model, check) if check is not None and a.weights else None
+    before = _top1(model, held, mean, std) if a.weights else None
     trained = api.train_stochastic_depth(model, train, a.epochs, blocks=blocks, p_last=a.p_last, lr=a.lr, weight_decay=a.weight_decay,
-                                         precision=a.precision, device=_device(a.device), seed=a.seed, progress=not a.no_progress)
-    after = _top1(trained.model, check) if check is not None else None
+                                         precision=a.precision, device=resolve_device(a.device), seed=a.seed, progress=not a.no_progress)
+    after = _top1(trained.model, held, mean, std)
     data = {"name": ds.name, "source": a.data, "data_dir": a.data_dir, "classes": list(ds.classes), "input_shape": list(ds.input_shape),
             "mean": list(mean), "std": list(std), "split": ds.split}
     api.save(trained.model, out, stats=trained.stats, force=a.force, data=data, arch=a.arch)
@@ -141,6 +139,7 @@ def run_prune(a) -> int:
     from .. import api
     from ..errors import InputError
     from ..files import check_output_folder
+    from ..loops import resolve_device
 
     _need_folder(a, "prune")
     if a.keep is None or a.blocks_to_keep or a.max_size or a.max_params or a.teacher:
@@ -153,19 +152,18 @@ def run_prune(a) -> int:
     mean, std = data["mean"], data["std"]
     train = _batches(ds, ds.train, mean, std, 128, True, a.seed)
     held, held_name = _eval_split(ds)
-    check = _batches(ds, held, mean, std, 500, False, 0) if held is not None else None
     stats = side["stats"] if a.strategy == "stats" else None
     if a.strategy == "stats" and stats is None:
         raise InputError(f"{a.ckpt} holds no drop effects; use --strategy every-other or top")
     small = api.prune(model, a.keep, stats=stats, strategy=a.strategy, blocks=side["blocks"] or None)
     if a.recalibrate:
-        small = api.recalibrate(small, train, num_batches=a.recalibrate, device=_device(a.device))
+        small = api.recalibrate(small, train, num_batches=a.recalibrate, device=resolve_device(a.device))
     tuned = None
     if a.finetune:  # tuned: the fine-tuning record
         small, tuned = api.finetune(small, train, teacher=model if a.distill else None, epochs=a.finetune, lr=a.finetune_lr,
-                                    temperature=a.distill_temperature, alpha=a.distill_alpha, precision=a.precision, device=_device(a.device),
+                                    temperature=a.distill_temperature, alpha=a.distill_alpha, precision=a.precision, device=resolve_device(a.device),
                                     progress=not a.no_progress)
-    before, after = (_top1(model, check), _top1(small, check)) if check is not None else (None, None)
+    before, after = _top1(model, held, mean, std), _top1(small, held, mean, std)
     present = api._present(small, side["blocks"])
     api.save(small, out, blocks=present, force=a.force, data=data, arch=side.get("arch") or a.arch)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -198,6 +196,6 @@ def run_export(a) -> int:
     for f in rep["formats"].values():
         v = f["verification"]
         print(f"{f['file']} {format_bytes(f['bytes'])}; top-1 agreement with PyTorch {100 * v['top1_agreement']:.1f}% on {v['n']} images "
-              f"of the {held_name}, max difference {v['max_abs_diff']:.2g}", file=sys.stdout)
+              f"of the {held_name}, max difference {v['max_abs_diff']:.2g}")
     print(f"wrote {', '.join(str(Path(out) / f['file']) for f in rep['formats'].values())}, {out}/report.json")
     return 0
