@@ -125,8 +125,17 @@ def _check_removable(model: nn.Module, blocks: list[Block], example_input: torch
 
 
 def survey_blocks(model: nn.Module, example_input: torch.Tensor, _with_blocks: bool = False):
-    """Every module `find_blocks` looked at on a forward pass of `example_input`, with its verdict: a list of
-    `Candidate(path, kind, residual, why)`, in the order the modules ran.
+    """Every module `find_blocks` looked at on a forward pass, with its verdict: why each is, or is not, a block.
+
+    Args:
+        model: the network (not modified).
+        example_input: an input batch as the model takes it (e.g. `torch.randn(2, 3, 32, 32)`).
+
+    Returns:
+        A list of `Candidate(path, kind, residual, why)`, in the order the modules ran.
+
+    Raises:
+        InputError: the model does not run on `example_input`.
 
     Example:
         >>> for c in sdcompress.survey_blocks(model, torch.randn(2, 3, 32, 32)):
@@ -165,8 +174,24 @@ def _replacement(model: nn.Module, block: Block) -> nn.Module:
 
 
 def remove_blocks(model: nn.Module, remove: Iterable[Block | int], blocks: list[Block] | None = None) -> nn.Module:
-    """A copy of `model` without the given blocks (Block objects or indices into `blocks`, default
-    `find_blocks(model)`): each is replaced by what is left of it, so its parameters are gone."""
+    """A copy of `model` without the given blocks: each is replaced by what is left of it (nothing, or its own
+    parameter-free shortcut), so its parameters are gone from the copy, its `state_dict` and its exports.
+
+    Args:
+        model: the network (not modified).
+        remove: the blocks to remove, as Block records or indices into `blocks`.
+        blocks: the model's blocks (default `find_blocks(model)`).
+
+    Returns:
+        The new module. `save` records which blocks it lacks.
+
+    Raises:
+        InputError: an index out of range, a block named twice or a block not of this model.
+
+    Example:
+        >>> blocks = sdcompress.find_blocks(model, torch.randn(2, 3, 32, 32))
+        >>> small = sdcompress.remove_blocks(model, [blocks[-1], blocks[-3]], blocks)
+    """
     blocks = blocks if blocks is not None else find_blocks(model)
     chosen = []
     for r in remove:
@@ -192,7 +217,14 @@ def remove_blocks(model: nn.Module, remove: Iterable[Block | int], blocks: list[
 
 @dataclass(frozen=True)
 class DropEffects:
-    """Measured drop effects: the rise in loss when each block is missing, with standard errors."""
+    """Drop effects per block: the rise in loss when it is missing, with standard errors, measured on a finished
+    model (`measure_drop_effects`, source "measured") or recorded while training (`train_stochastic_depth`, source
+    "training"). Indexed like `blocks`; None where a block cannot be removed.
+
+    Example:
+        >>> stats = trained.stats
+        >>> [(b.path, e) for b, e in zip(stats.blocks, stats.effect)][:2]
+    """
 
     blocks: tuple[Block, ...]
     effect: tuple[float | None, ...]  # None for a block that cannot be removed
@@ -237,6 +269,18 @@ def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block
         max_drop: removal rate of the last block.
         loss_fn: loss(outputs, targets).
         seed: seed of the draws.
+
+    Returns:
+        `DropEffects`: per block the rise in loss when it is missing, its standard error, its removal rate and the
+        passes it ran on; what `prune(..., stats=...)` ranks by.
+
+    Raises:
+        InputError: no removable block, an empty or one-shot `batches` with `rounds` > 1, or fewer batches than
+            blocks to estimate.
+
+    Example:
+        >>> stats = sdcompress.measure_drop_effects(model, [next(iter(train_loader)) for _ in range(40)], rounds=3)
+        >>> small = sdcompress.prune(model, keep=0.6, stats=stats)
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise InputError(f"rounds must be a whole number >= 1, got {rounds!r}")
@@ -281,13 +325,28 @@ def _check_fraction(name: str, v, closed: bool = True) -> None:
 
 def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None, strategy: str | None = None,
           blocks: list[Block] | None = None) -> nn.Module:
-    """A copy of `model` keeping `keep` of its removable blocks (rounded to whole blocks).
+    """A copy of `model` keeping `keep` of its removable blocks (rounded to whole blocks), the others removed as by
+    `remove_blocks`. BatchNorm statistics are left as they were: follow with `recalibrate`.
 
     Args:
+        model: the network (not modified).
         keep: fraction of the removable blocks kept, in (0, 1].
-        stats: measured drop effects; with them the default strategy is "stats" (the blocks whose removal raises
-            the loss least go first), without them "top" (the highest blocks go first).
+        stats: drop effects, measured (`measure_drop_effects`) or recorded in training (`train_stochastic_depth`);
+            with them the default strategy is "stats" (the blocks whose removal raises the loss least go first),
+            without them "top" (the highest blocks go first).
         strategy: "stats", "top" or "every-other" (removals spread evenly over the depth, from the top).
+        blocks: the model's blocks (default those of `stats`, else `find_blocks(model)`).
+
+    Returns:
+        The pruned module.
+
+    Raises:
+        InputError: `keep` outside (0, 1], an unknown strategy, "stats" without stats, or stats of another model.
+
+    Example:
+        >>> trained = sdcompress.train_stochastic_depth(model, train_loader, epochs=2)
+        >>> small = sdcompress.prune(trained.model, keep=0.6, stats=trained.stats)
+        >>> small = sdcompress.recalibrate(small, train_loader)
     """
     _check_fraction("keep", keep)
     if stats is not None and not isinstance(stats, DropEffects):
@@ -319,8 +378,24 @@ def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None,
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, atol: float = 1e-4) -> dict:
-    """Export the evaluation-time `model` to one self-contained ONNX file, verified with onnxruntime on
-    `example_input` before it is put in place. Returns the check's figures."""
+    """Export the evaluation-time `model` to one self-contained float ONNX file, verified with onnxruntime on
+    `example_input` before it is put in place; `export` also writes `.ort` and Core ML and the smaller weight forms.
+
+    Args:
+        model: the network (left in the mode it came in).
+        path: the `.onnx` file to write.
+        example_input: an input batch as the model takes it.
+        atol: the largest difference from PyTorch allowed, relative to the largest logit (at least 1).
+
+    Returns:
+        {"bytes": the file's size, "max_abs_diff": the largest difference from PyTorch}.
+
+    Raises:
+        RuntimeError: the file does not reproduce the model; nothing is written.
+
+    Example:
+        >>> sdcompress.export_onnx(small, "small.onnx", torch.randn(1, 3, 32, 32))
+    """
     if not torch.is_tensor(example_input):
         raise TypeError(f"example_input must be a tensor (an input batch), got {type(example_input).__name__}")
     was_training = model.training
@@ -386,6 +461,16 @@ def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks
         blocks: the model's blocks (e.g. `stats.blocks`); those already removed are skipped.
         stem, head: binarize the first convolution outside the blocks / the last linear layer too.
         full_precision: layer names to keep float (e.g. ["layer1.0.conv1"]).
+
+    Returns:
+        The binarized module (in the mode `model` was in).
+
+    Raises:
+        InputError: a model already binarized, no block left, or nothing left to binarize.
+
+    Example:
+        >>> tiny = sdcompress.binarize(small, torch.randn(2, 3, 32, 32))
+        >>> tiny, history = sdcompress.finetune(tiny, train_loader, teacher=trained.model, epochs=1)
     """
     from .binary import BinaryConv2d, BinaryLinear, apply_binary, default_targets
 
@@ -435,8 +520,17 @@ def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, fo
         name: the Core ML package's (and Swift class's) name (default from the model's class name).
 
     Returns:
-        the report: per format its file, bytes, verification (max difference and top-1 agreement with PyTorch),
+        The report: per format its file, bytes, verification (max difference and top-1 agreement with PyTorch),
         latency and onnxruntime's mobile usability check.
+
+    Raises:
+        InputError: bad arguments, an existing `out` without `force`, or a model whose outputs are not (N, classes)
+            logits; nothing is written.
+
+    Example:
+        >>> images, labels = next(iter(test_loader))
+        >>> sdcompress.export(small, "phone/", images, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+        >>> sdcompress.export(small, "small.ort", images)
     """
     import tempfile
     from types import SimpleNamespace
@@ -530,7 +624,17 @@ def footprint(model: nn.Module, example_input: torch.Tensor, blocks: list[Block]
     per layer and per block, from one forward pass of one image of `example_input`'s shape.
 
     Args:
+        model: the network (not modified).
+        example_input: an input batch as the model takes it; one image of its shape is run.
         blocks: the model's blocks (default `find_blocks(model, example_input)`); removed ones are skipped.
+
+    Returns:
+        {"layers": [...], "blocks": [...], "totals": {...}}: per layer and per block its parameters, bytes at its
+        precision, MACs and output shape; the totals of the model.
+
+    Example:
+        >>> fp = sdcompress.footprint(small, torch.randn(1, 3, 32, 32))
+        >>> fp["totals"]["params"], fp["totals"]["macs"]
     """
     from .footprints import footprint as _footprint
 

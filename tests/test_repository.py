@@ -106,3 +106,20 @@ def test_venv_is_ignored_as_a_folder_or_a_link():
     for name in (".venv", ".venv/bin/python"):
         r = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", name])
         assert r.returncode == 0, f"{name} is not ignored by .gitignore"
+
+
+def test_cli_reference_is_what_the_parsers_say(monkeypatch):
+    """docs/cli.md is generated from the parsers; a flag added, renamed or re-described without regenerating it fails
+    here (python tools/cli_docs.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cli_docs", ROOT / "tools" / "cli_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.render()
+    assert (ROOT / "docs" / "cli.md").read_text() == text, "docs/cli.md is stale: run python tools/cli_docs.py"
+    for command in ("train", "prune", "binarize", "export", "report", "sweep", "compare"):
+        assert f"## sdcompress {command}" in text
+    assert "| `--keep` `KEEP` |" in text and "--arch python:" in text
+    monkeypatch.setenv("COLUMNS", "40")  # the terminal's width does not change the file
+    assert mod.render() == text

@@ -35,8 +35,16 @@ from sdcompress.precision import resolve_precision, to_layout  # noqa: E402
 
 MODELS = {"resnet56-sd": ("resnet56", "linear", 0.5), "resnet56-constant": ("resnet56", "none", 0.5),
           "resnet32-constant": ("resnet32", "none", 0.5)}
+# with --start: a fourth run, the survival schedule aimed at keep 0.6 (linear to p_L 0.2: about 60% of the blocks
+# run in an average step, as many as keep 0.6 leaves)
+AIMED = {"resnet56-sd-pl02": ("resnet56", "linear", 0.2)}
+# the pretrained networks each run starts from with --start (the peer's files, trained elsewhere, see models/*/README.md)
+PEER_FILES = {"resnet56": "resnet56-4bfd9763.th", "resnet32": "resnet32-d509ac18.th"}
+PEER_NORM = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]  # the peer's trainer normalizes with ImageNet's
 RECIPES = {
     "paper": [],
+    # from pretrained weights: a fifth of the paper's learning rate, the pretrained network's weight decay
+    "retrofit": ["--lr", "0.02", "--weight-decay", "1e-4"],
     "fast": ["--batch-size", "512", "--lr", "0.4", "--warmup-epochs", "2", "--label-smoothing", "0.1", "--compile", "on"],
 }
 
@@ -65,15 +73,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", choices=list(RECIPES), default="paper")
     ap.add_argument("--data", default="cifar10")
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--data-dir", default=None, help="folder of the torchvision dataset (with --data cifar10)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget for the three runs together (ignored with --epochs)")
     ap.add_argument("--epochs", type=int, default=None, help="fix the epochs instead of fitting the budget")
     ap.add_argument("--max-epochs", type=int, default=300)
     ap.add_argument("--train-images", type=int, default=None,
                     help="train on this many images of the training split (default all 45,000; a few thousand prove the path)")
-    ap.add_argument("--overlap", type=float, default=1.8, help="assumed slowdown of running the three at once")
+    ap.add_argument("--overlap", type=float, default=None,
+                    help="assumed slowdown of running the runs at once (default 1.8 on CPU; on a GPU, their number: one GPU's "
+                         "time is shared)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--start", type=Path, default=None,
+                    help="folder of the pretrained CIFAR ResNets to retrofit (the peer's .th files); adds the aimed schedule run")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="stop every run still going after this many seconds (each keeps its last complete epoch: --resume continues)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for sdcompress train")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -88,11 +102,13 @@ def main() -> None:
         t = step_time("resnet56", device, batch)
         steps = (args.train_images or 45000) // batch
         load_s = 60.0 + (90.0 if "--compile" in flags else 0.0)  # decoding the data and starting up (compiling), per run
-        per_epoch = steps * t * args.overlap + 2.0  # + validation
+        overlap = args.overlap if args.overlap else (len(MODELS) + bool(args.start) if device.type == "cuda" else 1.8)
+        per_epoch = steps * t * overlap + 2.0  # + validation
         epochs = max(1, min(args.max_epochs, math.floor((args.budget_s - load_s) / per_epoch)))
         print(f"step {t * 1e3:.1f} ms on {device}; epoch about {per_epoch:.1f} s with all running; {epochs} epochs", flush=True)
     procs = {}
-    for name, (arch, rule, p_last) in MODELS.items():
+    models = {**MODELS, **(AIMED if args.start else {})}
+    for name, (arch, rule, p_last) in models.items():
         run_dir = args.out / name
         resume = (run_dir / "train_state.pt").exists()
         run_epochs = epochs
@@ -104,13 +120,23 @@ def main() -> None:
                 continue
         # warm-up of at most half the run (the recipe's 2 epochs need runs longer than 4)
         run_flags = [(f"{min(float(v), run_epochs / 2):g}" if i and flags[i - 1] == "--warmup-epochs" else v) for i, v in enumerate(flags)]
-        cmd = [sys.executable, "-m", "sdcompress", "train", "--arch", arch, "--data", args.data, "--data-dir", args.data_dir,
+        cmd = [sys.executable, "-m", "sdcompress", "train", "--arch", arch, "--data", args.data, *(["--data-dir", args.data_dir] if args.data_dir else []),
                "--epochs", str(run_epochs), "--schedule", "cosine", "--survival-rule", rule, "--p-last", str(p_last),
                "--device", args.device, "--out", str(run_dir), "--resume" if resume else "--force", "--no-progress", *run_flags]
+        if args.start:
+            cmd += ["--weights", str(args.start / PEER_FILES[arch]), *PEER_NORM]
         print(" ".join(cmd[1:]), flush=True)
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.STDOUT)
     t0 = time.perf_counter()
-    codes = {name: p.wait() for name, p in procs.items()}
+    codes = {}
+    for name, p in procs.items():
+        left = None if args.deadline_s is None else max(1.0, args.deadline_s - (time.perf_counter() - t0))
+        try:
+            codes[name] = p.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            print(f"{name}: past the deadline, stopped (its last complete epoch is kept; rerun to resume)", flush=True)
+            p.terminate()
+            codes[name] = p.wait()
     print(f"done in {time.perf_counter() - t0:.0f} s: {codes}", flush=True)
     sys.exit(max(codes.values(), default=0))
 

@@ -2,7 +2,7 @@
 weights, `../shared/models/cifar-resnet-peer`), pruned as it is, then retrofitted with stochastic depth and pruned
 again, scored on all of `../shared/data/cifar10-test`.
 
-    python tools/user_model.py --epochs 2 --out runs/user-model
+    python tools/user_model.py --epochs 2 --finetune 6 --out runs/user-model
 
 (a) the pretrained model; (b) `measure_drop_effects`, then `prune` at keep 0.8 / 0.6 / 0.4 by those effects,
 `recalibrate`d; (c) `train_stochastic_depth` for --epochs from the pretrained weights, then the same keeps by the
@@ -27,33 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sdcompress  # noqa: E402
-from sdcompress.data import _decode_folder, augment, load_dataset  # noqa: E402
+from sdcompress.data import ImageBatches, _decode_folder, load_dataset  # noqa: E402
 
 PEER = ROOT.parent / "shared" / "models" / "cifar-resnet-peer"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the peer's trainer normalizes with ImageNet's constants
-
-
-class Batches:
-    """(images, labels) batches of uint8 images: shuffled, padded-cropped and flipped each pass (`train`), then
-    normalized as the peer's model expects; what a DataLoader with those transforms would give."""
-
-    def __init__(self, images, labels, batch_size=128, train=True, seed=0):
-        self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
-        self.gen = torch.Generator().manual_seed(seed)
-        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD).view(1, 3, 1, 1)
-
-    def __len__(self):
-        return len(self.labels) // self.batch_size if self.train else -(-len(self.labels) // self.batch_size)
-
-    def __iter__(self):
-        order = torch.randperm(len(self.labels), generator=self.gen) if self.train else torch.arange(len(self.labels))
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.train:
-                x = augment(x, 4, True, self.gen)
-            yield (x.float() / 255 - self.mean) / self.std, self.labels[idx]
 
 
 @torch.no_grad()
@@ -99,8 +76,9 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = load_dataset("cifar10", args.data_dir)
     test = _decode_folder(Path(args.test_dir))[0]
-    train = Batches(ds.train.images, ds.train.labels)
-    test_b = Batches(test.images, test.labels, 500, train=False)
+    train = ImageBatches(ds.train, MEAN, STD, 128, train=True, pad=4, flip=True)
+    test_b = ImageBatches(test, MEAN, STD, 500, train=False)
+    val_b = ImageBatches(ds.val, MEAN, STD, 500, train=False)
     model = peer_resnet56()
     example = next(iter(test_b))[0][:2]
     blocks = sdcompress.find_blocks(model, example)
@@ -128,14 +106,13 @@ def main() -> None:
         torch.save({"state_dict": retro.state_dict(), "stats": stats, "history": history}, ck)
     if "c" not in res:
         c = {"epochs": history["epochs"], "seconds": history["seconds"], "precision": history["precision"],
-             "lr": args.lr, "full": top1(retro, test_b), "val_full": top1(retro, Batches(ds.val.images, ds.val.labels, 500, False))}
+             "lr": args.lr, "full": top1(retro, test_b), "val_full": top1(retro, val_b)}
         for keep in (0.8, 0.6, 0.4):
             for strategy in ("stats", "every-other"):
                 small = sdcompress.recalibrate(sdcompress.prune(retro, keep, stats=stats, strategy=strategy), train)
                 c[f"{keep} {strategy}"] = top1(small, test_b)
         note("c", c)
-    if "d" not in res:  # the ranking to fine-tune is the one better on the validation split, never on test images
-        val_b = Batches(ds.val.images, ds.val.labels, 500, False)
+    if res.get("d", {}).get("epochs") != args.finetune:  # the ranking to fine-tune is the one better on the validation split, never on test images
         cut = {s: sdcompress.recalibrate(sdcompress.prune(retro, 0.6, stats=stats, strategy=s), train) for s in ("stats", "every-other")}
         val = {s: top1(m, val_b) for s, m in cut.items()}
         strategy = max(val, key=val.get)
@@ -143,6 +120,7 @@ def main() -> None:
         note("d", {"epochs": args.finetune, "seconds": h["seconds"], "strategy": strategy, "val_before_finetune": val,
                    "top1": top1(tuned, test_b), "params": sum(p.numel() for p in tuned.parameters()),
                    "params_full": sum(p.numel() for p in retro.parameters())})
+        sdcompress.save(tuned, out / "tuned", blocks=sdcompress.find_blocks(tuned, example), force=True)
 
 
 if __name__ == "__main__":
