@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import InputError
 
 DEFAULT_MODEL = "resnet56-sd"
-EVAL_SET = "cifar10-eval2k.npz"
+EVAL_SET = "cifar10-test2k.npz"  # CIFAR-10 test images (../shared/data/cifar10-test) no bundled model trained on
 CALIB_SET = "cifar10-calib.npz"  # training-split images for BatchNorm recalibration and sensitivity
 
 
@@ -39,7 +39,7 @@ def _bundled_file(name: str) -> Path | None:
 
 
 def bundled_eval_set() -> Path | None:
-    """The bundled evaluation set (validation images never trained on), if installed."""
+    """The bundled evaluation set (test images no bundled model trained on), if installed."""
     return _bundled_file(EVAL_SET)
 
 

@@ -14,7 +14,7 @@ from sdcompress.loops import evaluate
 from sdcompress.zoo import DEFAULT_MODEL, EVAL_SET, bundled, models_dir
 from tests.conftest import ROOT
 
-MODELS = ["resnet56-sd", "resnet56-constant"]
+MODELS = ["resnet56-sd", "resnet56-constant", "resnet32-constant"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def test_bundled_checkpoint_loads_matches_sidecar_and_card(name, eval_set):
     state = torch.load(folder / "model.pt", weights_only=True)  # plain tensors only
     model, meta = load_checkpoint(folder)
     assert set(state) == set(model.state_dict())
-    assert meta.spec.arch == "resnet56" and len(model.block_ids) == 27
+    assert (meta.spec.arch, len(model.block_ids)) == ((name.split("-")[0]), {"resnet56": 27, "resnet32": 15}[name.split("-")[0]])
+    assert (folder / "model.pt").stat().st_size + (folder / "stats.png").stat().st_size < 4 * 2**20  # small enough to ship
     assert meta.survival_stats.steps > 0
     acc = evaluate(model, eval_set, Normalize(meta.data.mean, meta.data.std))
     card = (folder / "MODEL_CARD.md").read_text()
@@ -52,16 +53,21 @@ def test_eval_set_is_compact_and_balanced(eval_set):
 
 
 def test_eval_set_was_never_trained_on(cifar10, eval_set):
-    """No bundled evaluation image is in the 45k training split the bundled models used; all are in validation."""
+    """The bundled models started from a network trained on all 50,000 training images: every bundled evaluation
+    image is a CIFAR-10 test image of ../shared/data/cifar10-test, and none is among the training images."""
+    from sdcompress.data import load_dataset
+    from tests.conftest import CIFAR_DIR
+
+    test_dir = CIFAR_DIR.parent / "cifar10-test"
     for name in MODELS:
         split = read_sidecar(bundled(name) / "model.json").data.split
         assert split == cifar10.split
     digest = lambda t: hashlib.sha1(t.numpy().tobytes()).digest()  # noqa: E731
-    train = {digest(img) for img in cifar10.train.images}
-    val = {digest(img) for img in cifar10.val.images}
+    pool = {digest(img) for part in (cifar10.train, cifar10.val) for img in part.images}
+    test = {digest(img) for img in load_dataset(str(test_dir), None, 0).train.images}
     hashes = [digest(img) for img in eval_set.images]
-    assert not any(h in train for h in hashes)
-    assert all(h in val for h in hashes)
+    assert not any(h in pool for h in hashes)
+    assert all(h in test for h in hashes)
     with np.load(models_dir() / EVAL_SET) as f:
         assert len(set(f["pool_index"].tolist())) == 2000
 

@@ -1,10 +1,13 @@
-"""Write the bundled evaluation set (validation images) or calibration set (training images).
+"""Write the bundled evaluation set (test images) or calibration set (training images).
 
-The pool is the CIFAR-10 training folder in ImageFolder order; the split is the one `sdcompress train` uses
-(seeded permutation, 5,000 validation images first). The first N images of the chosen split are stored as their
-original JPEG bytes (so nothing is re-encoded), with labels, class names and their index in the pool.
+With `--split all` the pool is a folder of images no bundled model trained on (the CIFAR-10 test images of
+`../shared/data/cifar10-test`), and the first N of a seeded permutation of it are taken. With `--split train` or
+`val` the pool is the CIFAR-10 training folder in ImageFolder order, split as `sdcompress train` splits it (seeded
+permutation, 5,000 validation images first), and the first N images of that split are taken. The images are
+stored as their original JPEG bytes (so nothing is re-encoded), with labels, class names, their index in the pool
+and their file names.
 
-    python tools/make_eval_set.py ../shared/data/cifar10 models/cifar10-eval2k.npz --n 2000
+    python tools/make_eval_set.py ../shared/data/cifar10-test models/cifar10-test2k.npz --n 2000 --split all
     python tools/make_eval_set.py ../shared/data/cifar10 models/cifar10-calib.npz --n 2560 --split train
 """
 
@@ -29,12 +32,15 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--split", choices=["val", "train"], default="val")
+    ap.add_argument("--split", choices=["all", "val", "train"], default="all")
     args = ap.parse_args()
     root = args.data_dir / "train" if (args.data_dir / "train").is_dir() else args.data_dir
     files, labels, classes = list_image_folder(root)
-    train_idx, val_idx = split_indices(len(files), default_val_size(len(files)), args.split_seed)
-    chosen = (val_idx if args.split == "val" else train_idx)[: args.n].tolist()
+    if args.split == "all":
+        chosen = np.random.default_rng(args.split_seed).permutation(len(files))[: args.n].tolist()
+    else:
+        train_idx, val_idx = split_indices(len(files), default_val_size(len(files)), args.split_seed)
+        chosen = (val_idx if args.split == "val" else train_idx)[: args.n].tolist()
     blobs = [files[i].read_bytes() for i in chosen]
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     buf = io.BytesIO()

@@ -38,7 +38,7 @@ HELP = {  # options several subcommands share, or whose meaning the flag name al
     "no_progress": "no progress bar",
     "data_dir": "folder of a torchvision dataset, or of the --data images (never downloaded)",
     "blocks_to_keep": "keep exactly these blocks (numbers, comma-separated) instead of --keep",
-    "strategy": "which blocks go: stats (drop effect), top (highest first), every-other (spread evenly), sensitivity "
+    "strategy": "which blocks go: stats (lowest drop effect within each stage, as many per stage as every-other), top (highest first), every-other (spread evenly), sensitivity "
                 "(greedy on the measured loss)",
     "sensitivity_batches": "batches of training images per candidate removal of the sensitivity strategy",
     "finetune_lr": "fine-tuning learning rate (cosine schedule from it)",
