@@ -1,8 +1,13 @@
-"""sdcompress: train stochastic-depth ResNets, prune their blocks by learned survival statistics, and ship them.
+"""sdcompress: train residual networks with stochastic depth, prune their blocks by learned survival statistics,
+and ship them.
 
-The Python API (`find_blocks`, `remove_blocks`, `measure_drop_effects`, `prune`, `export_onnx`) works on any
-residual network sdcompress recognises (torchvision's, its own CIFAR ResNets) or whose blocks are named; see
-`sdcompress.api`. It is imported on first use, so `import sdcompress` stays light.
+The Python API is the pipeline; every stage is a function on an `nn.Module` and your own `(images, labels)`
+batches: `find_blocks` / `survey_blocks` (the residual blocks of any network, found by a forward pass),
+`train_stochastic_depth` (from scratch or retrofitted onto pretrained weights; returns `Trained`),
+`measure_drop_effects` (`DropEffects` without training), `prune` / `remove_blocks`, `recalibrate`, `finetune`
+(distilled from a teacher), `binarize`, `export` (`.onnx`, `.ort`, `.mlpackage`, each verified) / `export_onnx`,
+`footprint`, and `save` / `load`. `help(sdcompress.prune)` and the others show arguments, returns and an example.
+The API is imported on first use, so `import sdcompress` stays light.
 """
 
 __version__ = "0.1.0"

@@ -231,6 +231,18 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int = 100, dev
     cumulative average, the evaluation-time network: what is left after pruning, as it will run). Use training
     batches with the training augmentation: the weights were learned against statistics of augmented batches.
 
+    Args:
+        model: the network to recalibrate (left unchanged).
+        batches: an iterable of `(images, labels)` or of images, normalized as the model takes them.
+        num_batches: the most batches to average over.
+        device: where to run (default: where the model's parameters are).
+
+    Returns:
+        A new module in evaluation mode with re-estimated running means and variances.
+
+    Raises:
+        InputError: `num_batches` is not a whole number >= 1, or `batches` holds no batch.
+
     Example:
         >>> small = sdcompress.recalibrate(sdcompress.prune(model, keep=0.6, stats=stats), train_loader)
     """
@@ -269,7 +281,28 @@ def finetune(model: nn.Module, batches: Iterable, teacher: nn.Module | None, epo
 
     The loss is alpha T^2 KL(teacher / T || student / T) + (1 - alpha) cross-entropy (Hinton et al. 2015), the
     teacher's logits computed on the same batch; `teacher=None` trains on the labels alone. The evaluation-time
-    network is what is trained (no block drops). Returns (model, history).
+    network is what is trained (no block drops).
+
+    Args:
+        model: the network to fine-tune (left unchanged).
+        batches: an iterable of `(images, labels)` batches that can be passed over `epochs` times (a list or a
+            `DataLoader`, not a one-shot iterator).
+        teacher: the network to distil from, usually the one before pruning or binarizing; None for labels only.
+        epochs: passes over `batches`; the learning rate follows a cosine schedule from `lr`.
+        lr: SGD learning rate (momentum 0.9, nesterov).
+        weight_decay: SGD weight decay.
+        temperature: softmax temperature T of both outputs.
+        alpha: weight of the teacher's term; 1 - alpha on the labels.
+        precision: "auto" (bf16 autocast where the device runs it fast), "fp32" or "bf16".
+        device: where to train (default: where the model's parameters are).
+        progress: show a tqdm bar.
+
+    Returns:
+        (model, history): the fine-tuned copy in evaluation mode, and a dict with the epochs, steps, seconds and
+        mean loss of each epoch.
+
+    Raises:
+        InputError: a bad number, or `batches` a one-shot iterator with `epochs` > 1.
 
     Example:
         >>> small, history = sdcompress.finetune(small, train_loader, teacher=trained.model, epochs=1)

@@ -56,6 +56,21 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
     keeps the data's name, classes and normalization here); `arch`: the builder it was made with, as a record
     (loading imports a builder only when the caller names it). The folder is written as one unit.
 
+    Args:
+        model: the module to save (any `nn.Module`, pruned or binarized by sdcompress or not).
+        folder: the folder to write (`weights.pt`, `blocks.json`).
+        blocks: its present blocks, as `find_blocks` gives them.
+        stats: the `DropEffects` to keep with it.
+        force: replace an existing folder.
+        data: what the model takes, kept in the sidecar.
+        arch: the builder it was made with, as a record.
+
+    Returns:
+        The folder written.
+
+    Raises:
+        InputError: the folder exists and `force` is False.
+
     Example:
         >>> sdcompress.save(small, "runs/small", stats=trained.stats)
         >>> again = sdcompress.load("runs/small", model=Net())
@@ -110,8 +125,20 @@ def load(folder: str | Path, model: nn.Module | None = None, builder: str | None
     """The model saved in `folder`, rebuilt on `model` (a fresh instance of the user's class, its weights are
     replaced) or on what `builder` ("package.module:function", imported because you named it) returns.
 
+    Args:
+        folder: a folder written by `save`.
+        model: a fresh instance of the class that was saved; its blocks are removed and its layers binarized as
+            the sidecar says, then the weights loaded.
+        builder: instead of `model`, "package.module:function" to build it with.
+
     Returns:
         (model, sidecar): the model in evaluation mode, and the sidecar as a dict (blocks, removed, stats).
+
+    Raises:
+        InputError: no sidecar, neither `model` nor `builder`, or a model of another class or shape.
+
+    Example:
+        >>> model, side = sdcompress.load("runs/small", model=Net())
     """
     from .api import DropEffects
 

@@ -123,3 +123,32 @@ def test_cli_reference_is_what_the_parsers_say(monkeypatch):
     assert "| `--keep` `KEEP` |" in text and "--arch python:" in text
     monkeypatch.setenv("COLUMNS", "40")  # the terminal's width does not change the file
     assert mod.render() == text
+
+
+def test_the_api_is_listed_and_documented_with_examples():
+    """`dir(sdcompress)` lists the API (imported lazily), and each function's help shows its arguments, what it
+    returns and an example."""
+    import inspect
+
+    import sdcompress
+
+    assert set(sdcompress.API) <= set(dir(sdcompress))
+    for name in sdcompress.API:
+        doc = inspect.getdoc(getattr(sdcompress, name)) or ""
+        if inspect.isfunction(getattr(sdcompress, name)):
+            assert "Args:" in doc and "Returns:" in doc and "Example" in doc and ">>> " in doc, name
+        else:
+            assert len(doc) > 40, name
+
+
+def test_readme_is_short_and_its_figures_are_in_the_results():
+    """The README stays a one-screen start and a reference (at most 320 lines); every percentage it states is
+    also in docs/results.md, where each figure has its command."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    results = (ROOT / "docs" / "results.md").read_text()
+    assert len(readme.splitlines()) <= 320
+    figures = set(re.findall(r"\b\d{1,3}\.\d{1,2}%", readme))
+    assert figures, "the README states its headline figures"
+    assert not sorted(f for f in figures if f not in results)

@@ -8,13 +8,14 @@ wherever it lay), and the starting weights (`train --weights`) become the name o
 `../shared/models/cifar-resnet-peer`, with its SHA-256 and origin under `provenance`. The weights were renamed from
 the original repository's layout (`conv1`, `bn1`, `layerS.i`, `linear`) to sdcompress's by `sdcompress train
 --weights` itself (`train.map_keys`), which also folded 1/p_l into each block's last BatchNorm. With `--log`, the
-training log is kept beside the model as `train.log`.
+training log is kept beside the model as `train.log`, with the same two paths and its output folder replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import json
 import shutil
 import sys
@@ -47,10 +48,12 @@ def main() -> None:
     cfg = side["stages"][0]["config"]
     if side["metrics"]["epochs"] < cfg["epochs"]:
         sys.exit(f"{args.run}: unfinished ({side['metrics']['epochs']} of {cfg['epochs']} epochs); resume it first")
+    ran_on = {cfg["data"]: args.data}  # the run's own paths, replaced in the sidecar and the log alike
     cfg["data"] = side["data"]["source"] = args.data
     if cfg.get("weights"):
         start = PEER / Path(cfg["weights"]).name
         digest = hashlib.sha256(start.read_bytes()).hexdigest()
+        ran_on[str(Path(cfg["weights"]).parent)] = "../shared/models/cifar-resnet-peer"
         cfg["weights"] = f"../shared/models/cifar-resnet-peer/{start.name}"
         side["provenance"] = {"start": cfg["weights"], "sha256": digest, **ORIGIN}
     out = ROOT / "models" / args.name
@@ -58,7 +61,11 @@ def main() -> None:
     shutil.copyfile(args.run / "model.pt", out / "model.pt")
     atomic_write_bytes(out / "model.json", (json.dumps(side, indent=1) + "\n").encode())
     if args.log:
-        shutil.copyfile(args.log, out / "train.log")
+        log = args.log.read_text()
+        for old, new in ran_on.items():
+            log = log.replace(old, new)
+        log = re.sub(r"(--out |wrote )/\S+?/(?=resnet)", r"\1runs/bundled/", log)
+        atomic_write_bytes(out / "train.log", log.encode())
     print(f"wrote {out}: {sum(f.stat().st_size for f in out.iterdir())} bytes")
 
 
