@@ -77,6 +77,20 @@ def test_strategies_pick_what_they_say():
     assert stats_order(_side(meta).survival_stats, list(range(9)))[:2] == [1, 3]  # no effect anywhere: contribution decides
 
 
+def test_stats_removes_as_many_per_stage_as_every_other_and_the_cheapest_there():
+    """resnet20: 3 stages of 3 blocks. The drop effects make stage 1 the cheapest everywhere; ranked over the
+    whole network all three removals would be 0, 1, 2 and the first stage would be gone. `stats` takes every-other's
+    count per stage (one each at keep 0.67) and the lowest effect inside each stage."""
+    effects = [0.01, 0.02, 0.03, 0.5, 0.2, 0.4, 0.9, 0.7, 0.8]
+    model = build_model(NetSpec("resnet20"))
+    side = _side(_meta(effects=effects))
+    assert stats_order(side.survival_stats, list(range(9)))[:3] == [0, 1, 2]  # the global order
+    removed = blocks_to_remove(model, side, PruneConfig(keep=0.67, strategy="stats"))
+    per_stage = lambda bs: sorted(b // 3 for b in bs)  # noqa: E731
+    assert per_stage(removed) == per_stage(every_other(list(range(9)), 3)) == [0, 1, 2]
+    assert removed == [0, 4, 7]
+
+
 def test_budget_keeps_the_most_blocks_that_fit():
     model = build_model(NetSpec("resnet20"))
     limit = count_params(remove_blocks(model, [7, 8])) + 10
