@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for sdcompress train")
     args = ap.parse_args()
     device = resolve_device(args.device)
+    models = {**MODELS, **(AIMED if args.start else {})}
     flags = RECIPES[args.recipe] + args.extra
     batch = next((int(flags[i + 1]) for i, a in enumerate(flags) if a == "--batch-size"), 128)
     if args.train_images:
@@ -102,12 +103,11 @@ def main() -> None:
         t = step_time("resnet56", device, batch)
         steps = (args.train_images or 45000) // batch
         load_s = 60.0 + (90.0 if "--compile" in flags else 0.0)  # decoding the data and starting up (compiling), per run
-        overlap = args.overlap if args.overlap else (len(MODELS) + bool(args.start) if device.type == "cuda" else 1.8)
+        overlap = args.overlap if args.overlap else (len(models) if device.type == "cuda" else 1.8)
         per_epoch = steps * t * overlap + 2.0  # + validation
         epochs = max(1, min(args.max_epochs, math.floor((args.budget_s - load_s) / per_epoch)))
         print(f"step {t * 1e3:.1f} ms on {device}; epoch about {per_epoch:.1f} s with all running; {epochs} epochs", flush=True)
     procs = {}
-    models = {**MODELS, **(AIMED if args.start else {})}
     for name, (arch, rule, p_last) in models.items():
         run_dir = args.out / name
         resume = (run_dir / "train_state.pt").exists()
@@ -136,7 +136,8 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             print(f"{name}: past the deadline, stopped (its last complete epoch is kept; rerun to resume)", flush=True)
             p.terminate()
-            codes[name] = p.wait()
+            p.wait()
+            codes[name] = 1  # unfinished: not a success, whatever the signal left as its code
     print(f"done in {time.perf_counter() - t0:.0f} s: {codes}", flush=True)
     sys.exit(max(codes.values(), default=0))
 
