@@ -22,7 +22,9 @@ METRICS = (
     ("bytes.onnx", "model.onnx", "bytes"),
     ("bytes.ort", "model.ort", "bytes"),
     ("bytes.coreml", "Core ML package", "bytes"),
+    ("bytes.pte", "model.pte (ExecuTorch)", "bytes"),
     ("latency_ms.onnxruntime_cpu_b1", "latency, onnxruntime CPU batch 1 (ms)", "ms"),
+    ("latency_ms.executorch_cpu_b1", "latency, ExecuTorch CPU batch 1 (ms)", "ms"),
     ("accuracy.top1", "top-1", "accuracy"),
 )
 

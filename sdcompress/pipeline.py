@@ -119,7 +119,7 @@ class VerificationFailed(RuntimeError):
     """An exported file does not reproduce the PyTorch model; nothing was written."""
 
 
-FORMATS = ("onnx", "ort", "coreml")
+FORMATS = ("onnx", "ort", "coreml", "pte")  # pte: ExecuTorch, an optional extra
 
 
 def check_finite(model, meta: Sidecar, images, eval_name: str) -> None:
@@ -140,6 +140,22 @@ def check_formats(formats) -> None:
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise InputError(f"unknown format {bad[0]!r}; formats are a comma-separated list of {', '.join(FORMATS)}")
+
+
+def check_pte(formats, weights: str, batch) -> None:
+    """What --format pte cannot take, refused before any work: ExecuTorch not installed, a weight form XNNPACK has no
+    exact path for, a dynamic batch (exporters.executorch.export_pte says why)."""
+    if "pte" not in formats:
+        return
+    from .exporters.executorch import WEIGHTS, check_installed
+
+    check_installed()
+    if weights not in WEIGHTS:
+        raise InputError(f"--weights {weights}: ExecuTorch's XNNPACK backend has no weight-only {weights} (its int8 schemes quantize "
+                         f"the activations too); --format pte takes --weights {', '.join(WEIGHTS)}")
+    if batch is None:
+        raise InputError("--format pte needs a fixed --batch: ExecuTorch 1.5.1 with this torch plans a dynamic batch at 15 inputs "
+                         "whatever its bound; give --batch N (an app runs the batch it was built for)")
 
 
 def compression_ratio(reference_bytes: int | None, artifact_bytes: int | None) -> float | None:
@@ -188,6 +204,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     check_formats(formats)
     if weights not in WEIGHTS:
         raise InputError(f"unknown weight form {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    check_pte(formats, weights, batch)
     check_output_folder(out, force=True, inputs=(ckpt,))
     model, meta = load_checkpoint(ckpt)
     if weights == "1bit" and not meta.spec.binarized:
@@ -209,8 +226,12 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
             rep["bytes"][fmt] = files.get(fmt, {}).get("bytes")
         rep["bytes"]["float32_onnx_reference"] = reference
         timed = [f for f in files.values() if (f.get("latency_ms") or {}).get("onnxruntime_cpu_b1") is not None]
-        rep["latency_ms"] = {"onnxruntime_cpu_b1": timed[0]["latency_ms"]["onnxruntime_cpu_b1"], "file": timed[0]["file"],
-                             "timing_run": timing_run()} if timed else None
+        rep["latency_ms"] = {"onnxruntime_cpu_b1": timed[0]["latency_ms"]["onnxruntime_cpu_b1"], "file": timed[0]["file"]} if timed else None
+        pte = (files.get("pte") or {}).get("latency_ms") or {}
+        if pte.get("executorch_cpu_b1") is not None:
+            rep["latency_ms"] = {**(rep["latency_ms"] or {}), "executorch_cpu_b1": pte["executorch_cpu_b1"], "executorch_file": files["pte"]["file"]}
+        if rep["latency_ms"]:
+            rep["latency_ms"]["timing_run"] = timing_run()
         result = {**rep, "stage": "export", "formats": files, "checkpoint_sha256": file_sha256(resolve(ckpt)[0])}
         atomic_write_json(folder / "report.json", result)
         atomic_write_bytes(folder / "report.md", export_markdown(result).encode())
@@ -229,6 +250,8 @@ def write_exports(model, meta, folder: Path, x, pixels, eval_name: str, formats,
         check_interrupt()
         if fmt in ("onnx", "ort"):
             files[fmt] = _export_onnx(model, meta, folder, x, eval_name, threads, weights, batch, fmt, exported)
+        elif fmt == "pte":
+            files["pte"] = _export_pte(model, folder, x, eval_name, weights, batch)
         else:
             files["coreml"] = _export_coreml(model, meta, folder, x, pixels, eval_name, precision, coreml_input, verbose, batch, name,
                                              deployment_target, card)
@@ -284,6 +307,33 @@ def _export_onnx(model, meta, out: Path, x, eval_name: str, threads: int, weight
     if timed:
         entry["latency_ms"] = latency_entry(latency_ms(session, meta.data.input_shape), fixed_batch(session), threads=threads, runs=50)
     return entry
+
+
+def _export_pte(model, out: Path, x, eval_name: str, weights: str, batch) -> dict:
+    """model.pte in `out` (the staging folder), run back by ExecuTorch's runtime on the model inputs `x` and compared
+    with the PyTorch module it was exported from (exporters.executorch)."""
+    import torch
+
+    from .exporters.executorch import Program, export_pte
+    from .exporters.onnx import compare_outputs
+
+    check_pte(("pte",), weights, batch)
+    data, facts, reference = export_pte(model, x, weights, batch)
+    path = out / "model.pte"
+    path.write_bytes(data)
+    program = Program(path, batch)
+    with torch.no_grad():
+        ref = reference(x).numpy()
+    check = compare_outputs(program.run(x), ref)
+    if not check["ok"]:
+        path.unlink()
+        raise VerificationFailed(f"{path.name} output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
+                                 f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
+    ms = program.latency_ms(tuple(x.shape[1:]))
+    return {"file": path.name, "format": "pte", "bytes": path_bytes(path), "weights": facts.pop("form"), **facts,
+            "verification": {**check, "dataset": eval_name, "runtime": "executorch.runtime (Python bindings)"},
+            "latency_ms": {"executorch_cpu_b1": ms if batch == 1 else None, "batch": batch, "ms": ms,
+                           "runtime": "ExecuTorch XNNPACK, its default threads"}}
 
 
 def _export_coreml(model, meta, out: Path, x, pixels, eval_name: str, precision: str, input_kind: str, verbose: bool,

@@ -265,11 +265,18 @@ def export_markdown(report: dict) -> str:
         v = f["verification"]
         if f["format"] == "coreml":
             kind = f"{f['precision']}, {f['input']} input, {f['deployment_target']}"
+        elif f["format"] == "pte":
+            kind = f"weights {f['weights']}, batch {f['batch']}, {f['backend']}"
         else:
             kind = f"weights {f['weights']}, batch {f['batch']}, opset {f['opset']}"
         lat = f.get("latency_ms")
         ms = (lat or {}).get("ms", (lat or {}).get("onnxruntime_cpu_b1"))  # reports before fixed batches were timed at N
-        lat_s = f"{ms:.3f} ms (onnxruntime CPU, batch {lat.get('batch', 1)}, {lat['threads']} thread)" if ms is not None else "-"
+        if ms is None:
+            lat_s = "-"
+        elif f["format"] == "pte":
+            lat_s = f"{ms:.3f} ms (ExecuTorch CPU, batch {lat['batch']})"
+        else:
+            lat_s = f"{ms:.3f} ms (onnxruntime CPU, batch {lat.get('batch', 1)}, {lat['threads']} thread)"
         conv = f.get("consumer_conversion")
         conv_s = "-" if conv is None else (format_bytes(conv["bytes"]) if conv["bytes"] else "refused")
         ratio = f"{f['compression_ratio']:.1f}x" if f.get("compression_ratio") else "-"
@@ -281,6 +288,9 @@ def export_markdown(report: dict) -> str:
             w = v["against_unrounded_model"]
             notes.append(f"- {f['file']}: the float weights are rounded to {f['weights']}; against the unrounded model top-1 agreement is "
                          f"{100 * w['top1_agreement']:.1f}% (max logit difference {w['max_abs_diff']:.2g}).")
+        if f["format"] == "pte":
+            notes.append(f"- {f['file']}: {f['delegate_calls']} XNNPACK delegate call(s), {f['portable_ops']} op(s) on ExecuTorch's portable "
+                         f"kernels" + (" (the 1-bit convolutions, rebuilt from their bits on every run)" if f["weights"] == "1bit" else "") + ".")
         if f["format"] == "ort":
             notes.append(f"- {f['file']}: reduced-build operator configuration in {f['operator_config']}" +
                          ("" if f["constant_folding"] else "; converted without constant folding, so the 1-bit weights stay bits in "

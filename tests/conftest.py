@@ -54,6 +54,20 @@ def resnet18_ckpt(colour_data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def variants(tmp_path_factory):
+    """A digits model trained briefly with stochastic depth, pruned, binarized, and both (the export tests' inputs)."""
+    from sdcompress.cli import main
+
+    root = tmp_path_factory.mktemp("variants")
+    run = root / "full"
+    assert main(["train", "--arch", "resnet20", "--data", "digits", "--epochs", "2", "--out", str(run), "--no-progress"]) == 0
+    assert main(["prune", str(run), "--keep", "0.6", "--out", str(root / "pruned")]) == 0
+    assert main(["binarize", str(run), "--out", str(root / "binary")]) == 0
+    assert main(["binarize", str(root / "pruned"), "--out", str(root / "both")]) == 0
+    return root
+
+
 def tree(root: Path) -> dict:
     """Every path under `root` with its size and modification time: what "no file changed" compares."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}

@@ -10,18 +10,6 @@ from sdcompress.cli import main
 from sdcompress.pipeline import VerificationFailed, run_export
 
 
-@pytest.fixture(scope="module")
-def variants(tmp_path_factory):
-    """A digits model trained briefly with stochastic depth, pruned, binarized, and both."""
-    root = tmp_path_factory.mktemp("variants")
-    run = root / "full"
-    assert main(["train", "--arch", "resnet20", "--data", "digits", "--epochs", "2", "--out", str(run), "--no-progress"]) == 0
-    assert main(["prune", str(run), "--keep", "0.6", "--out", str(root / "pruned")]) == 0
-    assert main(["binarize", str(run), "--out", str(root / "binary")]) == 0
-    assert main(["binarize", str(root / "pruned"), "--out", str(root / "both")]) == 0
-    return root
-
-
 def _cv2():
     try:
         import cv2

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     _ckpt_arg(p)
     p.add_argument("--keep", type=_floats, default=d.keeps, metavar="1.0,0.9,...", help="keep fractions (default 1.0,0.9,...,0.4)")
     p.add_argument("--binarize", type=_onoff_list, default=d.binarize, metavar="off,on", help="without and/or with 1-bit weights (default off,on)")
-    p.add_argument("--formats", type=_names, default=d.formats, metavar="onnx,ort,coreml", help="files to export and verify per point")
+    p.add_argument("--formats", type=_names, default=d.formats, metavar="onnx,ort,coreml", help="files to export and verify per point (also pte: ExecuTorch, an optional extra)")
     p.add_argument("--strategy", default=d.strategy, choices=list(STRATEGIES))
     p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS", help="fine-tuning epochs after pruning and binarizing (needs --data)")
     p.add_argument("--distill", type=_bool, default=d.distill, metavar="on|off",
