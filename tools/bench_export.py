@@ -10,6 +10,11 @@ onnxruntime's own converter (`convert_onnx_models_to_ort`, defaults) and `sdcomp
 leaves constant folding out for 1-bit lookups). Latencies: onnxruntime CPU, batch 1, `--threads` threads, every
 file timed in the same run, interleaved in rounds; medians.
 
+With ExecuTorch installed (`pip install 'sdcompress[executorch]'`), each model is also written as `.pte` for XNNPACK
+(`sdcompress export --format pte`: float, and 1bit for the binarized model), run back by ExecuTorch's runtime and
+timed in the same rounds as the onnxruntime files (ExecuTorch's default threads). Its agreement is on the first
+--pte-images images (a 1-bit program runs on portable kernels, about half a second per image).
+
     python tools/bench_export.py --out runs/bench-export
 """
 
@@ -50,6 +55,45 @@ def opencv_top1(path: Path, x: np.ndarray):
         return str(e).strip().splitlines()[-1][-90:]
 
 
+class PteSession:
+    """An ExecuTorch program seen as an onnxruntime session, so that `interleaved_latency` times both in one run."""
+
+    def __init__(self, program):
+        from types import SimpleNamespace
+
+        self.program = program
+        self.inputs = [SimpleNamespace(name="x", shape=[program.batch])]
+
+    def get_inputs(self):
+        return self.inputs
+
+    def run(self, _outputs, feed):
+        return [self.program.method.execute([torch.from_numpy(feed["x"])])[0]]
+
+
+def pte_rows(label: str, model, x: torch.Tensor, torch_top1: np.ndarray, out: Path, full_onnx: int, sessions: dict) -> list[dict]:
+    """The model as .pte in each form ExecuTorch keeps exact, verified by its runtime; [] without ExecuTorch."""
+    try:
+        from sdcompress.exporters.executorch import Program, export_pte
+    except ImportError:
+        return []
+    rows = []
+    binary = any(hasattr(m, "binary_weight") for m in model.modules())
+    for form in ["float"] + (["1bit"] if binary else []):
+        data, facts, _ = export_pte(model, x, form, 1)
+        f = out / "files" / f"{label.replace(' ', '').replace('+', '-')}-{form}.pte"
+        f.write_bytes(data)
+        program = Program(f, 1)
+        top1 = program.run(x).argmax(1)
+        key = f"{label} / {form} .pte"
+        sessions[key] = PteSession(program)
+        rows.append({"model": label, "weights": form, "pte_bytes": len(data), "fraction_of_full_float_onnx": len(data) / full_onnx,
+                     "executorch_agreement_with_torch": float((top1 == torch_top1[:len(x)]).mean()), "n": int(len(x)),
+                     "delegate_calls": facts["delegate_calls"], "portable_ops": facts["portable_ops"], "key": key})
+        print(f"{key}: {len(data):,} B", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ckpt", nargs="?", default=None, help="checkpoint (default: the bundled model)")
@@ -58,6 +102,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--pte-images", type=int, default=100, help="evaluation images for the .pte agreement column")
     a = ap.parse_args()
     ckpt = Path(a.ckpt) if a.ckpt else bundled()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +112,7 @@ def main() -> None:
     if not (both / "report.json").exists():
         run_binarize(pruned, BinarizeConfig(), both, progress=False)
     models = {"full": ckpt, "keep 0.6": pruned, "keep 0.6 + 1-bit": both}
-    rows, sessions = [], {}
+    rows, sessions, ptes = [], {}, []
     full_onnx = None
     for label, path in models.items():
         model, meta = load_checkpoint(path)
@@ -108,13 +153,17 @@ def main() -> None:
                          "usability_ort": ({k: {kk: v[kk] for kk in ("supported", "nodes", "partitions", "unsupported_ops")}
                                             for k, v in ex.mobile_usability(f, optimize=False).items()} if form == "1bit" else None)})
             print(f"{key}: {len(data):,} B", flush=True)
+        ptes += pte_rows(label, model, x[:a.pte_images], torch_top1, a.out, full_onnx, sessions)
     lat = ex.interleaved_latency(sessions, meta.data.input_shape, a.rounds, a.runs)
+    for r in ptes:
+        r["latency_ms"] = lat.pop(r.pop("key"))
     for r in rows:
         key = f"{r['model']} / {r['weights']}"
         r["latency_ms_onnx"] = lat.get(key + " .onnx")
         r["latency_ms_ort"] = lat.get(key + " .ort")
         r["fraction_of_full_float_onnx"] = {k: (r[k] / full_onnx if r[k] else None) for k in ("onnx_bytes", "consumer_ort_bytes", "sdcompress_ort_bytes")}
-    (a.out / "bench_export.json").write_text(json.dumps({"threads": a.threads, "full_float_onnx_bytes": full_onnx, "rows": rows}, indent=1))
+    (a.out / "bench_export.json").write_text(json.dumps({"threads": a.threads, "full_float_onnx_bytes": full_onnx, "rows": rows, "pte": ptes},
+                                                        indent=1))
 
     def b(n):
         return f"{n:,}" if n else "refused"
@@ -139,6 +188,13 @@ def main() -> None:
             print(f"\n{r['model']} / {r['weights']} .ort as written (lookups kept): NNAPI {parts(u['nnapi'])}, Core ML NN "
                   f"{parts(u['coreml_neuralnetwork'])}, Core ML ML program {parts(u['coreml_mlprogram'])}; unsupported: "
                   f"{sorted(set(u['nnapi']['unsupported_ops'] + u['coreml_mlprogram']['unsupported_ops'] + u['coreml_neuralnetwork']['unsupported_ops']))}")
+    if ptes:
+        print("\n| model | weights | .pte bytes | of the full float32 .onnx | top-1 agreement with PyTorch (ExecuTorch) | "
+              "XNNPACK calls / portable ops | latency .pte (ms) |")
+        print("|---|---|---:|---:|---|---|---:|")
+        for r in ptes:
+            print(f"| {r['model']} | {r['weights']} | {r['pte_bytes']:,} | {r['fraction_of_full_float_onnx']:.3f} | "
+                  f"{100 * r['executorch_agreement_with_torch']:.1f}% of {r['n']} | {r['delegate_calls']} / {r['portable_ops']} | {r['latency_ms']:.2f} |")
     print(f"\nfull float32 .onnx: {full_onnx:,} B; agreement on {rows[0]['n']} images of {rows[0]['images']}; "
           f"latency: {a.threads} thread(s), {a.rounds} interleaved rounds of {a.runs} runs")
 
