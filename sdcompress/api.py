@@ -493,7 +493,7 @@ def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks
     return new.train(model.training)
 
 
-EXPORT_SUFFIXES = {".onnx": "onnx", ".ort": "ort", ".mlpackage": "coreml", ".pte": "pte"}
+EXPORT_SUFFIXES = {".onnx": "onnx", ".ort": "ort", ".mlpackage": "coreml", ".pte": "pte", ".tflite": "tflite"}
 
 
 def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, formats: Iterable[str] | None = None,
@@ -501,13 +501,14 @@ def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, fo
            weights: str = "auto", batch: int | None = 1, coreml_precision: str = "float16", name: str | None = None,
            threads: int = 1, force: bool = False) -> dict:
     """Export the evaluation-time `model` for phones: ONNX (`.onnx`), ONNX Runtime Mobile (`.ort`), Core ML
-    (`.mlpackage`) and, with the `executorch` extra, ExecuTorch for XNNPACK (`.pte`), each written under a temporary name, reloaded and verified against PyTorch on `example_input`
+    (`.mlpackage`) and, with the `executorch` / `litert` extras, ExecuTorch for XNNPACK (`.pte`) and LiteRT
+    (`.tflite`), each written under a temporary name, reloaded and verified against PyTorch on `example_input`
     before it is put in place (what `sdcompress export` runs).
 
     Args:
         out: a file whose suffix names its format (`small.onnx`, `small.ort`, `Small.mlpackage`, `small.pte`), or a
             folder that receives each of `formats` (default onnx, ort and coreml: model.onnx, model.ort, NAME.mlpackage;
-            "pte" writes model.pte) and report.json.
+            "pte" and "tflite" write model.pte and model.tflite) and report.json.
         example_input: real inputs as the model takes them (e.g. a batch of normalized test images); at most 64
             are used to verify.
         classes: the names of the outputs, written into the files (default "0", "1", ...).
@@ -515,8 +516,9 @@ def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, fo
             package takes an image and normalizes it itself (verified on `example_input` as 0-255 pixels); without
             them it takes the normalized tensor.
         weights: ONNX / ORT weight storage: "auto" (float; a binarized model's 1-bit layers as int8 in .onnx and as
-            bits in .ort), "float", "int8", "int4" or "1bit"; .pte takes "auto" (float), "float" or "1bit".
-        batch: the batch size fixed in the graphs and a Core ML tensor input (None: any; .pte needs a fixed one).
+            bits in .ort), "float", "int8", "int4" or "1bit"; .pte takes "auto" (float), "float" or "1bit"; .tflite "auto"
+            (float; int8 for a binarized model), "float" or "int8".
+        batch: the batch size fixed in the graphs and a Core ML tensor input (None: any; .pte and .tflite need a fixed one).
         coreml_precision: "float16" or "float32".
         name: the Core ML package's (and Swift class's) name (default from the model's class name).
 
@@ -540,7 +542,7 @@ def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, fo
     from .exporters.coreml import check_name, package_name
     from .exporters.onnx import WEIGHTS
     from .files import atomic_write_json, check_output_folder, output_folder
-    from .pipeline import check_formats, check_pte, write_exports
+    from .pipeline import check_formats, check_runtime_formats, write_exports
 
     out = Path(out)
     x = _example(example_input, "example_input")[:64]
@@ -553,7 +555,7 @@ def export(model: nn.Module, out: str | Path, example_input: torch.Tensor, *, fo
     check_formats(formats)
     if weights not in WEIGHTS:
         raise InputError(f"unknown weight form {weights!r}; choose one of {', '.join(WEIGHTS)}")
-    check_pte(formats, weights, batch)
+    check_runtime_formats(formats, weights, batch)
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or not 1 <= batch <= 1024):
         raise InputError(f"batch must be 1 to 1024 or None (any), got {batch!r:.40}")
     if coreml_precision not in ("float16", "float32"):

@@ -23,8 +23,10 @@ METRICS = (
     ("bytes.ort", "model.ort", "bytes"),
     ("bytes.coreml", "Core ML package", "bytes"),
     ("bytes.pte", "model.pte (ExecuTorch)", "bytes"),
+    ("bytes.tflite", "model.tflite (LiteRT)", "bytes"),
     ("latency_ms.onnxruntime_cpu_b1", "latency, onnxruntime CPU batch 1 (ms)", "ms"),
     ("latency_ms.executorch_cpu_b1", "latency, ExecuTorch CPU batch 1 (ms)", "ms"),
+    ("latency_ms.litert_cpu_b1", "latency, LiteRT CPU batch 1 (ms)", "ms"),
     ("accuracy.top1", "top-1", "accuracy"),
 )
 

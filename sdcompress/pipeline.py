@@ -119,7 +119,7 @@ class VerificationFailed(RuntimeError):
     """An exported file does not reproduce the PyTorch model; nothing was written."""
 
 
-FORMATS = ("onnx", "ort", "coreml", "pte")  # pte: ExecuTorch, an optional extra
+FORMATS = ("onnx", "ort", "coreml", "pte", "tflite")  # pte (ExecuTorch) and tflite (LiteRT): optional extras
 
 
 def check_finite(model, meta: Sidecar, images, eval_name: str) -> None:
@@ -142,20 +142,25 @@ def check_formats(formats) -> None:
         raise InputError(f"unknown format {bad[0]!r}; formats are a comma-separated list of {', '.join(FORMATS)}")
 
 
-def check_pte(formats, weights: str, batch) -> None:
-    """What --format pte cannot take, refused before any work: ExecuTorch not installed, a weight form XNNPACK has no
-    exact path for, a dynamic batch (exporters.executorch.export_pte says why)."""
-    if "pte" not in formats:
-        return
-    from .exporters.executorch import WEIGHTS, check_installed
+def check_runtime_formats(formats, weights: str, batch) -> None:
+    """What --format pte / tflite cannot take, refused before any work: the runtime not installed, a weight form it
+    has no exact path for, a dynamic batch."""
+    if "pte" in formats:
+        from .exporters.executorch import WEIGHTS, check_installed
 
-    check_installed()
-    if weights not in WEIGHTS:
-        raise InputError(f"--weights {weights}: ExecuTorch's XNNPACK backend has no weight-only {weights} (its int8 schemes quantize "
-                         f"the activations too); --format pte takes --weights {', '.join(WEIGHTS)}")
-    if batch is None:
-        raise InputError("--format pte needs a fixed --batch: ExecuTorch 1.5.1 with this torch plans a dynamic batch at 15 inputs "
-                         "whatever its bound; give --batch N (an app runs the batch it was built for)")
+        check_installed()
+        if weights not in WEIGHTS:
+            raise InputError(f"--weights {weights}: ExecuTorch's XNNPACK backend has no weight-only {weights} (its int8 schemes quantize "
+                             f"the activations too); --format pte takes --weights {', '.join(WEIGHTS)}")
+    if "tflite" in formats:
+        from .exporters.litert import WEIGHTS, check_installed
+
+        check_installed()
+        if weights not in WEIGHTS:
+            raise InputError(f"--weights {weights}: LiteRT has no {weights} weights; --format tflite takes --weights {', '.join(WEIGHTS)}")
+    if batch is None and ("pte" in formats or "tflite" in formats):
+        raise InputError("--format pte and tflite need a fixed --batch (ExecuTorch 1.5.1 with this torch plans a dynamic batch at 15 "
+                         "inputs whatever its bound); give --batch N, the batch the app runs")
 
 
 def compression_ratio(reference_bytes: int | None, artifact_bytes: int | None) -> float | None:
@@ -204,7 +209,7 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
     check_formats(formats)
     if weights not in WEIGHTS:
         raise InputError(f"unknown weight form {weights!r}; choose one of {', '.join(WEIGHTS)}")
-    check_pte(formats, weights, batch)
+    check_runtime_formats(formats, weights, batch)
     check_output_folder(out, force=True, inputs=(ckpt,))
     model, meta = load_checkpoint(ckpt)
     if weights == "1bit" and not meta.spec.binarized:
@@ -227,9 +232,10 @@ def run_export(ckpt, formats: tuple[str, ...], out: Path, data=None, data_dir=No
         rep["bytes"]["float32_onnx_reference"] = reference
         timed = [f for f in files.values() if (f.get("latency_ms") or {}).get("onnxruntime_cpu_b1") is not None]
         rep["latency_ms"] = {"onnxruntime_cpu_b1": timed[0]["latency_ms"]["onnxruntime_cpu_b1"], "file": timed[0]["file"]} if timed else None
-        pte = (files.get("pte") or {}).get("latency_ms") or {}
-        if pte.get("executorch_cpu_b1") is not None:
-            rep["latency_ms"] = {**(rep["latency_ms"] or {}), "executorch_cpu_b1": pte["executorch_cpu_b1"], "executorch_file": files["pte"]["file"]}
+        for fmt, key in (("pte", "executorch_cpu_b1"), ("tflite", "litert_cpu_b1")):
+            lat = (files.get(fmt) or {}).get("latency_ms") or {}
+            if lat.get(key) is not None:
+                rep["latency_ms"] = {**(rep["latency_ms"] or {}), key: lat[key], f"{fmt}_file": files[fmt]["file"]}
         if rep["latency_ms"]:
             rep["latency_ms"]["timing_run"] = timing_run()
         result = {**rep, "stage": "export", "formats": files, "checkpoint_sha256": file_sha256(resolve(ckpt)[0])}
@@ -252,6 +258,8 @@ def write_exports(model, meta, folder: Path, x, pixels, eval_name: str, formats,
             files[fmt] = _export_onnx(model, meta, folder, x, eval_name, threads, weights, batch, fmt, exported)
         elif fmt == "pte":
             files["pte"] = _export_pte(model, folder, x, eval_name, weights, batch)
+        elif fmt == "tflite":
+            files["tflite"] = _export_tflite(model, folder, x, eval_name, weights, batch, threads)
         else:
             files["coreml"] = _export_coreml(model, meta, folder, x, pixels, eval_name, precision, coreml_input, verbose, batch, name,
                                              deployment_target, card)
@@ -317,7 +325,7 @@ def _export_pte(model, out: Path, x, eval_name: str, weights: str, batch) -> dic
     from .exporters.executorch import Program, export_pte
     from .exporters.onnx import compare_outputs
 
-    check_pte(("pte",), weights, batch)
+    check_runtime_formats(("pte",), weights, batch)
     data, facts, reference = export_pte(model, x, weights, batch)
     path = out / "model.pte"
     path.write_bytes(data)
@@ -334,6 +342,37 @@ def _export_pte(model, out: Path, x, eval_name: str, weights: str, batch) -> dic
             "verification": {**check, "dataset": eval_name, "runtime": "executorch.runtime (Python bindings)"},
             "latency_ms": {"executorch_cpu_b1": ms if batch == 1 else None, "batch": batch, "ms": ms,
                            "runtime": "ExecuTorch XNNPACK, its default threads"}}
+
+
+def _export_tflite(model, out: Path, x, eval_name: str, weights: str, batch: int, threads: int) -> dict:
+    """model.tflite in `out` (the staging folder), run back by LiteRT's interpreter on the model inputs `x` and compared
+    with the PyTorch module it was converted from. A float model's int8 weights are rounded: that file is compared
+    with the unrounded model and passes at 95% top-1 agreement, the cost reported (exporters.litert)."""
+    import torch
+
+    from .exporters.litert import Interpreter, export_tflite
+    from .exporters.onnx import compare_outputs
+
+    check_runtime_formats(("tflite",), weights, batch)
+    data, facts, reference = export_tflite(model, x, weights, batch)
+    path = out / "model.tflite"
+    path.write_bytes(data)
+    interpreter = Interpreter(path, batch, threads)
+    with torch.no_grad():
+        ref = reference(x).numpy()
+    check = compare_outputs(interpreter.run(x), ref)
+    if facts["rounded"]:
+        check["ok"] = check["top1_agreement"] >= 0.95
+        check["rounded_weights"] = "int8 per output channel; compared with the unrounded model"
+    if not check["ok"]:
+        path.unlink()
+        raise VerificationFailed(f"{path.name} output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
+                                 f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
+    ms = interpreter.latency_ms(tuple(x.shape[1:]))
+    return {"file": path.name, "format": "tflite", "bytes": path_bytes(path), "weights": facts.pop("form"), **facts,
+            "verification": {**check, "dataset": eval_name, "runtime": "ai_edge_litert.interpreter (XNNPACK)"},
+            "latency_ms": {"litert_cpu_b1": ms if batch == 1 else None, "batch": batch, "ms": ms, "threads": threads,
+                           "runtime": "LiteRT interpreter, XNNPACK"}}
 
 
 def _export_coreml(model, meta, out: Path, x, pixels, eval_name: str, precision: str, input_kind: str, verbose: bool,

@@ -265,8 +265,8 @@ def export_markdown(report: dict) -> str:
         v = f["verification"]
         if f["format"] == "coreml":
             kind = f"{f['precision']}, {f['input']} input, {f['deployment_target']}"
-        elif f["format"] == "pte":
-            kind = f"weights {f['weights']}, batch {f['batch']}, {f['backend']}"
+        elif f["format"] in ("pte", "tflite"):
+            kind = f"weights {f['weights']}, batch {f['batch']}" + (f", {f['backend']}" if f.get("backend") else "")
         else:
             kind = f"weights {f['weights']}, batch {f['batch']}, opset {f['opset']}"
         lat = f.get("latency_ms")
@@ -275,6 +275,8 @@ def export_markdown(report: dict) -> str:
             lat_s = "-"
         elif f["format"] == "pte":
             lat_s = f"{ms:.3f} ms (ExecuTorch CPU, batch {lat['batch']})"
+        elif f["format"] == "tflite":
+            lat_s = f"{ms:.3f} ms (LiteRT CPU, batch {lat['batch']}, {lat['threads']} thread)"
         else:
             lat_s = f"{ms:.3f} ms (onnxruntime CPU, batch {lat.get('batch', 1)}, {lat['threads']} thread)"
         conv = f.get("consumer_conversion")
@@ -284,6 +286,9 @@ def export_markdown(report: dict) -> str:
                      f"{v['max_abs_diff']:.2g} | {100 * v['top1_agreement']:.1f}% | {lat_s} |")
         if f.get("mobile_usability"):
             notes.append(f"- {f['file']}, onnxruntime's mobile usability check: {_partitions(f['mobile_usability'])}.")
+        if v.get("rounded_weights"):
+            notes.append(f"- {f['file']}: the float weights are rounded to int8 per output channel; against the unrounded model top-1 "
+                         f"agreement is {100 * v['top1_agreement']:.1f}% (max logit difference {v['max_abs_diff']:.2g}).")
         if "against_unrounded_model" in v:
             w = v["against_unrounded_model"]
             notes.append(f"- {f['file']}: the float weights are rounded to {f['weights']}; against the unrounded model top-1 agreement is "

@@ -316,7 +316,7 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
              "params": p["params"]["total"], "macs": p["macs"], "top1": p["accuracy"]["top1"],
              "bytes": p["bytes"], "latency_ms": p["latency_ms"]["onnxruntime_cpu_b1"], "verification": p["verification"],
              "compression_ratio": {f: compression_ratio(p["bytes"].get("float32_onnx_reference"), p["bytes"].get(f))
-                                   for f in ("onnx", "ort", "coreml", "pte") if p["bytes"].get(f)}}
+                                   for f in ("onnx", "ort", "coreml", "pte", "tflite") if p["bytes"].get(f)}}
         if full is not None:
             r["macs_ratio"] = p["macs"] / full["macs"]
             r["latency_ratio"] = r["latency_ms"] / full["latency_ms"]["onnxruntime_cpu_b1"]
@@ -345,7 +345,7 @@ def summarize(points: list[dict], cfg: SweepConfig, ckpt) -> dict:
 
 def render_markdown(sweep: dict) -> str:
     fmts = sweep["config"]["formats"]
-    head = ["point", "blocks", "params", "MACs (M)", "top-1", "model.pt"] + [{"onnx": "model.onnx", "ort": "model.ort", "pte": "model.pte"}.get(f, "Core ML package") for f in fmts]
+    head = ["point", "blocks", "params", "MACs (M)", "top-1", "model.pt"] + [{"onnx": "model.onnx", "ort": "model.ort", "pte": "model.pte", "tflite": "model.tflite"}.get(f, "Core ML package") for f in fmts]
     head += ["latency (ms)", "MACs ratio", "latency ratio", "Pareto (size / latency)"]
     lines = [f"# Sweep: {Path(sweep['checkpoint']).name}", "",
              f"Top-1 on {sweep['dataset']}; latency: onnxruntime CPU, batch 1, {sweep['config']['threads']} thread(s), median of "

@@ -29,13 +29,13 @@ def add_parser(sub) -> None:
                                    "file and verify it against PyTorch on real images; report sizes (also after onnxruntime's own "
                                    "ORT conversion), mobile usability, verification figures and latency.")
     _ckpt_arg(p)
-    p.add_argument("--format", type=_names, default=None, metavar="onnx,ort,coreml,pte",
+    p.add_argument("--format", type=_names, default=None, metavar="onnx,ort,coreml,pte,tflite",
                    help="formats to write (default onnx,ort,coreml; onnx,coreml with --depths); pte: ExecuTorch for XNNPACK "
-                        "(pip install 'sdcompress[executorch]')")
+                        "(pip install 'sdcompress[executorch]'); tflite: LiteRT (pip install 'sdcompress[litert]')")
     p.add_argument("--weights", choices=("auto", "float", "int8", "int4", "1bit"), default="auto",
                    help="ONNX / ORT weight storage: auto (float for a float model; a binarized one's 1-bit layers as int8 in .onnx, "
                         "as bits in .ort), float, int8 or int4 (DequantizeLinear, one scale per output channel), 1bit (default auto); .pte takes "
-                        "auto (float), float or 1bit")
+                        "auto (float), float or 1bit; .tflite auto (float; int8 for a binarized model), float or int8")
     p.add_argument("--batch", type=_batch, default=1, metavar="N|dynamic",
                    help="batch size fixed in the ONNX / ORT graphs and a Core ML tensor input; dynamic: any (default 1)")
     p.add_argument("--coreml-precision", choices=("float16", "float32"), default="float16", help="Core ML compute precision and weights (default float16)")
@@ -113,6 +113,12 @@ def run(a) -> int:
                   f"{f['batch']}, {f['delegate_calls']} XNNPACK call(s), {f['portable_ops']} portable op(s); max |ExecuTorch - torch| "
                   f"{v['max_abs_diff']:.2g} (logits), top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images; latency "
                   f"{lat['ms']:.2f} ms (ExecuTorch CPU, batch {lat['batch']})")
+        elif f["format"] == "tflite":
+            lat = f["latency_ms"]
+            print(f"{f['file']} {format_bytes(f['bytes'])} (compression ratio {f['compression_ratio']:.1f}x); weights {f['weights']}, batch "
+                  f"{f['batch']}; max |LiteRT - torch| {v['max_abs_diff']:.2g} (logits), top-1 agreement {100 * v['top1_agreement']:.1f}% on "
+                  f"{v['n']} images{' (int8-rounded float weights, against the unrounded model)' if v.get('rounded_weights') else ''}; latency "
+                  f"{lat['ms']:.2f} ms (LiteRT CPU, batch {lat['batch']}, {lat['threads']} thread)")
         else:
             bl = f["binary_layers"]
             print(f"{f['file']} {format_bytes(f['bytes'])} (compression ratio {f['compression_ratio']:.1f}x), {f['precision']}, {f['input']} input, {f['deployment_target']}, "
@@ -129,8 +135,9 @@ def _run_depths(a, path, name: str, pkg: str, formats) -> int:
     from ..report import format_bytes
 
     depths = parse_depths(a.depths)
-    if "ort" in formats or "pte" in formats:
-        raise InputError(f"--format {'ort' if 'ort' in formats else 'pte'} is not available with --depths (a depth family is one ONNX "
+    single = [f for f in formats if f in ("ort", "pte", "tflite")]
+    if single:
+        raise InputError(f"--format {single[0]} is not available with --depths (a depth family is one ONNX "
                          "graph or one Core ML package with a function per depth); use onnx,coreml, or export each pruned checkpoint")
     if a.weights != "auto" or a.minimum_deployment_target not in (None, "iOS18"):
         raise InputError("--depths takes the default weight form and needs iOS18 (multifunction packages); drop --weights / --minimum-deployment-target")

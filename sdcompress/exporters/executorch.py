@@ -16,11 +16,7 @@ Weight forms (`WEIGHTS`):
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import os
 import statistics
-import sys
 import time
 import warnings
 
@@ -29,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..binary import BinaryConv2d, BinaryLinear, pack_signs
+from ..binary import BinaryConv2d, pack_signs
 from ..errors import InputError
+from . import float_layer, quiet_stderr, swap_binary_layers
 
 WEIGHTS = ("auto", "float", "1bit")
 
@@ -42,21 +39,6 @@ def check_installed() -> None:
         import executorch.runtime  # noqa: F401
     except ImportError as e:
         raise InputError(f"--format pte needs ExecuTorch ({e}); install it with pip install 'sdcompress[executorch]'") from None
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """ExecuTorch's runtime writes CPU-probe lines straight to file descriptor 2 when it loads: keep them off the
-    user's screen (Python errors still surface as exceptions)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class PackedConv2d(nn.Module):
@@ -82,37 +64,22 @@ class PackedConv2d(nn.Module):
         return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def _plain(layer: nn.Module) -> nn.Module:
-    """A float Conv2d / Linear holding a binary layer's effective weight sign(w) * alpha."""
-    w = layer.binary_weight().detach()
-    if isinstance(layer, BinaryConv2d):
-        out = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                        layer.groups, layer.bias is not None)
-    else:
-        out = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
-    out.weight.data.copy_(w)
-    if layer.bias is not None:
-        out.bias.data.copy_(layer.bias.detach())
-    return out
-
-
 def program_model(model: nn.Module, form: str) -> tuple[nn.Module, dict]:
     """The evaluation-time copy of `model` that is exported in weight form `form`, and which layers took which form."""
     if form not in WEIGHTS:
         raise InputError(f"unknown weight form {form!r} for --format pte; choose one of {', '.join(WEIGHTS)}")
     form = "float" if form == "auto" else form
-    work = copy.deepcopy(model).cpu().eval()
-    binary = [(n, m) for n, m in work.named_modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
-    if form == "1bit" and not binary:
-        raise InputError("--weights 1bit needs a binarized model (sdcompress binarize first); this one has no 1-bit layers")
     by_form = {"float": 0, "1bit": 0}
-    for name, layer in binary:
+
+    def replace(layer):
         packed = form == "1bit" and isinstance(layer, BinaryConv2d)
-        new = PackedConv2d(layer) if packed else _plain(layer)
-        parent = work.get_submodule(name.rpartition(".")[0]) if "." in name else work
-        setattr(parent, name.rpartition(".")[2], new)
         by_form["1bit" if packed else "float"] += 1
-    return work.eval(), {"form": form, "binarized_layers_by_form": by_form}
+        return PackedConv2d(layer) if packed else float_layer(layer)
+
+    work, count = swap_binary_layers(model, replace)
+    if form == "1bit" and not count:
+        raise InputError("--weights 1bit needs a binarized model (sdcompress binarize first); this one has no 1-bit layers")
+    return work, {"form": form, "binarized_layers_by_form": by_form}
 
 
 def export_pte(model: nn.Module, example: torch.Tensor, form: str = "auto", batch: int = 1) -> tuple[bytes, dict, nn.Module]:
@@ -148,14 +115,14 @@ class Program:
         check_installed()
         from executorch.runtime import Runtime
 
-        with _quiet_stderr():
+        with quiet_stderr():
             self.method = Runtime.get().load_program(str(path)).load_method("forward")
         self.batch = batch
 
     def run(self, x: torch.Tensor) -> np.ndarray:
         """Outputs on `x`, in runs of the program's batch (a last partial run padded with copies of its first image)."""
         b, outs = self.batch, []
-        with _quiet_stderr():
+        with quiet_stderr():
             for i in range(0, len(x), b):
                 part = x[i:i + b]
                 full = torch.cat([part, part[:1].expand(b - len(part), *part.shape[1:])]) if len(part) < b else part
