@@ -101,11 +101,13 @@ def test_compare_reads_pte_bytes_and_latency(exported, tmp_path, capsys):
     assert "bytes.pte" in (tmp_path / "c.json").read_text()
 
 
-def test_api_export_to_a_pte_file(variants, tmp_path):
+def test_api_export_of_the_bundled_model_to_a_pte_file(tmp_path):
+    """The bundled ResNet-56 through the Python API: the file its runtime runs matches PyTorch on real images."""
     import sdcompress
+    from sdcompress.zoo import bundled
 
-    model, meta = load_checkpoint(variants / "full")
-    images, _ = eval_data(meta, variants / "full", None, None)
+    model, meta = load_checkpoint(bundled())
+    images, _ = eval_data(meta, bundled(), None, None)
     x = Normalize(meta.data.mean, meta.data.std)(images.images[:32])
     rep = sdcompress.export(model, tmp_path / "small.pte", x)
     assert (tmp_path / "small.pte").stat().st_size == rep["formats"]["pte"]["bytes"]

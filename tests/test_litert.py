@@ -106,10 +106,12 @@ def test_compare_reads_tflite_bytes_and_latency(exported, tmp_path, capsys):
     assert "model.tflite (LiteRT)" in out and "latency, LiteRT CPU batch 1 (ms)" in out
 
 
-def test_api_export_to_a_tflite_file(variants, tmp_path):
+def test_api_export_of_the_bundled_model_to_a_tflite_file(tmp_path):
+    """The bundled ResNet-56 through the Python API: the file its runtime runs matches PyTorch on real images."""
     import sdcompress
+    from sdcompress.zoo import bundled
 
-    model, x = _images(variants / "full", 32)
+    model, x = _images(bundled(), 32)
     rep = sdcompress.export(model, tmp_path / "small.tflite", x)
     assert (tmp_path / "small.tflite").stat().st_size == rep["formats"]["tflite"]["bytes"]
     assert np.abs(Interpreter(tmp_path / "small.tflite").run(x) - model(x).detach().numpy()).max() < 1e-4

@@ -11,9 +11,10 @@ leaves constant folding out for 1-bit lookups). Latencies: onnxruntime CPU, batc
 file timed in the same run, interleaved in rounds; medians.
 
 With ExecuTorch installed (`pip install 'sdcompress[executorch]'`), each model is also written as `.pte` for XNNPACK
-(`sdcompress export --format pte`: float, and 1bit for the binarized model), run back by ExecuTorch's runtime and
-timed in the same rounds as the onnxruntime files (ExecuTorch's default threads). Its agreement is on the first
---pte-images images (a 1-bit program runs on portable kernels, about half a second per image).
+(`sdcompress export --format pte`: float, and 1bit for the binarized model), and with LiteRT (`'sdcompress[litert]'`)
+as `.tflite` (float and int8), each run back by its own runtime and timed in the same rounds as the onnxruntime
+files (ExecuTorch's default threads; LiteRT at --threads). Their agreement is on the first --pte-images images (a
+1-bit program runs on ExecuTorch's portable kernels, about half a second per image).
 
     python tools/bench_export.py --out runs/bench-export
 """
@@ -55,43 +56,63 @@ def opencv_top1(path: Path, x: np.ndarray):
         return str(e).strip().splitlines()[-1][-90:]
 
 
-class PteSession:
-    """An ExecuTorch program seen as an onnxruntime session, so that `interleaved_latency` times both in one run."""
+class RuntimeSession:
+    """An ExecuTorch program or a LiteRT interpreter seen as an onnxruntime session, so that `interleaved_latency`
+    times every file in one run."""
 
-    def __init__(self, program):
+    def __init__(self, runner, run_one):
         from types import SimpleNamespace
 
-        self.program = program
-        self.inputs = [SimpleNamespace(name="x", shape=[program.batch])]
+        self.run_one = run_one
+        self.inputs = [SimpleNamespace(name="x", shape=[runner.batch])]
 
     def get_inputs(self):
         return self.inputs
 
     def run(self, _outputs, feed):
-        return [self.program.method.execute([torch.from_numpy(feed["x"])])[0]]
+        return [self.run_one(feed["x"])]
 
 
-def pte_rows(label: str, model, x: torch.Tensor, torch_top1: np.ndarray, out: Path, full_onnx: int, sessions: dict) -> list[dict]:
-    """The model as .pte in each form ExecuTorch keeps exact, verified by its runtime; [] without ExecuTorch."""
-    try:
-        from sdcompress.exporters.executorch import Program, export_pte
-    except ImportError:
-        return []
+def runtime_rows(label: str, model, x: torch.Tensor, torch_top1: np.ndarray, out: Path, full_onnx: int, sessions: dict) -> list[dict]:
+    """The model as .pte (ExecuTorch) and .tflite (LiteRT) in each form the runtime keeps, verified by the runtime
+    itself; none for a runtime that is not installed."""
     rows = []
     binary = any(hasattr(m, "binary_weight") for m in model.modules())
-    for form in ["float"] + (["1bit"] if binary else []):
-        data, facts, _ = export_pte(model, x, form, 1)
-        f = out / "files" / f"{label.replace(' ', '').replace('+', '-')}-{form}.pte"
-        f.write_bytes(data)
-        program = Program(f, 1)
-        top1 = program.run(x).argmax(1)
-        key = f"{label} / {form} .pte"
-        sessions[key] = PteSession(program)
-        rows.append({"model": label, "weights": form, "pte_bytes": len(data), "fraction_of_full_float_onnx": len(data) / full_onnx,
-                     "executorch_agreement_with_torch": float((top1 == torch_top1[:len(x)]).mean()), "n": int(len(x)),
-                     "delegate_calls": facts["delegate_calls"], "portable_ops": facts["portable_ops"], "key": key})
-        print(f"{key}: {len(data):,} B", flush=True)
+    try:
+        from sdcompress.exporters.executorch import Program, export_pte
+
+        for form in ["float"] + (["1bit"] if binary else []):
+            data, facts, _ = export_pte(model, x, form, 1)
+            program = Program(_write(out, label, form, ".pte", data), 1)
+            rows.append(_row(label, form, ".pte", data, program.run(x), torch_top1, full_onnx, facts))
+            sessions[rows[-1]["key"]] = RuntimeSession(program, lambda v, p=program: p.method.execute([torch.from_numpy(v)])[0])
+    except ImportError:
+        pass
+    try:
+        from sdcompress.exporters.litert import Interpreter, export_tflite
+
+        for form in ["float", "int8"]:
+            data, facts, _ = export_tflite(model, x, form, 1)
+            interpreter = Interpreter(_write(out, label, form, ".tflite", data), 1, 1)
+            rows.append(_row(label, form, ".tflite", data, interpreter.run(x), torch_top1, full_onnx, facts))
+            sessions[rows[-1]["key"]] = RuntimeSession(interpreter, interpreter._invoke)
+    except ImportError:
+        pass
     return rows
+
+
+def _write(out: Path, label: str, form: str, suffix: str, data: bytes) -> Path:
+    f = out / "files" / f"{label.replace(' ', '').replace('+', '-')}-{form}{suffix}"
+    f.write_bytes(data)
+    return f
+
+
+def _row(label, form, suffix, data, got, torch_top1, full_onnx, facts) -> dict:
+    key = f"{label} / {form} {suffix}"
+    print(f"{key}: {len(data):,} B", flush=True)
+    return {"model": label, "file": suffix, "weights": form, "bytes": len(data), "fraction_of_full_float_onnx": len(data) / full_onnx,
+            "agreement_with_torch": float((got.argmax(1) == torch_top1[:len(got)]).mean()), "n": int(len(got)),
+            "delegate_calls": facts.get("delegate_calls"), "portable_ops": facts.get("portable_ops"), "key": key}
 
 
 def main() -> None:
@@ -153,7 +174,7 @@ def main() -> None:
                          "usability_ort": ({k: {kk: v[kk] for kk in ("supported", "nodes", "partitions", "unsupported_ops")}
                                             for k, v in ex.mobile_usability(f, optimize=False).items()} if form == "1bit" else None)})
             print(f"{key}: {len(data):,} B", flush=True)
-        ptes += pte_rows(label, model, x[:a.pte_images], torch_top1, a.out, full_onnx, sessions)
+        ptes += runtime_rows(label, model, x[:a.pte_images], torch_top1, a.out, full_onnx, sessions)
     lat = ex.interleaved_latency(sessions, meta.data.input_shape, a.rounds, a.runs)
     for r in ptes:
         r["latency_ms"] = lat.pop(r.pop("key"))
@@ -189,12 +210,13 @@ def main() -> None:
                   f"{parts(u['coreml_neuralnetwork'])}, Core ML ML program {parts(u['coreml_mlprogram'])}; unsupported: "
                   f"{sorted(set(u['nnapi']['unsupported_ops'] + u['coreml_mlprogram']['unsupported_ops'] + u['coreml_neuralnetwork']['unsupported_ops']))}")
     if ptes:
-        print("\n| model | weights | .pte bytes | of the full float32 .onnx | top-1 agreement with PyTorch (ExecuTorch) | "
-              "XNNPACK calls / portable ops | latency .pte (ms) |")
-        print("|---|---|---:|---:|---|---|---:|")
+        print("\n| model | file | weights | bytes | of the full float32 .onnx | top-1 agreement with PyTorch (its runtime) | "
+              "XNNPACK calls / portable ops (.pte) | latency (ms) |")
+        print("|---|---|---|---:|---:|---|---|---:|")
         for r in ptes:
-            print(f"| {r['model']} | {r['weights']} | {r['pte_bytes']:,} | {r['fraction_of_full_float_onnx']:.3f} | "
-                  f"{100 * r['executorch_agreement_with_torch']:.1f}% of {r['n']} | {r['delegate_calls']} / {r['portable_ops']} | {r['latency_ms']:.2f} |")
+            ops = f"{r['delegate_calls']} / {r['portable_ops']}" if r["file"] == ".pte" else "-"
+            print(f"| {r['model']} | {r['file']} | {r['weights']} | {r['bytes']:,} | {r['fraction_of_full_float_onnx']:.3f} | "
+                  f"{100 * r['agreement_with_torch']:.1f}% of {r['n']} | {ops} | {r['latency_ms']:.2f} |")
     print(f"\nfull float32 .onnx: {full_onnx:,} B; agreement on {rows[0]['n']} images of {rows[0]['images']}; "
           f"latency: {a.threads} thread(s), {a.rounds} interleaved rounds of {a.runs} runs")
 

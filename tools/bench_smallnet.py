@@ -37,20 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 import sdcompress  # noqa: E402
 from sdcompress.checkpoint import load_checkpoint  # noqa: E402
-from sdcompress.data import ImageBatches, _decode_folder, load_dataset  # noqa: E402
+from sdcompress.data import ImageBatches, Normalize, _decode_folder, load_dataset  # noqa: E402
+from sdcompress.loops import evaluate  # noqa: E402
 from sdcompress.exporters import onnx as ex  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-
-
-@torch.no_grad()
-def top1(model, batches) -> float:
-    model.eval()
-    right = total = 0
-    for x, y in batches:
-        right += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    return round(100.0 * right / total, 2)
 
 
 def macs(model, x) -> int:
@@ -97,8 +88,11 @@ def main() -> None:
     full, meta = load_checkpoint(a.full)
     full.eval()
     mean, std = meta.data.mean, meta.data.std
-    test = ImageBatches(_decode_folder(Path(a.test_dir), list(meta.data.classes))[0], mean, std, 500, train=False)
-    x = next(iter(test))[0][:64]
+    test_images = _decode_folder(Path(a.test_dir), list(meta.data.classes))[0]
+    x = ImageBatches(test_images, mean, std, 64, train=False).__iter__().__next__()[0]
+
+    def top1(model) -> float:
+        return round(100.0 * evaluate(model, test_images, Normalize(mean, std))["top1"], 2)
 
     depth, _ = load_checkpoint(a.depth)
     small, _ = load_checkpoint(a.small)
@@ -116,7 +110,7 @@ def main() -> None:
         target = macs(depth, x)
         ratio = ratio_for(full, x, target, round_to)
         model = sdcompress.recalibrate(channel_pruned(full, x, ratio, round_to), train, num_batches=40)
-        record = {"ratio": ratio, "round_to": round_to, "target_macs": target, "top1_before_finetune": top1(model, test)}
+        record = {"ratio": ratio, "round_to": round_to, "target_macs": target, "top1_before_finetune": top1(model)}
         print(f"channel-pruned, round_to {round_to}, ratio {ratio}: {macs(model, x):,} MACs (target {target:,}), "
               f"top-1 {record['top1_before_finetune']}% before fine-tuning", flush=True)
         if epochs:
@@ -138,7 +132,7 @@ def main() -> None:
         ort = rep["formats"]["ort"]
         sessions[label] = ex.ort_session(str(folder / ort["file"]), a.threads)
         fp = sdcompress.footprint(model, x)["totals"]
-        rows.append({"model": label, "top1": top1(model, test), "params": sum(p.numel() for p in model.parameters()),
+        rows.append({"model": label, "top1": top1(model), "params": sum(p.numel() for p in model.parameters()),
                      "macs": int(fp["macs"]["total"]), "ort_bytes": ort["bytes"], "ort_top1_agreement": ort["verification"]["top1_agreement"]})
         print(f"{label}: {rows[-1]}", flush=True)
     lat = ex.interleaved_latency(sessions, tuple(x.shape[1:]), a.rounds, a.runs)
