@@ -256,10 +256,8 @@ def write_exports(model, meta, folder: Path, x, pixels, eval_name: str, formats,
         check_interrupt()
         if fmt in ("onnx", "ort"):
             files[fmt] = _export_onnx(model, meta, folder, x, eval_name, threads, weights, batch, fmt, exported)
-        elif fmt == "pte":
-            files["pte"] = _export_pte(model, folder, x, eval_name, weights, batch)
-        elif fmt == "tflite":
-            files["tflite"] = _export_tflite(model, folder, x, eval_name, weights, batch, threads)
+        elif fmt in ("pte", "tflite"):
+            files[fmt] = _export_runtime(model, folder, x, eval_name, weights, batch, threads, fmt)
         else:
             files["coreml"] = _export_coreml(model, meta, folder, x, pixels, eval_name, precision, coreml_input, verbose, batch, name,
                                              deployment_target, card)
@@ -317,62 +315,47 @@ def _export_onnx(model, meta, out: Path, x, eval_name: str, threads: int, weight
     return entry
 
 
-def _export_pte(model, out: Path, x, eval_name: str, weights: str, batch) -> dict:
-    """model.pte in `out` (the staging folder), run back by ExecuTorch's runtime on the model inputs `x` and compared
-    with the PyTorch module it was exported from (exporters.executorch)."""
+def _export_runtime(model, out: Path, x, eval_name: str, weights: str, batch: int, threads: int, fmt: str) -> dict:
+    """model.pte (ExecuTorch) or model.tflite (LiteRT) in `out` (the staging folder), run back by that runtime on the
+    model inputs `x` and compared with the PyTorch module it was made from. A float model's int8 `.tflite` weights
+    are rounded: that file is compared with the unrounded model and passes at 95% top-1 agreement, the cost
+    reported (exporters.litert)."""
     import torch
 
-    from .exporters.executorch import Program, export_pte
     from .exporters.onnx import compare_outputs
 
-    check_runtime_formats(("pte",), weights, batch)
-    data, facts, reference = export_pte(model, x, weights, batch)
-    path = out / "model.pte"
+    check_runtime_formats((fmt,), weights, batch)
+    if fmt == "pte":
+        from .exporters.executorch import Program, export_pte
+
+        data, facts, reference = export_pte(model, x, weights, batch)
+        runner = lambda path: Program(path, batch)  # noqa: E731
+        runtime = {"verified_by": "executorch.runtime (Python bindings)", "key": "executorch_cpu_b1",
+                   "timed": {"runtime": "ExecuTorch XNNPACK, its default threads"}}
+    else:
+        from .exporters.litert import Interpreter, export_tflite
+
+        data, facts, reference = export_tflite(model, x, weights, batch)
+        runner = lambda path: Interpreter(path, batch, threads)  # noqa: E731
+        runtime = {"verified_by": "ai_edge_litert.interpreter (XNNPACK)", "key": "litert_cpu_b1",
+                   "timed": {"threads": threads, "runtime": "LiteRT interpreter, XNNPACK"}}
+    path = out / f"model.{fmt}"
     path.write_bytes(data)
-    program = Program(path, batch)
+    loaded = runner(path)
     with torch.no_grad():
         ref = reference(x).numpy()
-    check = compare_outputs(program.run(x), ref)
-    if not check["ok"]:
-        path.unlink()
-        raise VerificationFailed(f"{path.name} output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
-                                 f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
-    ms = program.latency_ms(tuple(x.shape[1:]))
-    return {"file": path.name, "format": "pte", "bytes": path_bytes(path), "weights": facts.pop("form"), **facts,
-            "verification": {**check, "dataset": eval_name, "runtime": "executorch.runtime (Python bindings)"},
-            "latency_ms": {"executorch_cpu_b1": ms if batch == 1 else None, "batch": batch, "ms": ms,
-                           "runtime": "ExecuTorch XNNPACK, its default threads"}}
-
-
-def _export_tflite(model, out: Path, x, eval_name: str, weights: str, batch: int, threads: int) -> dict:
-    """model.tflite in `out` (the staging folder), run back by LiteRT's interpreter on the model inputs `x` and compared
-    with the PyTorch module it was converted from. A float model's int8 weights are rounded: that file is compared
-    with the unrounded model and passes at 95% top-1 agreement, the cost reported (exporters.litert)."""
-    import torch
-
-    from .exporters.litert import Interpreter, export_tflite
-    from .exporters.onnx import compare_outputs
-
-    check_runtime_formats(("tflite",), weights, batch)
-    data, facts, reference = export_tflite(model, x, weights, batch)
-    path = out / "model.tflite"
-    path.write_bytes(data)
-    interpreter = Interpreter(path, batch, threads)
-    with torch.no_grad():
-        ref = reference(x).numpy()
-    check = compare_outputs(interpreter.run(x), ref)
-    if facts["rounded"]:
+    check = compare_outputs(loaded.run(x), ref)
+    if facts.get("rounded"):
         check["ok"] = check["top1_agreement"] >= 0.95
         check["rounded_weights"] = "int8 per output channel; compared with the unrounded model"
     if not check["ok"]:
         path.unlink()
         raise VerificationFailed(f"{path.name} output differs from PyTorch by {check['max_abs_diff']:.3g} (top-1 agreement "
                                  f"{check['top1_agreement']:.3f}) on {check['n']} images of {eval_name}; nothing written")
-    ms = interpreter.latency_ms(tuple(x.shape[1:]))
-    return {"file": path.name, "format": "tflite", "bytes": path_bytes(path), "weights": facts.pop("form"), **facts,
-            "verification": {**check, "dataset": eval_name, "runtime": "ai_edge_litert.interpreter (XNNPACK)"},
-            "latency_ms": {"litert_cpu_b1": ms if batch == 1 else None, "batch": batch, "ms": ms, "threads": threads,
-                           "runtime": "LiteRT interpreter, XNNPACK"}}
+    ms = loaded.latency_ms(tuple(x.shape[1:]))
+    return {"file": path.name, "format": fmt, "bytes": path_bytes(path), "weights": facts.pop("form"), **facts,
+            "verification": {**check, "dataset": eval_name, "runtime": runtime["verified_by"]},
+            "latency_ms": {runtime["key"]: ms if batch == 1 else None, "batch": batch, "ms": ms, **runtime["timed"]}}
 
 
 def _export_coreml(model, meta, out: Path, x, pixels, eval_name: str, precision: str, input_kind: str, verbose: bool,

@@ -163,7 +163,7 @@ def test_export_of_mismatched_weights_fails_with_one_line(variants, tmp_path, ca
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "do not match" in err
     assert not (tmp_path / "o").exists()
-    assert main(["export", str(variants / "full"), "--format", "tflite", "--out", str(tmp_path / "o")]) == 2
+    assert main(["export", str(variants / "full"), "--format", "tensorrt", "--out", str(tmp_path / "o")]) == 2
     assert main(["export", str(variants / "full"), "--name", "3d-net", "--out", str(tmp_path / "o")]) == 2
 
 

@@ -107,18 +107,15 @@ def run(a) -> int:
                 w = v["against_unrounded_model"]
                 print(f"warning: {f['weights']} rounding of the float weights: top-1 agreement with the unrounded model "
                       f"{100 * w['top1_agreement']:.1f}%, max logit difference {w['max_abs_diff']:.2g}")
-        elif f["format"] == "pte":
+        elif f["format"] in ("pte", "tflite"):
             lat = f["latency_ms"]
+            name = "ExecuTorch" if f["format"] == "pte" else "LiteRT"
+            ops = f", {f['delegate_calls']} XNNPACK call(s), {f['portable_ops']} portable op(s)" if f["format"] == "pte" else ""
+            rounded = " (int8-rounded float weights, against the unrounded model)" if v.get("rounded_weights") else ""
+            threads = f", {lat['threads']} thread" if "threads" in lat else ""
             print(f"{f['file']} {format_bytes(f['bytes'])} (compression ratio {f['compression_ratio']:.1f}x); weights {f['weights']}, batch "
-                  f"{f['batch']}, {f['delegate_calls']} XNNPACK call(s), {f['portable_ops']} portable op(s); max |ExecuTorch - torch| "
-                  f"{v['max_abs_diff']:.2g} (logits), top-1 agreement {100 * v['top1_agreement']:.1f}% on {v['n']} images; latency "
-                  f"{lat['ms']:.2f} ms (ExecuTorch CPU, batch {lat['batch']})")
-        elif f["format"] == "tflite":
-            lat = f["latency_ms"]
-            print(f"{f['file']} {format_bytes(f['bytes'])} (compression ratio {f['compression_ratio']:.1f}x); weights {f['weights']}, batch "
-                  f"{f['batch']}; max |LiteRT - torch| {v['max_abs_diff']:.2g} (logits), top-1 agreement {100 * v['top1_agreement']:.1f}% on "
-                  f"{v['n']} images{' (int8-rounded float weights, against the unrounded model)' if v.get('rounded_weights') else ''}; latency "
-                  f"{lat['ms']:.2f} ms (LiteRT CPU, batch {lat['batch']}, {lat['threads']} thread)")
+                  f"{f['batch']}{ops}; max |{name} - torch| {v['max_abs_diff']:.2g} (logits), top-1 agreement {100 * v['top1_agreement']:.1f}% "
+                  f"on {v['n']} images{rounded}; latency {lat['ms']:.2f} ms ({name} CPU, batch {lat['batch']}{threads})")
         else:
             bl = f["binary_layers"]
             print(f"{f['file']} {format_bytes(f['bytes'])} (compression ratio {f['compression_ratio']:.1f}x), {f['precision']}, {f['input']} input, {f['deployment_target']}, "
