@@ -107,3 +107,16 @@ def test_api_export_of_the_bundled_model_to_a_pte_file(tmp_path):
     got = Program(tmp_path / "small.pte", 1).run(x)
     with torch.no_grad():
         assert np.abs(got - model.eval()(x).numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt,weights", [("pte", "int8"), ("tflite", "1bit")])
+def test_a_fresh_process_prints_one_line(variants, tmp_path, fmt, weights):
+    """Importing the runtimes logs nothing to the user's screen (torchao's pytree warning, LiteRT's absl lines)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("litert_torch") if fmt == "tflite" else None
+    r = subprocess.run([sys.executable, "-m", "sdcompress", "export", str(variants / "full"), "--format", fmt, "--weights", weights,
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import sys
 
@@ -24,6 +25,19 @@ def quiet_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def quiet_imports():
+    """torchao (imported by ExecuTorch) registers an Enum with torch's pytree, which logs a deprecation warning to the
+    user's screen on every command: keep that logger to errors while the runtimes are imported."""
+    logger = logging.getLogger("torch.utils._pytree")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def float_layer(layer: nn.Module) -> nn.Module:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..binary import BinaryConv2d, pack_signs
 from ..errors import InputError
-from . import float_layer, quiet_stderr, swap_binary_layers
+from . import float_layer, quiet_imports, quiet_stderr, swap_binary_layers
 
 WEIGHTS = ("auto", "float", "1bit")
 
@@ -35,8 +35,9 @@ WEIGHTS = ("auto", "float", "1bit")
 def check_installed() -> None:
     """One clear line when ExecuTorch is not installed (it is an optional extra)."""
     try:
-        import executorch.exir  # noqa: F401
-        import executorch.runtime  # noqa: F401
+        with quiet_imports():
+            import executorch.exir  # noqa: F401
+            import executorch.runtime  # noqa: F401
     except ImportError as e:
         raise InputError(f"--format pte needs ExecuTorch ({e}); install it with pip install 'sdcompress[executorch]'") from None
 

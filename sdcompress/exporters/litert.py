@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from . import float_layer, quiet_stderr, swap_binary_layers
+from . import float_layer, quiet_imports, quiet_stderr, swap_binary_layers
 
 WEIGHTS = ("auto", "float", "int8")
 MIN_QUANTIZED_WEIGHTS = 1000  # smaller layers (a CIFAR stem, a classifier) stay float
@@ -36,9 +36,10 @@ MIN_QUANTIZED_WEIGHTS = 1000  # smaller layers (a CIFAR stem, a classifier) stay
 def check_installed() -> None:
     """One clear line when LiteRT's converter or interpreter is missing (an optional extra)."""
     try:
-        import ai_edge_litert.interpreter  # noqa: F401
-        import ai_edge_quantizer  # noqa: F401
-        import litert_torch  # noqa: F401
+        with quiet_imports(), quiet_stderr():  # LiteRT's absl logging writes to file descriptor 2 on import
+            import ai_edge_litert.interpreter  # noqa: F401
+            import ai_edge_quantizer  # noqa: F401
+            import litert_torch  # noqa: F401
     except ImportError as e:
         raise InputError(f"--format tflite needs LiteRT ({e}); install it with pip install 'sdcompress[litert]'") from None
 
