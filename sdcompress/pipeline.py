@@ -316,7 +316,8 @@ def _export_onnx(model, meta, out: Path, x, eval_name: str, threads: int, weight
 
 
 def _export_runtime(model, out: Path, x, eval_name: str, weights: str, batch: int, threads: int, fmt: str) -> dict:
-    """model.pte (ExecuTorch) or model.tflite (LiteRT) in `out` (the staging folder), run back by that runtime on the
+    """model.pte (ExecuTorch) or model.tflite (LiteRT) in `out` (the staging folder; `check_runtime_formats` has
+    passed), run back by that runtime on the
     model inputs `x` and compared with the PyTorch module it was made from. A float model's int8 `.tflite` weights
     are rounded: that file is compared with the unrounded model and passes at 95% top-1 agreement, the cost
     reported (exporters.litert)."""
@@ -324,7 +325,6 @@ def _export_runtime(model, out: Path, x, eval_name: str, weights: str, batch: in
 
     from .exporters.onnx import compare_outputs
 
-    check_runtime_formats((fmt,), weights, batch)
     if fmt == "pte":
         from .exporters.executorch import Program, export_pte
 

@@ -7,8 +7,12 @@ import contextlib
 import copy
 import logging
 import os
+import statistics
 import sys
+import time
 
+import numpy as np
+import torch
 import torch.nn as nn
 
 
@@ -56,13 +60,39 @@ def float_layer(layer: nn.Module) -> nn.Module:
     return out
 
 
-def swap_binary_layers(model: nn.Module, replace) -> tuple[nn.Module, int]:
-    """An evaluation-time copy of `model` whose binary layers are `replace(layer)`, and how many there were."""
+def swap_binary_layers(model: nn.Module, replace=None) -> tuple[nn.Module, list[str]]:
+    """An evaluation-time copy of `model` whose binary layers are `replace(layer)` (default `float_layer`), and
+    their names."""
     from ..binary import BinaryConv2d, BinaryLinear
 
     work = copy.deepcopy(model).cpu().eval()
-    binary = [(n, m) for n, m in work.named_modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
-    for name, layer in binary:
-        parent = work.get_submodule(name.rpartition(".")[0]) if "." in name else work
-        setattr(parent, name.rpartition(".")[2], replace(layer))
-    return work.eval(), len(binary)
+    names = [n for n, m in work.named_modules() if isinstance(m, (BinaryConv2d, BinaryLinear))]
+    for name in names:
+        work.set_submodule(name, (replace or float_layer)(work.get_submodule(name)))
+    return work.eval(), names
+
+
+def run_in_batches(run_one, x: torch.Tensor, batch: int) -> np.ndarray:
+    """`run_one` (a runtime's call on one fixed-size batch) over `x`, in runs of `batch`; a last partial run is padded
+    with copies of its first image and cut back."""
+    outs = []
+    for i in range(0, len(x), batch):
+        part = x[i:i + batch]
+        full = torch.cat([part, part[:1].expand(batch - len(part), *part.shape[1:])]) if len(part) < batch else part
+        outs.append(np.asarray(run_one(full.contiguous()))[:len(part)].copy())
+    return np.concatenate(outs)
+
+
+def median_ms(run_one, x: torch.Tensor, runs: int = 50, warmup: int = 10) -> float:
+    """Median wall time of `run_one(x)` in milliseconds after warm-up; a slow file (over 50 ms a run) gets 10 runs."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        run_one(x)
+    if (time.perf_counter() - t0) / warmup > 0.05:
+        runs = min(runs, 10)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run_one(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)

@@ -16,8 +16,6 @@ Weight forms (`WEIGHTS`):
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 
 from ..binary import BinaryConv2d, pack_signs
 from ..errors import InputError
-from . import float_layer, quiet_imports, quiet_stderr, swap_binary_layers
+from . import float_layer, median_ms, quiet_imports, quiet_stderr, run_in_batches, swap_binary_layers
 
 WEIGHTS = ("auto", "float", "1bit")
 
@@ -77,8 +75,8 @@ def program_model(model: nn.Module, form: str) -> tuple[nn.Module, dict]:
         by_form["1bit" if packed else "float"] += 1
         return PackedConv2d(layer) if packed else float_layer(layer)
 
-    work, count = swap_binary_layers(model, replace)
-    if form == "1bit" and not count:
+    work, names = swap_binary_layers(model, replace)
+    if form == "1bit" and not names:
         raise InputError("--weights 1bit needs a binarized model (sdcompress binarize first); this one has no 1-bit layers")
     return work, {"form": form, "binarized_layers_by_form": by_form}
 
@@ -103,9 +101,9 @@ def export_pte(model: nn.Module, example: torch.Tensor, form: str = "auto", batc
         program = torch.export.export(work, (x,))
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         data = lowered.to_executorch().buffer
-    delegated = sum(1 for n in lowered.exported_program().graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
-    kept = sum(1 for n in lowered.exported_program().graph.nodes if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)
-               and "getitem" not in str(n.target))
+    calls = [str(n.target) for n in lowered.exported_program().graph.nodes if n.op == "call_function" and "getitem" not in str(n.target)]
+    delegated = sum("executorch_call_delegate" in c for c in calls)
+    kept = len(calls) - delegated
     return bytes(data), {**facts, "backend": "XNNPACK", "delegate_calls": delegated, "portable_ops": kept, "batch": batch}, work
 
 
@@ -120,27 +118,15 @@ class Program:
             self.method = Runtime.get().load_program(str(path)).load_method("forward")
         self.batch = batch
 
-    def run(self, x: torch.Tensor) -> np.ndarray:
-        """Outputs on `x`, in runs of the program's batch (a last partial run padded with copies of its first image)."""
-        b, outs = self.batch, []
-        with quiet_stderr():
-            for i in range(0, len(x), b):
-                part = x[i:i + b]
-                full = torch.cat([part, part[:1].expand(b - len(part), *part.shape[1:])]) if len(part) < b else part
-                outs.append(self.method.execute([full.contiguous()])[0][:len(part)])
-        return torch.cat(outs).numpy()
+    def _execute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.execute([x])[0]
 
-    def latency_ms(self, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 10) -> float:
+    def run(self, x: torch.Tensor) -> np.ndarray:
+        """Outputs on `x`, in runs of the program's batch."""
+        with quiet_stderr():
+            return run_in_batches(self._execute, x, self.batch)
+
+    def latency_ms(self, input_shape: tuple[int, ...], runs: int = 50) -> float:
         """Median wall time of one `execute` at the program's batch, after warm-up."""
         x = torch.from_numpy(np.random.default_rng(0).standard_normal((self.batch, *input_shape)).astype(np.float32))
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            self.method.execute([x])
-        if (time.perf_counter() - t0) / warmup > 0.05:  # a slow program (portable kernels): fewer runs tell as much
-            runs = min(runs, 10)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            self.method.execute([x])
-            times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
+        return median_ms(self._execute, x, runs)

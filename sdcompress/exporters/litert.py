@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from . import float_layer, quiet_imports, quiet_stderr, swap_binary_layers
+from . import median_ms, quiet_imports, quiet_stderr, run_in_batches, swap_binary_layers
 
 WEIGHTS = ("auto", "float", "int8")
 MIN_QUANTIZED_WEIGHTS = 1000  # smaller layers (a CIFAR stem, a classifier) stay float
@@ -62,7 +60,8 @@ def export_tflite(model: nn.Module, example: torch.Tensor, form: str = "auto", b
 
     if form not in WEIGHTS:
         raise InputError(f"unknown weight form {form!r} for --format tflite; choose one of {', '.join(WEIGHTS)}")
-    work, binary = swap_binary_layers(model, float_layer)
+    work, names = swap_binary_layers(model)
+    binary = len(names)
     form = ("int8" if binary else "float") if form == "auto" else form
     x = example[:1].expand(batch, *example.shape[1:]).contiguous().cpu()
     chatter = io.StringIO()
@@ -93,28 +92,16 @@ class Interpreter:
         self.output = self.it.get_output_details()[0]["index"]
         self.batch = batch
 
-    def _invoke(self, x: np.ndarray) -> np.ndarray:
-        self.it.set_tensor(self.input, x)
+    def _invoke(self, x) -> np.ndarray:
+        self.it.set_tensor(self.input, np.asarray(x))
         self.it.invoke()
         return self.it.get_tensor(self.output)
 
     def run(self, x: torch.Tensor) -> np.ndarray:
-        """Outputs on `x`, in runs of the model's batch (a last partial run padded with copies of its first image)."""
-        b, outs = self.batch, []
-        for i in range(0, len(x), b):
-            part = x[i:i + b]
-            full = torch.cat([part, part[:1].expand(b - len(part), *part.shape[1:])]) if len(part) < b else part
-            outs.append(self._invoke(full.contiguous().numpy())[:len(part)].copy())
-        return np.concatenate(outs)
+        """Outputs on `x`, in runs of the model's batch."""
+        return run_in_batches(self._invoke, x, self.batch)
 
-    def latency_ms(self, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 10) -> float:
+    def latency_ms(self, input_shape: tuple[int, ...], runs: int = 50) -> float:
         """Median wall time of one `invoke` at the model's batch, after warm-up."""
         x = np.random.default_rng(0).standard_normal((self.batch, *input_shape)).astype(np.float32)
-        for _ in range(warmup):
-            self._invoke(x)
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            self._invoke(x)
-            times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
+        return median_ms(self._invoke, x, runs)

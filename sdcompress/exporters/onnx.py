@@ -26,7 +26,6 @@ bits and rebuilds the weights on every run.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import logging
@@ -43,6 +42,7 @@ from torch import nn
 from ..binary import BinaryConv2d, BinaryLinear
 from ..checkpoint import Sidecar
 from ..nets import BasicBlock, ResNet, Shortcut
+from . import swap_binary_layers
 
 OPSET = 18
 OPSET_INT4 = 21  # int4 tensors (and DequantizeLinear of them) need opset 21
@@ -96,20 +96,7 @@ def deployable_copy(model: nn.Module, quantize: str | None = None) -> tuple[nn.M
     `quantize` ("int8" / "int4") rounds every convolution and linear weight of a float model as the file stores it;
     a binarized model is left as it is (its binary layers are exact in either form, its float layers stay float).
     """
-    m = copy.deepcopy(model).cpu().eval()
-    names = []
-    for name, mod in list(m.named_modules()):
-        if isinstance(mod, (BinaryConv2d, BinaryLinear)):
-            if isinstance(mod, BinaryConv2d):
-                plain = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.groups, mod.bias is not None)
-            else:
-                plain = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None)
-            with torch.no_grad():
-                plain.weight.copy_(mod.binary_weight())
-                if mod.bias is not None:
-                    plain.bias.copy_(mod.bias)
-            m.set_submodule(name, plain)
-            names.append(name)
+    m, names = swap_binary_layers(model)
     if isinstance(m, ResNet):
         fold_survival(m)
         for name, mod in list(m.named_modules()):
