@@ -332,8 +332,10 @@ def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None,
         model: the network (not modified).
         keep: fraction of the removable blocks kept, in (0, 1].
         stats: drop effects, measured (`measure_drop_effects`) or recorded in training (`train_stochastic_depth`);
-            with them the default strategy is "stats" (the blocks whose removal raises the loss least go first),
-            without them "top" (the highest blocks go first).
+            with them the default strategy is "stats": in each stage (`Block.stage`) as many blocks as
+            "every-other" removes there, those whose removal raises the loss least (drop effects are marginal:
+            ranked over the whole network they pile removals into one stage, which costs far more); without them
+            "top" (the highest blocks go first).
         strategy: "stats", "top" or "every-other" (removals spread evenly over the depth, from the top).
         blocks: the model's blocks (default those of `stats`, else `find_blocks(model)`).
 
@@ -362,19 +364,21 @@ def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None,
     strategy = strategy or ("stats" if stats is not None else "top")
     present = [b.index for b in blocks if b.removable]
     n_remove = len(present) - math.floor(keep * len(present) + 0.5)
+    from .pruning import every_other, per_stage
+
     if strategy == "stats":
         if stats is None:
             raise InputError("strategy 'stats' needs measured drop effects (measure_drop_effects)")
-        order = sorted(present, key=lambda i: (stats.effect[i] is None, stats.effect[i] if stats.effect[i] is not None else 0.0))
+        stage = {b.index: b.stage for b in blocks}
+        removed = per_stage(present, n_remove, stage.__getitem__,
+                            lambda i: stats.effect[i] if stats.effect[i] is not None else math.inf)
     elif strategy == "top":
-        order = sorted(present, reverse=True)
+        removed = sorted(present, reverse=True)[:n_remove]
     elif strategy == "every-other":
-        from .pruning import every_other
-
-        order = every_other(present, n_remove)
+        removed = every_other(present, n_remove)
     else:
         raise InputError(f"unknown strategy {strategy!r}; choose stats, top or every-other")
-    return remove_blocks(model, order[:n_remove], blocks)
+    return remove_blocks(model, removed, blocks)
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, atol: float = 1e-4) -> dict:

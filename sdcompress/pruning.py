@@ -244,18 +244,22 @@ class Ranking:
         return sorted(self.c.present, key=lambda b: (self.scores[b], b))[:n_remove]
 
     def _per_stage(self, n_remove: int) -> list[int]:
-        """As many removals from each stage as `every-other` makes there, the lowest-scored blocks of the stage.
+        return per_stage(self.c.present, n_remove, self.c.model.spec.block_stage, lambda b: self.scores[b])
 
-        Drop effects are marginal: each was learned with the other blocks present at their survival rates. Taken
-        alone, they pile the removals into the stage whose blocks were rarely dropped (the first, under the linear
-        rule), which the network never learned to lose together: the retrofitted ResNet-56 at keep 0.6 scored 69.9%
-        that way, 85.8% with the stage counts fixed (docs/results.md)."""
-        stage = self.c.model.spec.block_stage
-        quota = Counter(stage(b) for b in every_other(self.c.present, n_remove))
-        chosen = []
-        for s, k in quota.items():
-            chosen += sorted((b for b in self.c.present if stage(b) == s), key=lambda b: (self.scores[b], b))[:k]
-        return sorted(chosen)
+
+def per_stage(present: list[int], n_remove: int, stage_of: Callable[[int], int], score: Callable[[int], float]) -> list[int]:
+    """As many removals from each stage as `every_other` makes there, the lowest-scored blocks of the stage (ties
+    by position): the policy of the `stats` strategy, for checkpoints and for `sdcompress.prune` alike.
+
+    Drop effects are marginal: each was learned with the other blocks present at their survival rates. Taken
+    alone, they pile the removals into the stage whose blocks were rarely dropped (the first, under the linear
+    rule), which the network never learned to lose together: the retrofitted ResNet-56 at keep 0.6 scored 69.9%
+    that way, 85.8% with the stage counts fixed (docs/results.md)."""
+    quota = Counter(stage_of(b) for b in every_other(present, n_remove))
+    chosen: list[int] = []
+    for s, k in quota.items():
+        chosen += sorted((b for b in present if stage_of(b) == s), key=lambda b: (score(b), b))[:k]
+    return sorted(chosen)
 
 
 def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Callable[[ResNet], float] | None = None,

@@ -227,6 +227,25 @@ def test_a_removed_block_is_its_shortcut_exactly():
         assert torch.allclose(small(X), silenced(X), atol=1e-5)
 
 
+def test_prune_by_stats_keeps_every_others_count_per_stage():
+    """Drop effects that would pile every removal into the first stage: `prune` by stats takes every-other's count
+    from each stage (stage 0 of 3 blocks, stage 1 of 2: keep 0.6 of 5 removes one from each) and, within a stage,
+    the block whose removal raises the loss least; the same policy as `sdcompress prune` on a checkpoint."""
+    from dataclasses import replace
+
+    model = PreActNet()
+    blocks = sdcompress.find_blocks(model, X)
+    assert [b.stage for b in blocks] == [0, 0, 0, 1, 1]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 3])) for _ in range(8)]
+    stats = sdcompress.measure_drop_effects(model, batches, blocks)
+    stats = replace(stats, effect=(0.01, -0.02, 0.00, 0.30, 0.20))  # the three cheapest all in stage 0
+    small = sdcompress.prune(model, keep=0.6, stats=stats)
+    gone = [b.path for b in blocks if isinstance(small.get_submodule(b.path), nn.Identity)
+            or not any(True for _ in small.get_submodule(b.path).parameters())]
+    assert gone == ["stage1.1", "stage2.1"]
+
+
 def test_a_plain_stack_proposes_nothing_and_says_why():
     model = _randomize_bn(PlainNet())
     with pytest.raises(InputError, match="no residual blocks found in PlainNet"):
