@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/sdcompress prune --keep 0.6 --force
 
 test: install-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 bench: install
 	$(BIN)/python tools/bench_train.py
