@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,14 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
+
+
+def to_device(item, dev: torch.device):
+    """An `(inputs, targets)` batch on `dev` (targets may be None or any object a loss takes)."""
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0])):
+        raise InputError(f"each batch must be (inputs, targets) tensors, got {type(item).__name__}")
+    x, y = item[0], item[1]
+    return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True) if torch.is_tensor(y) else y
 
 
 @torch.no_grad()
@@ -102,16 +111,12 @@ def batch_loss(model: nn.Module, images: ImageSet, normalize: Normalize, batches
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, images: ImageSet, normalize: Normalize, batches: int, batch_size: int, seed: int = 0,
-                   pad: int = 0, flip: bool = False) -> int:
-    """Re-estimate BatchNorm statistics on the evaluation-time network. Returns the number of images used.
-
-    Batches get the training augmentation (`pad`, `flip`, as in training): the weights were learned against
-    statistics of augmented batches. Clean batches cost accuracy even with no block removed
-    (`tools/bench_prune.py`, bundled constant-depth ResNet-56, keep 1.0, 5k validation split: 87.7% before,
-    85.3% after recalibrating on clean batches, 87.6% on augmented ones).
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def reestimate_bn(model: nn.Module, batches: Iterable, limit: int, dev: torch.device) -> int:
+    """BatchNorm re-estimation in place, the one mechanic of the command line's `--recalibrate` and of
+    `sdcompress.recalibrate`: running statistics reset and re-estimated as cumulative averages over up to `limit`
+    inputs of `batches` (tensors, or `(inputs, targets)` batches), running the evaluation-time network with only
+    BatchNorm in train mode. Returns the number of batches run; a model without BatchNorm is left as it is (0)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:  # LayerNorm / GroupNorm only (ConvNeXt, ViT): no running statistics to re-estimate
         return 0
     saved = [m.momentum for m in bns]
@@ -121,22 +126,44 @@ def recalibrate_bn(model: nn.Module, images: ImageSet, normalize: Normalize, bat
     model.eval()
     for m in bns:
         m.train()
-    g = torch.Generator().manual_seed(seed)
-    per_pass = max(1, len(images) // batch_size)
-    used = 0
+    seen = 0
     try:
-        for i in range(batches):  # more batches than the data holds: new passes, new augmentation draws
-            if i % per_pass == 0:
-                order = torch.randperm(len(images), generator=g)
-            idx = order[(i % per_pass) * batch_size : (i % per_pass + 1) * batch_size]
-            x = augment(images.images[idx], pad, flip, g)
-            model(normalize(x))  # run_mask None: every kept block, scaled by p_l, as at evaluation
-            used += len(idx)
+        for item in batches:
+            if seen == limit:
+                break
+            model(item.to(dev) if torch.is_tensor(item) else to_device(item, dev)[0])  # every kept block, as at evaluation
+            seen += 1
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
         model.eval()
-    return used
+    return seen
+
+
+def recalibrate_bn(model: nn.Module, images: ImageSet, normalize: Normalize, batches: int, batch_size: int, seed: int = 0,
+                   pad: int = 0, flip: bool = False) -> int:
+    """Re-estimate BatchNorm statistics on the evaluation-time network (`reestimate_bn`) from `batches` batches of
+    `images`. Returns the number of images used.
+
+    Batches get the training augmentation (`pad`, `flip`, as in training): the weights were learned against
+    statistics of augmented batches. Clean batches cost accuracy even with no block removed
+    (`tools/bench_prune.py`, bundled constant-depth ResNet-56, keep 1.0, 5k validation split: 87.7% before,
+    85.3% after recalibrating on clean batches, 87.6% on augmented ones).
+    """
+    g = torch.Generator().manual_seed(seed)
+    per_pass = max(1, len(images) // batch_size)
+    used = [0]
+
+    def draws():
+        for i in range(batches):  # more batches than the data holds: new passes, new augmentation draws
+            if i % per_pass == 0:
+                order = torch.randperm(len(images), generator=g)
+            idx = order[(i % per_pass) * batch_size : (i % per_pass + 1) * batch_size]
+            used[0] += len(idx)
+            yield normalize(augment(images.images[idx], pad, flip, g))
+
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return used[0] if reestimate_bn(model, draws(), batches, dev) else 0
 
 
 def _channels_last(model: nn.Module) -> bool:
@@ -145,11 +172,89 @@ def _channels_last(model: nn.Module) -> bool:
     return w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
 
 
+def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_decay: float, dev: torch.device,
+             precision: str, progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None,
+             also: tuple[nn.Module, ...] = (), lr_hint: str = "lr") -> dict:
+    """The one training loop of every stage that trains an existing network (fine-tuning after pruning or
+    binarizing, on the command line and in the API; stochastic depth on a pretrained network): SGD with Nesterov
+    momentum 0.9 and a cosine schedule over all steps, `loss_of(x, y, step)` one step's loss, computed under the
+    precision's autocast. `also`: modules that run beside it (a teacher), put in the same memory layout and handed
+    back in theirs. A non-finite loss or weight stops it with `TrainingDiverged` naming `lr_hint`."""
+    prec = resolve_precision(precision, dev)
+    try:
+        steps_per_epoch = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    total = steps_per_epoch * epochs if steps_per_epoch else None
+    opt = torch.optim.SGD([p for p in work.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=weight_decay)
+    bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, desc=f"{desc} ({prec.name})")
+    layouts = [(m, _channels_last(m)) for m in (work, *also)]
+    for m, _ in layouts:
+        to_layout(m, prec.channels_last)
+    work.train()
+    losses, step, t0 = [], 0, time.perf_counter()
+    try:
+        for epoch in range(epochs):
+            total_loss, n = 0.0, 0
+            for item in batches:
+                x, y = to_device(item, dev)
+                frac = step / total if total else epoch / epochs
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+                with prec.autocast(dev):
+                    loss = loss_of(prec.layout(x), y, step)
+                opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None: SGD leaves it untouched
+                loss.backward()
+                opt.step()
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(f"{desc}: the loss became non-finite at step {step + 1}"
+                                           f"{f' of {total}' if total else ''}; nothing was written; try a lower {lr_hint} (it was {lr:g})")
+                if on_step is not None:
+                    on_step(step, value)
+                total_loss, n, step = total_loss + value, n + 1, step + 1
+                bar.update(1)
+                if step % 25 == 0:
+                    bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{value:.3f}")
+            if n == 0:
+                raise InputError("batches is empty: give (inputs, targets) batches of training images")
+            losses.append(round(total_loss / n, 5))
+    finally:
+        bar.close()
+        for m, was in layouts:
+            to_layout(m, was)
+        work.eval()
+    if not all(torch.isfinite(p).all() for p in work.parameters()):
+        raise TrainingDiverged(f"{desc} left non-finite weights; nothing was written; try a lower {lr_hint} (it was {lr:g})")
+    return {"epochs": epochs, "steps": step, "seconds": round(time.perf_counter() - t0, 1), "epoch_loss": losses,
+            "lr": lr, **prec.to_dict()}
+
+
+class _Epoch:
+    """One pass over an `ImageSet` in `batch_size` batches (the last partial one dropped), reshuffled from `gen` and
+    augmented from `aug_gen` each pass, normalized: the batches the command-line stages train on."""
+
+    def __init__(self, x, y, batch_size, gen, aug_gen, pad, flip, normalize):
+        self.x, self.y, self.bs, self.gen, self.aug_gen = x, y, batch_size, gen, aug_gen
+        self.pad, self.flip, self.normalize = pad, flip, normalize
+
+    def __len__(self) -> int:
+        return len(self.y) // self.bs
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.y), generator=self.gen).to(self.x.device)
+        for i in range(len(self)):
+            idx = perm[i * self.bs : (i + 1) * self.bs]
+            yield self.normalize(augment(self.x[idx], self.pad, self.flip, self.aug_gen)), self.y[idx]
+
+
 def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survival: bool = False, batch_size: int = 128,
              seed: int = 0, device: str = "auto", progress: bool = True, augment_with: tuple[int, bool] | None = None,
              distill: Distill | None = None, precision: str = "auto") -> dict:
     """Training of an existing (e.g. pruned) network in place, cosine schedule from `lr`; with `distill`, from a
     teacher as well as the labels (the teacher's logits computed once per batch, on the same augmented images).
+    The loop is `sgd_loop`, the one `sdcompress.finetune` runs.
 
     With `survival` off the evaluation-time network itself is trained (every kept block, scaled by p_l), so
     what is trained is what is evaluated and exported; with it on, kept blocks keep dropping at their p_l.
@@ -159,54 +264,30 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     in the memory layout they came in.
     """
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
     model.to(dev)
-    steps = len(ds.train) // batch_size
-    if steps == 0:
+    if len(ds.train) // batch_size == 0:
         raise InputError(f"the training split has {len(ds.train)} images, fewer than the batch size {batch_size}")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, epochs * steps) / (epochs * steps))))
     gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
     pad, flip = augment_with if augment_with is not None else augmentation(TrainConfig(), ds.input_shape)
     normalize = Normalize(ds.mean, ds.std, dev)
+    batches = _Epoch(ds.train.images.to(dev), ds.train.labels.to(dev), batch_size, gen,
+                     torch.Generator(device=dev).manual_seed(seed + 1), pad, flip, normalize)
     ids = model.block_ids
     probs = torch.tensor([model.block_survival()[b] for b in ids])
-    x_all, y_all = ds.train.images.to(dev), ds.train.labels.to(dev)
     teacher = distill.teacher.to(dev).eval() if distill is not None else None
-    t0 = time.perf_counter()
-    model.train()
-    bar = tqdm(range(epochs * steps), disable=not progress, unit="step", dynamic_ncols=True,
-               desc=f"fine-tune ({'distilled, ' if distill is not None else ''}{prec.name})")
-    layouts = [(m, _channels_last(m)) for m in (model, teacher) if m is not None]  # handed back as they came
-    for m, _ in layouts:
-        to_layout(m, prec.channels_last)
-    try:
-        for step in bar:
-            i = step % steps
-            if i == 0:
-                perm = torch.randperm(len(y_all), generator=gen).to(dev)
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            run_mask = dict(zip(ids, draw_run_mask(probs, gen).tolist())) if survival else None
-            x = prec.layout(normalize(augment(x_all[idx], pad, flip, aug_gen)))
-            with torch.no_grad(), prec.autocast(dev):
-                soft = teacher(x) if teacher is not None else None
-            loss, _ = train_step(model, opt, x, y_all[idx], run_mask, prec.bf16, soft, distill)
-            sched.step()
-            if (step + 1) % 25 == 0:
-                bar.set_postfix(epoch=f"{step // steps + 1}/{epochs}", loss=f"{loss.item():.3f}")
-            if (step + 1) % 10 == 0 or step + 1 == epochs * steps:  # the guard of training: stop before saving garbage
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"fine-tuning loss became non-finite at step {step + 1} of {epochs * steps}; nothing "
-                                           f"was written; try a lower --finetune-lr (it was {lr:g})")
-    finally:
-        for m, was in layouts:
-            to_layout(m, was)
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise TrainingDiverged(f"fine-tuning left non-finite weights; nothing was written; try a lower --finetune-lr (it was {lr:g})")
-    model.eval()
-    val = evaluate(model, ds.val, normalize) if ds.val is not None else None
-    return {"epochs": epochs, "lr": lr, "survival": survival, "seconds": round(time.perf_counter() - t0, 1), **prec.to_dict(),
-            "val_top1": val and val["top1"],
-            "distill": {"temperature": distill.temperature, "alpha": distill.alpha} if distill is not None else None}
 
+    def loss_of(x, y, step):
+        run_mask = dict(zip(ids, draw_run_mask(probs, gen).tolist())) if survival else None  # after the pass's shuffle
+        logits = model(x, run_mask).float()
+        if teacher is None:
+            return F.cross_entropy(logits, y)
+        with torch.no_grad():
+            soft = teacher(x).float()
+        return distill_loss(logits, soft, y, distill.temperature, distill.alpha)
+
+    history = sgd_loop(model, batches, epochs, lr, 1e-4, dev, precision, progress,
+                       "fine-tune, distilled" if teacher is not None else "fine-tune", loss_of,
+                       also=(teacher,) if teacher is not None else (), lr_hint="--finetune-lr")
+    val = evaluate(model, ds.val, normalize) if ds.val is not None else None
+    return {**history, "survival": survival, "val_top1": val and val["top1"],
+            "distill": {"temperature": distill.temperature, "alpha": distill.alpha} if distill is not None else None}

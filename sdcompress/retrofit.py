@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Iterator
 from typing import Callable, Iterable, NamedTuple
 
@@ -34,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, TrainingDiverged
+from .errors import InputError
 from .families import Block, replacement
-from .precision import resolve_precision, to_layout
+from .loops import reestimate_bn, sgd_loop as _loop, to_device as _batch
 from .survival import fit_drop_effect
 
 
@@ -70,13 +69,6 @@ def _device_of(model: nn.Module, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _batch(item, dev: torch.device):
-    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and torch.is_tensor(item[0])):
-        raise InputError(f"each batch must be (inputs, targets) tensors, got {type(item).__name__}")
-    x, y = item[0], item[1]
-    return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True) if torch.is_tensor(y) else y
-
-
 def _fold(model: nn.Module, blocks: list[Block], factor: dict[int, float]) -> None:
     """Multiply the weights of each block's `scale` layer by factor[block index]."""
     with torch.no_grad():
@@ -84,56 +76,6 @@ def _fold(model: nn.Module, blocks: list[Block], factor: dict[int, float]) -> No
             if b.scale and b.index in factor:
                 for p in model.get_submodule(b.path).get_submodule(b.scale).parameters():
                     p.mul_(factor[b.index])
-
-
-def _loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_decay: float, dev: torch.device,
-          precision: str, progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None) -> dict:
-    """SGD (Nesterov momentum 0.9) with a cosine schedule over all steps; `loss_of(x, y, step)` is one step's loss."""
-    prec = resolve_precision(precision, dev)
-    try:
-        steps_per_epoch = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = None
-    total = steps_per_epoch * epochs if steps_per_epoch else None
-    opt = torch.optim.SGD([p for p in work.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True,
-                          weight_decay=weight_decay)
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, desc=f"{desc} ({prec.name})")
-    to_layout(work, prec.channels_last)
-    work.train()
-    losses, step, t0 = [], 0, time.perf_counter()
-    try:
-        for epoch in range(epochs):
-            total_loss, n = 0.0, 0
-            for item in batches:
-                x, y = _batch(item, dev)
-                frac = step / total if total else epoch / epochs
-                for g in opt.param_groups:
-                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-                with prec.autocast(dev):
-                    loss = loss_of(prec.layout(x), y, step)
-                opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None: SGD leaves it untouched
-                loss.backward()
-                opt.step()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingDiverged(f"{desc}: the loss became non-finite at step {step + 1}; try a lower lr (it was {lr:g})")
-                if on_step is not None:
-                    on_step(step, value)
-                total_loss, n, step = total_loss + value, n + 1, step + 1
-                bar.update(1)
-                if step % 25 == 0:
-                    bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{value:.3f}")
-            if n == 0:
-                raise InputError("batches is empty: give (inputs, targets) batches of training images")
-            losses.append(round(total_loss / n, 5))
-    finally:
-        bar.close()
-        to_layout(work, False)
-        work.eval()
-    return {"epochs": epochs, "steps": step, "seconds": round(time.perf_counter() - t0, 1), "epoch_loss": losses,
-            "lr": lr, **prec.to_dict()}
 
 
 def survival_probs(blocks: list[Block], p_last: float) -> dict[int, float]:
@@ -250,26 +192,8 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int = 100, dev
         raise InputError(f"num_batches must be a whole number >= 1, got {num_batches!r}")
     dev = _device_of(model, device)
     work = copy.deepcopy(model).to(dev).eval()
-    bns = [m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return work
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    seen = 0
-    try:
-        for item in batches:
-            if seen == num_batches:
-                break
-            work(_batch(item, dev)[0])
-            seen += 1
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-        work.eval()
-    if seen == 0:
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in work.modules())
+    if has_bn and reestimate_bn(work, batches, num_batches, dev) == 0:
         raise InputError("batches is empty: give (inputs, targets) batches of training images")
     return work
 
