@@ -3,6 +3,7 @@ weights, `../shared/models/cifar-resnet-peer`), pruned as it is, then retrofitte
 again, scored on all of `../shared/data/cifar10-test`.
 
     python tools/user_model.py --epochs 2 --finetune 6 --out runs/user-model
+    python tools/user_model.py --device cuda --epochs 40 --lr 0.02 --finetune 10 --out runs/user-model-gpu   # bf16 on a GPU
 
 (a) the pretrained model; (b) `measure_drop_effects`, then `prune` at keep 0.8 / 0.6 / 0.4 by those effects,
 `recalibrate`d; (c) `train_stochastic_depth` for --epochs from the pretrained weights, then the same keeps by the
@@ -36,9 +37,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the peer's trainer n
 @torch.no_grad()
 def top1(model, batches) -> float:
     model.eval()
+    dev = next(model.parameters()).device
     right = total = 0
     for x, y in batches:
-        right += int((model(x).argmax(1) == y).sum())
+        right += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
         total += len(y)
     return round(100.0 * right / total, 2)
 
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--finetune", type=int, default=2)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--device", default="cpu", help="where the API functions run (they follow the model's device): cpu or cuda")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
     ap.add_argument("--test-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10-test"))
     ap.add_argument("--out", default="runs/user-model")
@@ -79,8 +82,9 @@ def main() -> None:
     train = ImageBatches(ds.train, MEAN, STD, 128, train=True, pad=4, flip=True)
     test_b = ImageBatches(test, MEAN, STD, 500, train=False)
     val_b = ImageBatches(ds.val, MEAN, STD, 500, train=False)
-    model = peer_resnet56()
-    example = next(iter(test_b))[0][:2]
+    dev = torch.device(args.device)
+    model = peer_resnet56().to(dev)
+    example = next(iter(test_b))[0][:2].to(dev)
     blocks = sdcompress.find_blocks(model, example)
     note("blocks", len(blocks))
     if "a" not in res:
@@ -95,8 +99,8 @@ def main() -> None:
         note("b", b)
     ck = out / "retrofit.pt"
     if ck.exists():
-        saved = torch.load(ck, weights_only=False)
-        retro = peer_resnet56()
+        saved = torch.load(ck, weights_only=False, map_location=dev)
+        retro = peer_resnet56().to(dev)
         retro.load_state_dict(saved["state_dict"])
         stats, history = saved["stats"], saved["history"]
     else:
