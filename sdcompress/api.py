@@ -209,10 +209,26 @@ def remove_blocks(model: nn.Module, remove: Iterable[Block | int], blocks: list[
     unknown = [b.path for b in chosen if b.path not in {k.path for k in blocks}]
     if unknown:
         raise InputError(f"block {unknown[0]!r} is not one of the model's blocks")
+    number = _spec_numbers(model)
+    if number is not None and all(b.path in number for b in chosen):  # a network of a command-line checkpoint:
+        from .pruning import remove_blocks as rebuild  # rebuilt from its spec, as `sdcompress prune` does
+
+        return rebuild(model, [number[b.path] for b in chosen])
     new = copy.deepcopy(model)
     for b in chosen:
         new.set_submodule(b.path, mark_removed(_replacement(model, b), b))  # marked: `save` records what it was
     return new
+
+
+def _spec_numbers(model: nn.Module) -> dict[str, int] | None:
+    """Module path -> block number, for a network built from a `NetSpec` (the project's ResNets, and torchvision or
+    timm networks as the command line wraps them); None for any other module."""
+    from .nets import NetSpec
+
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, NetSpec) or not hasattr(model, "block_ids"):
+        return None
+    return {spec.block_path(n): n for n in model.block_ids}
 
 
 @dataclass(frozen=True)
@@ -251,6 +267,25 @@ class DropEffects:
             rate[i] = float(rates[k])
             runs[i] = passes - int(dropped[:, k].sum())
         return cls(tuple(blocks), tuple(effect), tuple(stderr), passes, tuple(rate), tuple(runs), params, source)
+
+    @classmethod
+    def from_table(cls, table, blocks: list[Block], numbers: dict[str, int], params: int) -> "DropEffects | None":
+        """The drop effects of a command-line checkpoint (its `survival_stats`, rows by block number of the spec),
+        indexed like `blocks`; `numbers` maps a block's module path to its block number. None when no block has a
+        drop effect (a network trained at constant depth never dropped one)."""
+        rows = {r.block: r for r in table.blocks}
+        effect, stderr, rate, runs = [], [], [], []
+        for b in blocks:
+            r = rows.get(numbers.get(b.path, -1))
+            known = b.removable and r is not None
+            effect.append(r.drop_effect if known else None)
+            stderr.append(r.drop_effect_se if known else None)
+            rate.append(round(1.0 - r.p_scheduled, 6) if known else None)
+            runs.append(r.runs if r is not None else table.steps)
+        if all(e is None for e in effect):
+            return None
+        return cls(tuple(blocks), tuple(effect), tuple(stderr), table.regression_steps, tuple(rate), tuple(runs), params,
+                   source="measured" if table.source == "measured" else "training")
 
 
 def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block] | None = None, rounds: int = 1,

@@ -50,7 +50,7 @@ def _block_from(d, where: str) -> Block:
 
 
 def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None, stats=None, force: bool = False,
-         data: dict | None = None, arch: str | None = None) -> Path:
+         data: dict | None = None, arch: str | None = None, checkpoint=None) -> Path:
     """Write `model` (e.g. pruned) to `folder`: weights and the sidecar. `blocks`: its present blocks (default: those of
     `stats`, if given); `stats`: the `DropEffects` to keep with it; `data`: what the model takes (the command line
     keeps the data's name, classes and normalization here); `arch`: the builder it was made with, as a record
@@ -64,12 +64,15 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         force: replace an existing folder.
         data: what the model takes, kept in the sidecar.
         arch: the builder it was made with, as a record.
+        checkpoint: for a network loaded from a command-line checkpoint (`load(folder)` without a model), its
+            `side["checkpoint"]`: the folder is then written as a command-line checkpoint (`model.pt`, `model.json`)
+            that every `sdcompress` command reads, with one more stage, "python", in its history.
 
     Returns:
         The folder written.
 
     Raises:
-        InputError: the folder exists and `force` is False.
+        InputError: the folder exists and `force` is False, or `checkpoint` for a network it does not describe.
 
     Example:
         >>> sdcompress.save(small, "runs/small", stats=trained.stats)
@@ -78,6 +81,8 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
     folder = Path(folder)
     if folder.exists() and not force:
         raise InputError(f"{folder} exists; pass force=True to replace it")
+    if checkpoint is not None:
+        return _save_checkpoint(model, folder, checkpoint)
     blocks = list(blocks) if blocks is not None else (list(stats.blocks) if stats is not None else [])
     side = {
         "format": FORMAT, "version": 1,
@@ -98,6 +103,41 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         atomic_torch_save(state, tmp / "weights.pt")
         atomic_write_json(tmp / "blocks.json", side)
     return folder
+
+
+def _save_checkpoint(model: nn.Module, folder: Path, checkpoint) -> Path:
+    from dataclasses import replace
+
+    from .checkpoint import Sidecar, save_checkpoint
+    from .nets import NetSpec
+
+    spec = getattr(model, "spec", None)
+    if not isinstance(checkpoint, Sidecar) or not isinstance(spec, NetSpec) or spec.arch != checkpoint.spec.arch:
+        raise InputError(f"checkpoint= is the side['checkpoint'] that load() gave for this network ({getattr(spec, 'arch', type(model).__name__)}); "
+                         f"got {type(checkpoint).__name__}")
+    binarized = tuple(n for n, m in model.named_modules() if getattr(m, "weight_bits_per_value", 32) == 1)
+    spec = replace(spec, binarized=binarized)  # 1-bit layers set by `binarize`: the spec rebuilds them
+    model.spec = spec
+    meta = checkpoint.derive(spec, {"stage": "python", "config": {}}, {})
+    with output_folder(folder) as tmp:
+        save_checkpoint(tmp, model, meta)
+    return folder
+
+
+def _load_checkpoint(folder: Path):
+    """A command-line checkpoint (model.pt + model.json: the project's ResNets, torchvision and timm networks)."""
+    import dataclasses as dc
+
+    from .api import DropEffects, _spec_numbers, find_blocks
+    from .checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(folder)
+    blocks = find_blocks(model)
+    params = sum(p.numel() for p in model.parameters())
+    stats = DropEffects.from_table(meta.survival_stats, blocks, _spec_numbers(model), params) if meta.survival_stats else None
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in dc.asdict(meta.data).items()}
+    return model.eval(), {"blocks": blocks, "removed": [], "stats": stats, "class": f"{type(model).__module__}.{type(model).__qualname__}",
+                          "data": data, "arch": meta.spec.arch, "checkpoint": meta}
 
 
 def build(builder: str) -> nn.Module:
@@ -123,7 +163,10 @@ def build(builder: str) -> nn.Module:
 
 def load(folder: str | Path, model: nn.Module | None = None, builder: str | None = None):
     """The model saved in `folder`, rebuilt on `model` (a fresh instance of the user's class, its weights are
-    replaced) or on what `builder` ("package.module:function", imported because you named it) returns.
+    replaced) or on what `builder` ("package.module:function", imported because you named it) returns. A folder
+    written by the command line (`model.json`: the bundled models, `sdcompress train` and `prune` outputs) rebuilds
+    its own network: call `load(folder)` alone; its sidecar then also holds `checkpoint` (for `save`) and the
+    drop effects recorded in its training as `stats`.
 
     Args:
         folder: a folder written by `save`.
@@ -143,6 +186,11 @@ def load(folder: str | Path, model: nn.Module | None = None, builder: str | None
     from .api import DropEffects
 
     folder = Path(folder)
+    if not (folder / "blocks.json").exists() and (folder / "model.json").is_file():
+        if model is not None or builder is not None:
+            raise InputError(f"{folder} is a command-line checkpoint: its model.json rebuilds the network; call load({str(folder)!r}) "
+                             f"without model or builder")
+        return _load_checkpoint(folder)
     side = parse_untrusted_json(folder / "blocks.json", "module sidecar")
     if not isinstance(side, dict) or side.get("format") != FORMAT:
         raise InputError(f"{folder}/blocks.json: not an sdcompress module sidecar")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -539,3 +540,46 @@ def test_the_command_line_on_a_users_class(tmp_path, monkeypatch, capsys):
     assert "name its builder with --arch python:" in capsys.readouterr().err
     assert main(["prune", "small", "--arch", "torchvision:resnet18"]) == 2
     assert not (tmp_path / "again").exists()
+
+
+def test_the_api_on_a_command_line_checkpoint_is_the_prune_command(tmp_path, capsys):
+    """`load` of a command-line checkpoint (the bundled default) gives its network and the drop effects of its
+    training; `prune` by them removes the very blocks `sdcompress prune --keep 0.6` removes, rebuilt from the spec;
+    `save(checkpoint=...)` writes a checkpoint the commands read, outputs identical, 1-bit layers kept as bits."""
+    from sdcompress.checkpoint import load_checkpoint
+    from sdcompress.cli import main
+    from sdcompress.pruning import PruneConfig, blocks_to_remove
+    from sdcompress.zoo import bundled
+
+    folder = bundled("resnet56-sd")
+    model, side = sdcompress.load(folder)
+    net, meta = load_checkpoint(folder)
+    rows = meta.survival_stats.blocks
+    assert len(side["blocks"]) == 27 and [b.stage for b in side["blocks"]] == [0] * 9 + [1] * 9 + [2] * 9
+    assert list(side["stats"].effect) == [r.drop_effect for r in rows] and side["stats"].source == "training"
+    assert side["data"]["mean"] == list(meta.data.mean)
+    with pytest.raises(sdcompress.errors.InputError, match="command-line checkpoint"):
+        sdcompress.load(folder, model=PreActNet())
+
+    small = sdcompress.prune(model, keep=0.6, stats=side["stats"])
+    removed = blocks_to_remove(net, meta, PruneConfig(keep=0.6))
+    assert small.spec.kept == tuple(b for b in range(27) if b not in removed) and len(small.spec.kept) == 16
+    assert sum(p.numel() for p in small.parameters()) == 468_826  # no parameter of a removed block
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    small = sdcompress.recalibrate(small, [(torch.randn(16, 3, 32, 32, generator=g), None) for _ in range(2)])
+    tiny = sdcompress.binarize(small, x[:2])
+    for name, m in (("small", small), ("tiny", tiny)):
+        sdcompress.save(m, tmp_path / name, checkpoint=side["checkpoint"])
+        again, again_meta = load_checkpoint(tmp_path / name)
+        assert again_meta.spec.kept == small.spec.kept and again_meta.stages[-1]["stage"] == "python"
+        with torch.no_grad():
+            assert torch.allclose(again(x), m.eval()(x), rtol=0, atol=1e-5), (name, (again(x) - m(x)).abs().max())
+    assert load_checkpoint(tmp_path / "tiny")[1].spec.binarized  # the 1-bit layers are in the spec, stored as bits
+    assert (tmp_path / "tiny" / "model.pt").stat().st_size < (tmp_path / "small" / "model.pt").stat().st_size / 5
+    from sdcompress.zoo import EVAL_SET, models_dir
+
+    assert main(["eval", str(tmp_path / "small"), "--data", str(models_dir() / EVAL_SET), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"]["n"] == 2000
+    with pytest.raises(sdcompress.errors.InputError, match="checkpoint="):
+        sdcompress.save(PreActNet(), tmp_path / "other", checkpoint=side["checkpoint"])
