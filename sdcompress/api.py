@@ -529,6 +529,10 @@ def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks
         raise InputError("nothing left to binarize: every layer inside the blocks is kept float")
     new = copy.deepcopy(model)
     apply_binary(new, names)
+    if _spec_numbers(new) is not None:  # a network built from a spec: the spec names its 1-bit layers, as `binarize` writes it
+        from dataclasses import replace
+
+        new.spec = replace(new.spec, binarized=tuple(n for n, m in new.named_modules() if getattr(m, "weight_bits_per_value", 32) == 1))
     return new.train(model.training)
 
 

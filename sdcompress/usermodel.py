@@ -106,8 +106,6 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
 
 
 def _save_checkpoint(model: nn.Module, folder: Path, checkpoint) -> Path:
-    from dataclasses import replace
-
     from .checkpoint import Sidecar, save_checkpoint
     from .nets import NetSpec
 
@@ -116,8 +114,9 @@ def _save_checkpoint(model: nn.Module, folder: Path, checkpoint) -> Path:
         raise InputError(f"checkpoint= is the side['checkpoint'] that load() gave for this network ({getattr(spec, 'arch', type(model).__name__)}); "
                          f"got {type(checkpoint).__name__}")
     binarized = tuple(n for n, m in model.named_modules() if getattr(m, "weight_bits_per_value", 32) == 1)
-    spec = replace(spec, binarized=binarized)  # 1-bit layers set by `binarize`: the spec rebuilds them
-    model.spec = spec
+    if tuple(sorted(binarized)) != spec.binarized:
+        raise InputError(f"the network's 1-bit layers ({len(binarized)}) are not those its spec names ({len(spec.binarized)}): "
+                         f"binarize it with sdcompress.binarize")
     meta = checkpoint.derive(spec, {"stage": "python", "config": {}}, {})
     with output_folder(folder) as tmp:
         save_checkpoint(tmp, model, meta)
