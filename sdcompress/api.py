@@ -399,20 +399,15 @@ def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None,
     strategy = strategy or ("stats" if stats is not None else "top")
     present = [b.index for b in blocks if b.removable]
     n_remove = len(present) - math.floor(keep * len(present) + 0.5)
-    from .pruning import every_other, per_stage
+    from .pruning import Candidates, Ranking
 
-    if strategy == "stats":
-        if stats is None:
-            raise InputError("strategy 'stats' needs measured drop effects (measure_drop_effects)")
-        stage = {b.index: b.stage for b in blocks}
-        removed = per_stage(present, n_remove, stage.__getitem__,
-                            lambda i: stats.effect[i] if stats.effect[i] is not None else math.inf)
-    elif strategy == "top":
-        removed = sorted(present, reverse=True)[:n_remove]
-    elif strategy == "every-other":
-        removed = every_other(present, n_remove)
-    else:
+    if strategy not in ("stats", "top", "every-other"):
         raise InputError(f"unknown strategy {strategy!r}; choose stats, top or every-other")
+    if strategy == "stats" and stats is None:
+        raise InputError("strategy 'stats' needs measured drop effects (measure_drop_effects)")
+    stage = {b.index: b.stage for b in blocks}
+    effects = {i: stats.effect[i] for i in present} if stats is not None else None
+    removed = Ranking(strategy, Candidates(model, None, present, stage_of=stage.__getitem__, effects=effects)).removal(n_remove)
     return remove_blocks(model, removed, blocks)
 
 

@@ -176,9 +176,11 @@ class Candidates:
     the loss of a candidate network on training images."""
 
     model: ResNet
-    meta: Sidecar
+    meta: Sidecar | None
     present: list[int]
     loss_fn: Callable[[ResNet], float] | None = None
+    stage_of: Callable[[int], int] | None = None  # default: the spec's stages (a module without one: `Block.stage`)
+    effects: dict[int, float | None] | None = None  # drop effects given directly (`sdcompress.prune`), not by the sidecar
 
 
 Importance = Callable[[Candidates, int, "dict[int, float] | None"], "dict[int, float]"]
@@ -201,7 +203,10 @@ def importance(name: str, ranked_by: str, greedy: bool = False):
 
 @importance("stats", "drop effect, within each stage")
 def stats_scores(c: Candidates, n_remove: int, prior=None) -> dict[int, float]:
-    """Rank in `stats_order` (learned or measured drop effect; contribution where drop effects say nothing)."""
+    """Rank in `stats_order` (learned or measured drop effect; contribution where drop effects say nothing), or by
+    the drop effects given (`sdcompress.prune(stats=...)`), a block without one last."""
+    if c.effects is not None:
+        return {b: c.effects[b] if c.effects.get(b) is not None else math.inf for b in c.present}
     order = stats_order(c.meta.survival_stats, c.present, stats_basis(c.meta.survival_stats, c.present)[0])
     return {b: float(i) for i, b in enumerate(order)}
 
@@ -244,7 +249,7 @@ class Ranking:
         return sorted(self.c.present, key=lambda b: (self.scores[b], b))[:n_remove]
 
     def _per_stage(self, n_remove: int) -> list[int]:
-        return per_stage(self.c.present, n_remove, self.c.model.spec.block_stage, lambda b: self.scores[b])
+        return per_stage(self.c.present, n_remove, self.c.stage_of or self.c.model.spec.block_stage, lambda b: self.scores[b])
 
 
 def per_stage(present: list[int], n_remove: int, stage_of: Callable[[int], int], score: Callable[[int], float]) -> list[int]:
