@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .binary import BinarizeConfig, binarize_stage
+from .binarization import BinarizeConfig, binarize_stage
 from .checkpoint import Sidecar, load_checkpoint, resolve, save_checkpoint
 from .compare import timing_run
 from .files import atomic_write_bytes, atomic_write_json, check_output_folder, checkpoint_folder, file_sha256, output_folder, path_bytes

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from .binary import BinarizeConfig
+from .binarization import BinarizeConfig
 from .checkpoint import load_checkpoint, read_sidecar, resolve
 from .compare import timing_run
 from .files import atomic_write_bytes, atomic_write_json

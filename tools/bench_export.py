@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdcompress.binary import BinarizeConfig  # noqa: E402
+from sdcompress.binarization import BinarizeConfig  # noqa: E402
 from sdcompress.checkpoint import load_checkpoint  # noqa: E402
 from sdcompress.data import Normalize  # noqa: E402
 from sdcompress.evaluate import eval_data  # noqa: E402

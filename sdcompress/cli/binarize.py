@@ -8,7 +8,7 @@ from .common import OUT_ROOT, _ckpt_arg, _finetune_line, _fresh_out, _model_name
 
 
 def add_parser(sub) -> None:
-    from ..binary import BinarizeConfig
+    from ..binarization import BinarizeConfig
 
     d = BinarizeConfig()
     p = sub.add_parser("binarize", help="1-bit weights (sign * per-channel alpha), stored as bits",
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(a) -> int:
-    from ..binary import BinarizeConfig
+    from ..binarization import BinarizeConfig
     from ..pipeline import run_binarize
     from ..report import format_bytes
 

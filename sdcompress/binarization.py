@@ -1,0 +1,81 @@
+"""The binarize stage on a checkpoint's network: the chosen layers become 1-bit layers (`binary.py`), BatchNorm is
+re-estimated on training images, and the network is optionally fine-tuned with the straight-through estimator."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, replace
+
+from torch import nn
+
+from .binary import apply_binary, default_targets
+from .config import check_recovery
+from .data import Normalize, train_augmentation
+from .errors import InputError
+from .loops import recalibrate_bn
+
+
+@dataclass(frozen=True)
+class BinarizeConfig:
+    """Which layers get 1-bit weights, and how accuracy is recovered."""
+
+    binarize_stem: bool = False  # the first conv (full precision by default)
+    binarize_head: bool = False  # the classifier (full precision by default)
+    full_precision: tuple[str, ...] = ()  # layers to leave in full precision
+    recalibrate: int = 40  # BatchNorm re-estimation batches after binarizing (0: off)
+    finetune: int = 0  # STE fine-tuning epochs (needs training data)
+    finetune_lr: float = 0.01
+    finetune_survival: bool = True  # stochastic depth on while fine-tuning (the network was trained with it)
+    seed: int = 0
+    distill: bool = True  # fine-tune from the full-precision model as teacher as well as from the labels
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
+    teacher: str | None = None  # another checkpoint as teacher instead of the full-precision model
+    precision: str = "auto"  # of the fine-tuning steps: auto | fp32 | bf16 (precision.resolve_precision)
+
+    def __post_init__(self):
+        check_recovery(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def binarize_model(model, cfg: BinarizeConfig):
+    """A binarized copy of a network: the chosen layers become 1-bit layers, latent weights from the originals."""
+
+    if model.spec.binarized:
+        raise InputError(f"the checkpoint is already binarized ({len(model.spec.binarized)} layers); binarize the full-precision checkpoint")
+    if cfg.recalibrate < 0 or cfg.finetune < 0:
+        raise InputError("--recalibrate and --finetune must be >= 0")
+    try:
+        names = default_targets(model, cfg.binarize_stem, cfg.binarize_head, cfg.full_precision)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not names:
+        raise InputError("nothing left to binarize")
+    new = copy.deepcopy(model).cpu()
+    apply_binary(new, names)  # a plain `weight` becomes the latent weight of a binary layer
+    new.spec = replace(model.spec, binarized=tuple(names))
+    return new.eval()
+
+
+def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Module, dict]:
+    """The binarize stage: binarize, re-estimate BatchNorm on training images, optionally fine-tune with the STE.
+
+    Args:
+        model, meta: the network and its sidecar.
+        cfg: the binarize config.
+        calib: training images for BatchNorm recalibration (never evaluation data).
+        tune: `tune(model, cfg)` fine-tunes in place as `cfg` says and returns a record.
+    """
+    new = binarize_model(model, cfg)
+    record = {"layers": list(new.spec.binarized), "recalibrated_images": 0, "finetune": None}
+    if cfg.recalibrate:
+        if calib is None:
+            raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
+        norm = Normalize(meta.data.mean, meta.data.std)
+        record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))
+        record["calibration_set_size"] = len(calib)
+    if cfg.finetune:
+        record["finetune"] = tune(new, cfg)
+    return new, record
