@@ -95,7 +95,8 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         batches: (inputs, targets) batches of training images, e.g. a shuffling, augmenting DataLoader.
         epochs: passes over `batches`.
         blocks: the blocks (default: `find_blocks` on the first batch).
-        p_last: survival probability of the last block (the paper's 0.5).
+        p_last: survival probability of the last block (the paper's 0.5). A network loaded from a command-line
+            checkpoint (`load(folder)`) keeps its own rule and p_L, as its evaluation-time scaling says.
         lr: the start of a cosine schedule (0.1 from scratch; 0.01 to 0.02 from pretrained weights).
         weight_decay: SGD weight decay.
         loss_fn: loss(outputs, targets).
@@ -113,7 +114,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         >>> trained = sdcompress.train_stochastic_depth(model, loader, epochs=2, lr=0.02)
         >>> small = sdcompress.prune(trained.model, keep=0.6, stats=trained.stats)
     """
-    from .api import DropEffects, find_blocks
+    from .api import DropEffects, _spec_numbers, find_blocks
 
     _check_batches(batches, epochs)
     p_last = _positive("p_last", p_last, 0.0, 1.0)
@@ -131,17 +132,29 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     idx = [b.index for b in blocks if b.removable]
     if not idx:
         raise InputError("the model has no removable block")
+    numbers = _spec_numbers(work)  # a network built from a spec (a command-line checkpoint) scales its blocks itself
+    if numbers is not None:
+        if work.spec.survival_rule == "none":
+            raise InputError(f"this {work.spec.arch} was built at constant depth from its checkpoint's spec, which scales no block at "
+                             f"evaluation; retrofit stochastic depth onto its weights with `sdcompress train --arch {work.spec.arch} "
+                             f"--weights CKPT/model.pt`, which sets the scaling and compensates it in the starting weights")
+        spec_p = work.block_survival()  # its own rule (the spec's p_L, not p_last): the paper's training draw, run_mask
+        probs = {b.index: spec_p[numbers[b.path]] if b.removable else 1.0 for b in blocks}
+        p_last = work.spec.p_last
     skip = {i: replacement(work, blocks[i], share=True) for i in idx}
     block_of = {i: work.get_submodule(blocks[i].path) for i in idx}
     p = torch.tensor([probs[i] for i in idx])
     gen = torch.Generator().manual_seed(seed)
-    _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
+    if numbers is None:
+        _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
     dropped_log: list[np.ndarray] = []
     loss_log: list[float] = []
 
     def loss_of(x, y, step):
         runs = (torch.rand(len(idx), generator=gen) < p).tolist()
         dropped_log.append(np.array([not r for r in runs], dtype=np.uint8))
+        if numbers is not None:  # a running block adds f(x) unscaled, a dropped one is not computed (nets.ResNet)
+            return loss_fn(work(x, {numbers[blocks[i].path]: r for i, r in zip(idx, runs)}).float(), y)
         gone = [i for i, r in zip(idx, runs) if not r]
         try:
             for i in gone:
@@ -154,7 +167,8 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
 
     history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, progress, "stochastic depth", loss_of,
                     on_step=lambda step, v: loss_log.append(v))
-    _fold(work, blocks, {i: probs[i] for i in idx})
+    if numbers is None:
+        _fold(work, blocks, {i: probs[i] for i in idx})
     if recalibrate_batches:
         work = recalibrate(work, batches, recalibrate_batches, device=dev)
     dropped = np.stack(dropped_log)
@@ -162,7 +176,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     stats = DropEffects.from_fit(blocks, idx, fit, dropped, [1.0 - probs[i] for i in idx],
                                  sum(q.numel() for q in work.parameters()), source="training")
     history.update({"p_last": p_last, "survival": [probs[b.index] for b in blocks],
-                    "unscaled": [b.path for b in blocks if b.removable and not b.scale],
+                    "unscaled": [b.path for b in blocks if b.removable and not b.scale and numbers is None],
                     "recalibrated_batches": recalibrate_batches})
     return Trained(work, stats, history)
 

@@ -583,3 +583,37 @@ def test_the_api_on_a_command_line_checkpoint_is_the_prune_command(tmp_path, cap
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"]["n"] == 2000
     with pytest.raises(sdcompress.errors.InputError, match="checkpoint="):
         sdcompress.save(PreActNet(), tmp_path / "other", checkpoint=side["checkpoint"])
+
+
+def test_stochastic_depth_on_a_command_line_checkpoint_uses_its_own_draw(monkeypatch):
+    """A network loaded from a command-line checkpoint scales its blocks by p_l itself: `train_stochastic_depth`
+    trains it with the paper's draw (`run_mask`: running blocks unscaled, dropped ones not computed, its own rule),
+    the evaluation-time network is unchanged by steps at lr ~0, and a constant-depth one is refused in one line."""
+    from sdcompress.nets import ResNet
+    from sdcompress.zoo import bundled
+
+    model, side = sdcompress.load(bundled("resnet56-sd"))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0  # running statistics kept: only the weights could change the evaluation-time network
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    masks = []
+    real = ResNet.forward
+
+    def spy(self, x, run_mask=None):
+        if self.training:
+            masks.append(run_mask)
+        return real(self, x, run_mask)
+
+    monkeypatch.setattr(ResNet, "forward", spy)
+    trained = sdcompress.train_stochastic_depth(model, batches, lr=1e-9, recalibrate_batches=0, p_last=0.9)
+    assert len(masks) == 3 and all(isinstance(r, dict) and len(r) == 27 for r in masks)
+    assert any(not run for r in masks for run in r.values())  # blocks were dropped by the draw
+    assert trained.history["survival"] == [pytest.approx(p) for p in model.block_survival().values()]  # its own rule, not 0.9
+    assert trained.history["unscaled"] == [] and len(trained.stats.effect) == 27
+    with torch.no_grad():
+        assert torch.allclose(trained.model(batches[0][0]), model(batches[0][0]), atol=1e-4)
+    constant, _ = sdcompress.load(bundled("resnet56-constant"))
+    with pytest.raises(InputError, match="sdcompress train --arch resnet56 --weights"):
+        sdcompress.train_stochastic_depth(constant, batches)
