@@ -3,12 +3,11 @@ re-estimated on training images, and the network is optionally fine-tuned with t
 
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .binary import apply_binary, default_targets
+from .binary import default_targets
 from .config import check_recovery
 from .data import Normalize, train_augmentation
 from .errors import InputError
@@ -41,22 +40,22 @@ class BinarizeConfig:
 
 
 def binarize_model(model, cfg: BinarizeConfig):
-    """A binarized copy of a network: the chosen layers become 1-bit layers, latent weights from the originals."""
+    """A binarized copy of a network: the chosen layers become 1-bit layers, latent weights from the originals
+    (`sdcompress.binarize`, with the command line's checks and wording)."""
+    from .api import binarize
 
     if model.spec.binarized:
         raise InputError(f"the checkpoint is already binarized ({len(model.spec.binarized)} layers); binarize the full-precision checkpoint")
     if cfg.recalibrate < 0 or cfg.finetune < 0:
         raise InputError("--recalibrate and --finetune must be >= 0")
     try:
-        names = default_targets(model, cfg.binarize_stem, cfg.binarize_head, cfg.full_precision)
+        names = default_targets(model, cfg.binarize_stem, cfg.binarize_head, cfg.full_precision)  # --full-precision checked
     except ValueError as e:
         raise InputError(str(e)) from None
     if not names:
         raise InputError("nothing left to binarize")
-    new = copy.deepcopy(model).cpu()
-    apply_binary(new, names)  # a plain `weight` becomes the latent weight of a binary layer
-    new.spec = replace(model.spec, binarized=tuple(names))
-    return new.eval()
+    new = binarize(model, blocks=None, stem=cfg.binarize_stem, head=cfg.binarize_head, full_precision=cfg.full_precision)
+    return new.cpu().eval()
 
 
 def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Module, dict]:
