@@ -74,11 +74,18 @@ def find_blocks(model: nn.Module, example_input: torch.Tensor | None = None, pat
         raise TypeError(f"example_input must be a tensor (an input batch), got {type(example_input).__name__}")
     if paths is None:
         try:
-            return family_of(model)[1]
+            blocks = family_of(model)[1]
         except ValueError as e:
             if example_input is None:
                 raise InputError(f"{e}; give an example input (find_blocks(model, torch.randn(2, 3, 32, 32))) and a forward "
                                  f"pass finds them") from None
+        else:
+            number = _spec_numbers(model)  # a network built from a spec: its stages are the spec's, removed blocks or not
+            if number is not None:
+                from dataclasses import replace
+
+                blocks = [replace(b, stage=model.spec.block_stage(number[b.path])) if b.path in number else b for b in blocks]
+            return blocks
         blocks, verdicts = survey_blocks(model, example_input, _with_blocks=True)
         if not blocks:
             seen = "; ".join(f"{c.path}: {c.why}" for c in verdicts[:3]) or "it has no module with parameters and submodules"
@@ -286,6 +293,26 @@ class DropEffects:
             return None
         return cls(tuple(blocks), tuple(effect), tuple(stderr), table.regression_steps, tuple(rate), tuple(runs), params,
                    source="measured" if table.source == "measured" else "training")
+
+    def to_table(self, numbers: dict[str, int], blocks_total: int, prior=None) -> dict:
+        """These effects as a command-line checkpoint's `survival_stats` (rows by block number of the spec; `numbers`
+        maps a block's module path to its number): what `sdcompress stats --measure` and `save(checkpoint=...)`
+        write. Contributions, which only training records, are kept from `prior` (the checkpoint's table)."""
+        old = {r.block: r for r in prior.blocks} if prior is not None else {}
+        measured = {numbers[b.path]: k for k, b in enumerate(self.blocks) if b.path in numbers and self.drop_rates[k] is not None}
+        rows = []
+        for n in range(blocks_total):
+            k, before = measured.get(n), old.get(n)
+            rows.append({
+                "block": n,
+                "p_scheduled": round(1.0 - self.drop_rates[k], 6) if k is not None else (before.p_scheduled if before else 1.0),
+                "runs": self.runs[k] if k is not None else 0,
+                "survival_rate": self.runs[k] / self.batches if k is not None else None,
+                "contribution": before.contribution if before else None,
+                "drop_effect": self.effect[k] if k is not None else None,
+                "drop_effect_se": self.stderr[k] if k is not None else None,
+            })
+        return {"steps": self.batches, "window": self.batches, "regression_steps": self.batches, "source": self.source, "blocks": rows}
 
 
 def measure_drop_effects(model: nn.Module, batches: Iterable, blocks: list[Block] | None = None, rounds: int = 1,

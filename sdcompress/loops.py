@@ -193,40 +193,45 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_
     for m, _ in layouts:
         to_layout(m, prec.channels_last)
     work.train()
+    written = "; nothing was written" if lr_hint != "lr" else ""  # the commands write nothing when they stop; the API returns nothing
     losses, step, t0 = [], 0, time.perf_counter()
     try:
         for epoch in range(epochs):
-            total_loss, n = 0.0, 0
+            total_loss, n = torch.zeros((), device=dev), 0
             for item in batches:
                 x, y = to_device(item, dev)
-                frac = step / total if total else epoch / epochs
+                angle = math.pi * min(step, total) / total if total else math.pi * epoch / epochs
                 for g in opt.param_groups:
-                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+                    g["lr"] = lr * 0.5 * (1 + math.cos(angle))
                 with prec.autocast(dev):
                     loss = loss_of(prec.layout(x), y, step)
                 opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None: SGD leaves it untouched
                 loss.backward()
                 opt.step()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingDiverged(f"{desc}: the loss became non-finite at step {step + 1}"
-                                           f"{f' of {total}' if total else ''}; nothing was written; try a lower {lr_hint} (it was {lr:g})")
-                if on_step is not None:
-                    on_step(step, value)
-                total_loss, n, step = total_loss + value, n + 1, step + 1
-                bar.update(1)
-                if step % 25 == 0:
+                detached = loss.detach()
+                total_loss, n, step = total_loss + detached, n + 1, step + 1
+                if on_step is not None:  # a value every step: a host sync every step
+                    on_step(step - 1, float(detached))
+                if step % 10 == 0 or (total and step == total):  # the guard, without a host sync on every step
+                    value = float(detached)
+                    if not math.isfinite(value):
+                        raise TrainingDiverged(f"{desc}: the loss became non-finite at step {step}{f' of {total}' if total else ''}"
+                                               f"{written}; try a lower {lr_hint} (it was {lr:g})")
                     bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{value:.3f}")
+                bar.update(1)
             if n == 0:
                 raise InputError("batches is empty: give (inputs, targets) batches of training images")
-            losses.append(round(total_loss / n, 5))
+            mean = float(total_loss) / n
+            if not math.isfinite(mean):
+                raise TrainingDiverged(f"{desc}: the loss became non-finite in epoch {epoch + 1}{written}; try a lower {lr_hint} (it was {lr:g})")
+            losses.append(round(mean, 5))
     finally:
         bar.close()
         for m, was in layouts:
             to_layout(m, was)
         work.eval()
     if not all(torch.isfinite(p).all() for p in work.parameters()):
-        raise TrainingDiverged(f"{desc} left non-finite weights; nothing was written; try a lower {lr_hint} (it was {lr:g})")
+        raise TrainingDiverged(f"{desc} left non-finite weights{written}; try a lower {lr_hint} (it was {lr:g})")
     return {"epochs": epochs, "steps": step, "seconds": round(time.perf_counter() - t0, 1), "epoch_loss": losses,
             "lr": lr, **prec.to_dict()}
 

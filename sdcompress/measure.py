@@ -38,23 +38,8 @@ def run_measure(ckpt, out: Path, data=None, data_dir=None, batches: int = 40, ro
     blocks = find_blocks(model)
     fx = measure_drop_effects(model, work, blocks, rounds=rounds, max_drop=max_drop, seed=seed)
     number = {model.spec.block_path(n): n for n in model.block_ids}  # module path -> block number of the spec
-    old = {r.block: r for r in meta.survival_stats.blocks} if meta.survival_stats is not None else {}
-    measured = {number[b.path]: k for k, b in enumerate(fx.blocks)}
-    rows = []
-    for n in range(meta.spec.blocks_total):
-        k = measured.get(n)
-        prior = old.get(n)
-        rows.append({
-            "block": n,
-            "p_scheduled": round(1.0 - fx.drop_rates[k], 6) if k is not None else (prior.p_scheduled if prior else 1.0),
-            "runs": fx.runs[k] if k is not None else 0,
-            "survival_rate": fx.runs[k] / fx.batches if k is not None else None,
-            "contribution": prior.contribution if prior else None,  # from training, where it was recorded
-            "drop_effect": fx.effect[k] if k is not None else None,
-            "drop_effect_se": fx.stderr[k] if k is not None else None,
-        })
     d = meta.to_dict()
-    d["survival_stats"] = {"steps": fx.batches, "window": fx.batches, "regression_steps": fx.batches, "source": "measured", "blocks": rows}
+    d["survival_stats"] = fx.to_table(number, meta.spec.blocks_total, meta.survival_stats)
     d["stages"] = d["stages"] + [{"stage": "measure", "config": {"batches": len(work), "rounds": rounds, "batch_size": batch_size,
                                                                  "max_drop": max_drop, "seed": seed}, "data": source}]
     new = Sidecar.from_dict(d)

@@ -78,6 +78,14 @@ def _fold(model: nn.Module, blocks: list[Block], factor: dict[int, float]) -> No
                     p.mul_(factor[b.index])
 
 
+def _scales_itself(model: nn.Module) -> bool:
+    """Whether the network scales each block by p_l at evaluation itself (the project's ResNets do; torchvision and
+    timm networks as the command line wraps them run every block at full weight)."""
+    from .nets import ResNet
+
+    return isinstance(model, ResNet)
+
+
 def survival_probs(blocks: list[Block], p_last: float) -> dict[int, float]:
     """The linear rule: p_l = 1 - l/L (1 - p_last) for block l = 1..L; a block that cannot be removed always runs."""
     n = len(blocks)
@@ -135,9 +143,10 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     numbers = _spec_numbers(work)  # a network built from a spec (a command-line checkpoint) scales its blocks itself
     if numbers is not None:
         if work.spec.survival_rule == "none":
-            raise InputError(f"this {work.spec.arch} was built at constant depth from its checkpoint's spec, which scales no block at "
-                             f"evaluation; retrofit stochastic depth onto its weights with `sdcompress train --arch {work.spec.arch} "
-                             f"--weights CKPT/model.pt`, which sets the scaling and compensates it in the starting weights")
+            raise InputError(f"this {work.spec.arch} was built at constant depth from its checkpoint's spec, which sets no survival "
+                             f"rule; retrofit stochastic depth onto its weights with `sdcompress train --arch {work.spec.arch} "
+                             f"--weights CKPT/model.pt`, which sets one (and, for the project's ResNets, compensates its "
+                             f"evaluation-time scaling in the starting weights)")
         spec_p = work.block_survival()  # its own rule (the spec's p_L, not p_last): the paper's training draw, run_mask
         probs = {b.index: spec_p[numbers[b.path]] if b.removable else 1.0 for b in blocks}
         p_last = work.spec.p_last
@@ -154,7 +163,9 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         runs = (torch.rand(len(idx), generator=gen) < p).tolist()
         dropped_log.append(np.array([not r for r in runs], dtype=np.uint8))
         if numbers is not None:  # a running block adds f(x) unscaled, a dropped one is not computed (nets.ResNet)
-            return loss_fn(work(x, {numbers[blocks[i].path]: r for i, r in zip(idx, runs)}).float(), y)
+            mask = dict.fromkeys(work.block_ids, True)  # blocks not drawn (not in `blocks`) always run
+            mask.update({numbers[blocks[i].path]: r for i, r in zip(idx, runs)})
+            return loss_fn(work(x, mask).float(), y)
         gone = [i for i, r in zip(idx, runs) if not r]
         try:
             for i in gone:
@@ -176,7 +187,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     stats = DropEffects.from_fit(blocks, idx, fit, dropped, [1.0 - probs[i] for i in idx],
                                  sum(q.numel() for q in work.parameters()), source="training")
     history.update({"p_last": p_last, "survival": [probs[b.index] for b in blocks],
-                    "unscaled": [b.path for b in blocks if b.removable and not b.scale and numbers is None],
+                    "unscaled": [b.path for b in blocks if b.removable and not b.scale and not _scales_itself(work)],
                     "recalibrated_batches": recalibrate_batches})
     return Trained(work, stats, history)
 

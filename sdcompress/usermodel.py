@@ -66,7 +66,8 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         arch: the builder it was made with, as a record.
         checkpoint: for a network loaded from a command-line checkpoint (`load(folder)` without a model), its
             `side["checkpoint"]`: the folder is then written as a command-line checkpoint (`model.pt`, `model.json`)
-            that every `sdcompress` command reads, with one more stage, "python", in its history.
+            that every `sdcompress` command reads, with one more stage, "python", in its history; its statistics are
+            the checkpoint's, or `stats` where given (`blocks`, `data` and `arch` are the checkpoint's own).
 
     Returns:
         The folder written.
@@ -82,7 +83,7 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
     if folder.exists() and not force:
         raise InputError(f"{folder} exists; pass force=True to replace it")
     if checkpoint is not None:
-        return _save_checkpoint(model, folder, checkpoint)
+        return _save_checkpoint(model, folder, checkpoint, stats)
     blocks = list(blocks) if blocks is not None else (list(stats.blocks) if stats is not None else [])
     side = {
         "format": FORMAT, "version": 1,
@@ -93,6 +94,7 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         "blocks": [dataclasses.asdict(b) for b in blocks],
         "arch": arch,
         "data": data,
+        "spec": _spec_of(model),
         "stats": None if stats is None else {
             "source": stats.source, "batches": stats.batches, "effect": list(stats.effect), "stderr": list(stats.stderr),
             "drop_rates": list(stats.drop_rates), "runs": list(stats.runs), "params": stats.params,
@@ -105,7 +107,7 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
     return folder
 
 
-def _save_checkpoint(model: nn.Module, folder: Path, checkpoint) -> Path:
+def _save_checkpoint(model: nn.Module, folder: Path, checkpoint, stats) -> Path:
     from .checkpoint import Sidecar, save_checkpoint
     from .nets import NetSpec
 
@@ -118,6 +120,12 @@ def _save_checkpoint(model: nn.Module, folder: Path, checkpoint) -> Path:
         raise InputError(f"the network's 1-bit layers ({len(binarized)}) are not those its spec names ({len(spec.binarized)}): "
                          f"binarize it with sdcompress.binarize")
     meta = checkpoint.derive(spec, {"stage": "python", "config": {}}, {})
+    if stats is not None:  # effects measured or recorded in Python replace the checkpoint's; contributions are kept
+        from .api import _spec_numbers
+
+        d = meta.to_dict()
+        d["survival_stats"] = stats.to_table(_spec_numbers(model), spec.blocks_total, checkpoint.survival_stats)
+        meta = Sidecar.from_dict(d)
     with output_folder(folder) as tmp:
         save_checkpoint(tmp, model, meta)
     return folder
@@ -137,6 +145,15 @@ def _load_checkpoint(folder: Path):
     data = {k: list(v) if isinstance(v, tuple) else v for k, v in dc.asdict(meta.data).items()}
     return model.eval(), {"blocks": blocks, "removed": [], "stats": stats, "class": f"{type(model).__module__}.{type(model).__qualname__}",
                           "data": data, "arch": meta.spec.arch, "checkpoint": meta}
+
+
+def _spec_of(model: nn.Module) -> dict | None:
+    """The spec of a network built from one (the project's ResNets, torchvision / timm as the commands wrap them): its
+    removed blocks and 1-bit layers are in it, so `load` rebuilds the network from it."""
+    from .nets import NetSpec
+
+    spec = getattr(model, "spec", None)
+    return spec.to_dict() if isinstance(spec, NetSpec) else None
 
 
 def build(builder: str) -> nn.Module:
@@ -203,6 +220,14 @@ def load(folder: str | Path, model: nn.Module | None = None, builder: str | None
     want = str(side.get("class", ""))
     if want.rsplit(".", 1)[-1] != type(model).__qualname__.rsplit(".", 1)[-1]:
         raise InputError(f"{folder} holds a {want:.80} model, not a {type(model).__name__}")
+    if isinstance(side.get("spec"), dict) and _spec_of(model) is not None:  # rebuilt from its spec, as saved
+        from .nets import NetSpec, build_model
+
+        try:
+            model = build_model(NetSpec.from_dict(side["spec"]))
+        except (ValueError, TypeError, KeyError) as e:
+            raise InputError(f"{folder}/blocks.json: spec: {e}") from None
+        side = {**side, "removed": [], "binarized": []}  # both are in the spec
     removed = [_block_from(d, f"{folder}/blocks.json removed[{i}]") for i, d in enumerate(side.get("removed") or [])]
     modules = dict(model.named_modules())
     for b in removed:

@@ -579,6 +579,13 @@ def test_the_api_on_a_command_line_checkpoint_is_the_prune_command(tmp_path, cap
     assert (tmp_path / "tiny" / "model.pt").stat().st_size < (tmp_path / "small" / "model.pt").stat().st_size / 5
     from sdcompress.zoo import EVAL_SET, models_dir
 
+    effects = sdcompress.measure_drop_effects(small, [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g))
+                                                      for _ in range(20)])
+    sdcompress.save(small, tmp_path / "measured", checkpoint=side["checkpoint"], stats=effects)
+    table = load_checkpoint(tmp_path / "measured")[1].survival_stats
+    assert table.source == "measured" and [r.runs > 0 for r in table.blocks] == [b in small.spec.kept for b in range(27)]
+    assert all(r.drop_effect is None and r.runs == 0 for r in table.blocks if r.block not in small.spec.kept)
+    assert [r.contribution for r in table.blocks] == [r.contribution for r in rows]  # recorded in training, kept
     assert main(["eval", str(tmp_path / "small"), "--data", str(models_dir() / EVAL_SET), "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"]["n"] == 2000
     with pytest.raises(sdcompress.errors.InputError, match="checkpoint="):
@@ -617,3 +624,31 @@ def test_stochastic_depth_on_a_command_line_checkpoint_uses_its_own_draw(monkeyp
     constant, _ = sdcompress.load(bundled("resnet56-constant"))
     with pytest.raises(InputError, match="sdcompress train --arch resnet56 --weights"):
         sdcompress.train_stochastic_depth(constant, batches)
+
+
+def test_a_network_built_from_a_spec_keeps_its_stages_and_round_trips(tmp_path):
+    """A project ResNet with downsampling blocks removed: its blocks keep the spec's stages (a forward pass would put
+    every block after the first removed one in stage 0), so `prune` by stats takes every-other's count per stage;
+    `save` / `load(model=...)` rebuild it from its spec; stochastic depth on a subset of its blocks runs the rest."""
+    from sdcompress.nets import NetSpec, build_model
+    from sdcompress.pruning import every_other, remove_blocks as rebuild
+
+    torch.manual_seed(0)
+    full = build_model(NetSpec("resnet20", 3, 10, "linear", 0.5)).eval()  # 9 blocks, 3 stages; 3 and 6 downsample
+    net = rebuild(full, [3, 6])
+    blocks = sdcompress.find_blocks(net)
+    assert [b.stage for b in blocks] == [0, 0, 0, 1, 1, 2, 2]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(12)]
+    stats = sdcompress.measure_drop_effects(net, batches, blocks)
+    small = sdcompress.prune(net, keep=0.6, stats=stats)
+    gone = sorted(set(net.block_ids) - set(small.block_ids))
+    quota = {s: sum(1 for i in every_other(list(range(7)), 3) if blocks[i].stage == s) for s in range(3)}
+    assert {s: sum(1 for n in gone if full.spec.block_stage(n) == s) for s in range(3)} == quota
+    sdcompress.save(small, tmp_path / "s", blocks=sdcompress.find_blocks(small))
+    again, _ = sdcompress.load(tmp_path / "s", model=build_model(NetSpec("resnet20", 3, 10, "linear", 0.5)))
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        assert again.block_ids == small.block_ids and torch.equal(again(x), small(x))
+    trained = sdcompress.train_stochastic_depth(small, batches[:2], blocks=sdcompress.find_blocks(small)[:2], recalibrate_batches=0)
+    assert len(trained.stats.effect) == 2 and trained.history["unscaled"] == []
