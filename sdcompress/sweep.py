@@ -25,7 +25,7 @@ from .files import atomic_write_bytes, atomic_write_json
 from .errors import InputError
 from .precision import check_precision
 from .evaluate import evaluate_checkpoint
-from .pipeline import check_formats, run_binarize, run_export, run_prune, compression_ratio
+from .pipeline import VerificationFailed, check_formats, run_binarize, run_export, run_prune, compression_ratio
 from .pruning import STRATEGIES, PruneConfig
 from .report import format_bytes, save_figure
 
@@ -147,7 +147,12 @@ def _point(ckpt: Path, keep: float, binary: bool, cfg: SweepConfig, out: Path, d
         acc = run_binarize(src, BinarizeConfig(finetune=cfg.finetune, distill=cfg.distill, precision=cfg.precision), pdir, data, data_dir, device, progress=False,
                            measure_before=False)["after"]["accuracy"]
         src = pdir
-    exp = run_export(src, cfg.formats, pdir / "export", data, data_dir, cfg.threads, precision=cfg.coreml_precision)
+    try:
+        exp = run_export(src, cfg.formats, pdir / "export", data, data_dir, cfg.threads, precision=cfg.coreml_precision)
+    except VerificationFailed as e:  # say which point, and what to change
+        hint = ("; rerun without coreml in --formats, or with --coreml-precision float32, into another --out (a sweep's folder "
+                "holds one set of settings)") if "Core ML" in str(e) and cfg.coreml_precision == "float16" else ""
+        raise VerificationFailed(f"point {label(keep, binary)}: {e}{hint}") from None
     if acc is None:  # no stage ran here (or it found no evaluation data, which raises below with the reason)
         model, meta = load_checkpoint(src)
         r = evaluate_checkpoint(model, meta, src, data, data_dir)

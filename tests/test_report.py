@@ -247,3 +247,20 @@ def test_report_finds_the_default_export_of_these_weights_only(digits_run, tmp_p
     torch.save(state, ck / "model.pt")
     assert main(["report", str(ck), "--json", str(tmp_path / "r2.json")]) == 0
     assert json.loads((tmp_path / "r2.json").read_text())["bytes"]["onnx"] is None
+
+
+def test_a_sweep_point_that_fails_verification_is_named_with_what_to_change(digits_run, tmp_path, monkeypatch, capsys):
+    """A Core ML package outside the float16 tolerance stops the sweep in one line that names the point and the
+    settings that avoid it, with nothing of the failed export left."""
+    from sdcompress.exporters import coreml
+
+    def off(*args, **kwargs):
+        return {"ok": False, "max_abs_diff": 0.013, "top1_agreement": 1.0, "n": 64}
+
+    monkeypatch.setattr(coreml, "verify_inputs", off)
+    out = tmp_path / "sw"
+    assert main(["sweep", str(digits_run), "--keep", "1.0", "--binarize", "off", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "point keep1.00" in err and "0.013" in err and "--coreml-precision float32" in err, err
+    assert not list(out.glob("points/keep1.00/export/*.mlpackage"))
