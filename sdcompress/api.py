@@ -533,7 +533,7 @@ def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks
         >>> tiny = sdcompress.binarize(small, torch.randn(2, 3, 32, 32))
         >>> tiny, history = sdcompress.finetune(tiny, train_loader, teacher=trained.model, epochs=1)
     """
-    from .binary import BinaryConv2d, BinaryLinear, apply_binary, default_targets
+    from .binary import BinaryConv2d, BinaryLinear, apply_binary, binary_layer_names, default_targets
 
     if any(isinstance(m, (BinaryConv2d, BinaryLinear)) for m in model.modules()):
         raise InputError("the model is already binarized; binarize the full-precision model")
@@ -554,7 +554,7 @@ def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks
     if _spec_numbers(new) is not None:  # a network built from a spec: the spec names its 1-bit layers, as `binarize` writes it
         from dataclasses import replace
 
-        new.spec = replace(new.spec, binarized=tuple(n for n, m in new.named_modules() if getattr(m, "weight_bits_per_value", 32) == 1))
+        new.spec = replace(new.spec, binarized=tuple(binary_layer_names(new)))
     return new.train(model.training)
 
 

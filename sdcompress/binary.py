@@ -139,7 +139,7 @@ def bits_per_value(m: nn.Module) -> int:
     return getattr(m, "weight_bits_per_value", 32)
 
 
-# ---- the stage -----------------------------------------------------------------------------------------------
+# ---- which layers to binarize, and what that leaves ----------------------------------------------------------
 def _in_attention(name: str, modules: dict[str, nn.Module]) -> bool:
     """Whether a layer belongs to an attention module (its query/key/value and output projections)."""
     parts = name.split(".")
@@ -203,3 +203,8 @@ def precision_profile(model: nn.Module, macs_per_layer: dict[str, int]) -> dict:
         "macs_binary": binary_macs,
         "macs_full_precision": sum(macs_per_layer.values()) - binary_macs,
     }
+
+
+def binary_layer_names(model: nn.Module) -> list[str]:
+    """Names of the model's layers with 1-bit weights, in module order."""
+    return [n for n, m in model.named_modules() if bits_per_value(m) == 1]

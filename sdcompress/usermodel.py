@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .binary import apply_binary
+from .binary import apply_binary, binary_layer_names
 from .errors import InputError
 from .families import REMOVALS, Block, replacement
 from .files import atomic_torch_save, atomic_write_json, output_folder, parse_untrusted_json
@@ -90,7 +90,7 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "params": sum(p.numel() for p in model.parameters()),
         "removed": [dataclasses.asdict(b) for b in removed_blocks(model)],
-        "binarized": [n for n, m in model.named_modules() if getattr(m, "weight_bits_per_value", 32) == 1],
+        "binarized": binary_layer_names(model),
         "blocks": [dataclasses.asdict(b) for b in blocks],
         "arch": arch,
         "data": data,
@@ -115,7 +115,7 @@ def _save_checkpoint(model: nn.Module, folder: Path, checkpoint, stats) -> Path:
     if not isinstance(checkpoint, Sidecar) or not isinstance(spec, NetSpec) or spec.arch != checkpoint.spec.arch:
         raise InputError(f"checkpoint= is the side['checkpoint'] that load() gave for this network ({getattr(spec, 'arch', type(model).__name__)}); "
                          f"got {type(checkpoint).__name__}")
-    binarized = tuple(n for n, m in model.named_modules() if getattr(m, "weight_bits_per_value", 32) == 1)
+    binarized = tuple(binary_layer_names(model))
     if tuple(sorted(binarized)) != spec.binarized:
         raise InputError(f"the network's 1-bit layers ({len(binarized)}) are not those its spec names ({len(spec.binarized)}): "
                          f"binarize it with sdcompress.binarize")
