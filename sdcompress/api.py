@@ -385,34 +385,56 @@ def _check_fraction(name: str, v, closed: bool = True) -> None:
         raise InputError(f"{name} must be in (0, 1{']' if closed else ')'}, got {v}")
 
 
-def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None, strategy: str | None = None,
-          blocks: list[Block] | None = None) -> nn.Module:
-    """A copy of `model` keeping `keep` of its removable blocks (rounded to whole blocks), the others removed as by
-    `remove_blocks`. BatchNorm statistics are left as they were: follow with `recalibrate`.
+def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None = None, strategy: str | None = None,
+          blocks: list[Block] | None = None, *, batches: Iterable | None = None, max_params: int | None = None,
+          max_bytes: int | None = None) -> nn.Module:
+    """A copy of `model` keeping `keep` of its removable blocks (rounded to whole blocks), or the most blocks that fit
+    a budget, the others removed as by `remove_blocks`. BatchNorm statistics are left as they were: follow with
+    `recalibrate`. The command line's `sdcompress prune` ranks and budgets with the same functions (`pruning`).
 
     Args:
         model: the network (not modified).
-        keep: fraction of the removable blocks kept, in (0, 1].
+        keep: fraction of the removable blocks kept, in (0, 1] (default 0.6 when no budget is given).
         stats: drop effects, measured (`measure_drop_effects`) or recorded in training (`train_stochastic_depth`);
             with them the default strategy is "stats": in each stage (`Block.stage`) as many blocks as
             "every-other" removes there, those whose removal raises the loss least (drop effects are marginal:
             ranked over the whole network they pile removals into one stage, which costs far more); without them
             "top" (the highest blocks go first).
-        strategy: "stats", "top" or "every-other" (removals spread evenly over the depth, from the top).
+        strategy: "stats", "top", "every-other" (removals spread evenly over the depth, from the top) or
+            "sensitivity" (greedy: each step removes the block whose removal raises the loss on `batches` least;
+            one evaluation of `batches` per candidate and step).
         blocks: the model's blocks (default those of `stats`, else `find_blocks(model)`).
+        batches: for "sensitivity", a few `(inputs, targets)` batches of training images (a list, so that every
+            candidate sees the same ones); the loss is their mean cross-entropy in evaluation mode.
+        max_params: instead of `keep`, remove the fewest blocks, in the strategy's order, that leave at most this
+            many parameters.
+        max_bytes: instead of `keep`, the same for the bytes of the model's saved `state_dict` (1-bit layers
+            counted as stored, in bits).
 
     Returns:
         The pruned module.
 
     Raises:
-        InputError: `keep` outside (0, 1], an unknown strategy, "stats" without stats, or stats of another model.
+        InputError: `keep` outside (0, 1], `keep` and a budget together, a budget no network meets, an unknown
+            strategy, "stats" without stats, "sensitivity" without batches, or stats of another model.
 
     Example:
         >>> trained = sdcompress.train_stochastic_depth(model, train_loader, epochs=2)
         >>> small = sdcompress.prune(trained.model, keep=0.6, stats=trained.stats)
         >>> small = sdcompress.recalibrate(small, train_loader)
+        >>> tiny = sdcompress.prune(trained.model, max_params=400_000, stats=trained.stats)
     """
-    _check_fraction("keep", keep)
+    budgets = [(n, v) for n, v in (("max_params", max_params), ("max_bytes", max_bytes)) if v is not None]
+    if len(budgets) > 1 or (budgets and keep is not None):
+        raise InputError(f"give keep or one budget (max_params or max_bytes), not {' and '.join(n for n, _ in (('keep', keep), *budgets) if _ is not None)}")
+    for n, v in budgets:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{n} must be a whole number, got {type(v).__name__} {v!r:.40}")
+        if v <= 0:
+            raise InputError(f"{n} must be positive, got {v}")
+    if not budgets:
+        keep = 0.6 if keep is None else keep
+        _check_fraction("keep", keep)
     if stats is not None and not isinstance(stats, DropEffects):
         raise TypeError(f"stats must be the DropEffects of measure_drop_effects, got {type(stats).__name__}")
     blocks = blocks if blocks is not None else (list(stats.blocks) if stats is not None else find_blocks(model))
@@ -424,18 +446,45 @@ def prune(model: nn.Module, keep: float = 0.6, stats: DropEffects | None = None,
             why = f"it has no block {foreign[0]!r}" if foreign else f"{stats.params:,} parameters measured, this model has {params:,}"
             raise InputError(f"stats were measured on another model ({why}); measure this model's drop effects")
     strategy = strategy or ("stats" if stats is not None else "top")
-    present = [b.index for b in blocks if b.removable]
-    n_remove = len(present) - math.floor(keep * len(present) + 0.5)
-    from .pruning import Candidates, Ranking
+    from .pruning import Candidates, Ranking, within_budget
 
-    if strategy not in ("stats", "top", "every-other"):
-        raise InputError(f"unknown strategy {strategy!r}; choose stats, top or every-other")
+    if strategy not in ("stats", "top", "every-other", "sensitivity"):
+        raise InputError(f"unknown strategy {strategy!r}; choose stats, top, every-other or sensitivity")
     if strategy == "stats" and stats is None:
         raise InputError("strategy 'stats' needs measured drop effects (measure_drop_effects)")
+    loss_fn = None
+    if strategy == "sensitivity":
+        if batches is None:
+            raise InputError("strategy 'sensitivity' needs batches of training images to measure the loss on")
+        loss_fn = _loss_on(list(batches))
+    present = [b.index for b in blocks if b.removable]
     stage = {b.index: b.stage for b in blocks}
     effects = {i: stats.effect[i] for i in present} if stats is not None else None
-    removed = Ranking(strategy, Candidates(model, None, present, stage_of=stage.__getitem__, effects=effects)).removal(n_remove)
-    return remove_blocks(model, removed, blocks)
+    cut = lambda removed: remove_blocks(model, removed, blocks)  # noqa: E731
+    ranking = Ranking(strategy, Candidates(model, None, present, loss_fn, stage.__getitem__, effects, cut))
+    if budgets:
+        removed = within_budget(ranking, len(present), cut, max_params, max_bytes)
+    else:
+        removed = ranking.removal(len(present) - math.floor(keep * len(present) + 0.5))
+    return cut(removed)
+
+
+def _loss_on(batches: list) -> Callable[[nn.Module], float]:
+    """Mean cross-entropy of an evaluation-time network on fixed `(inputs, targets)` batches."""
+    if not batches or any(not isinstance(b, (tuple, list)) or len(b) < 2 for b in batches):
+        raise InputError("batches must be a non-empty list of (inputs, targets) batches")
+
+    @torch.no_grad()
+    def loss(candidate: nn.Module) -> float:
+        candidate.eval()
+        dev = next(candidate.parameters()).device
+        total, n = 0.0, 0
+        for x, y, *_ in batches:
+            total += F.cross_entropy(candidate(x.to(dev)), y.to(dev), reduction="sum").item()
+            n += len(y)
+        return total / n
+
+    return loss
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, atol: float = 1e-4) -> dict:

@@ -122,15 +122,17 @@ def every_other(present: list[int], n_remove: int) -> list[int]:
 
 
 def sensitivity_order(model: ResNet, present: list[int], n_remove: int, loss_fn: Callable[[ResNet], float],
-                      start: list[int] | None = None) -> list[int]:
-    """Greedy: repeatedly remove the block whose removal raises the measured loss least (after `start`)."""
+                      start: list[int] | None = None, remove: Callable[[list[int]], torch.nn.Module] | None = None) -> list[int]:
+    """Greedy: repeatedly remove the block whose removal raises the measured loss least (after `start`).
+    `remove(blocks)` builds a candidate network (default: `remove_blocks(model, blocks)`)."""
+    remove = remove or (lambda r: remove_blocks(model, r))
     removed: list[int] = list(start or [])
     while len(removed) < n_remove:
         best, best_loss = None, math.inf
         for l in present:
             if l in removed:
                 continue
-            loss = loss_fn(remove_blocks(model, removed + [l]))
+            loss = loss_fn(remove(removed + [l]))
             if loss < best_loss:  # a NaN loss is never the best
                 best, best_loss = l, loss
         if best is None:
@@ -181,6 +183,7 @@ class Candidates:
     loss_fn: Callable[[ResNet], float] | None = None
     stage_of: Callable[[int], int] | None = None  # default: the spec's stages (a module without one: `Block.stage`)
     effects: dict[int, float | None] | None = None  # drop effects given directly (`sdcompress.prune`), not by the sidecar
+    remove: Callable[[list[int]], torch.nn.Module] | None = None  # builds a candidate network; default `remove_blocks`
 
 
 Importance = Callable[[Candidates, int, "dict[int, float] | None"], "dict[int, float]"]
@@ -224,7 +227,7 @@ def sensitivity_scores(c: Candidates, n_remove: int, prior: dict[int, float] | N
     if c.loss_fn is None:
         raise InputError("strategy 'sensitivity' needs data to measure the loss on")
     start = sorted((b for b, v in (prior or {}).items() if v != math.inf), key=lambda b: prior[b])
-    order = sensitivity_order(c.model, c.present, n_remove, c.loss_fn, start)
+    order = sensitivity_order(c.model, c.present, n_remove, c.loss_fn, start, c.remove)
     return {b: float(order.index(b)) if b in order else math.inf for b in c.present}
 
 
@@ -282,14 +285,23 @@ def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Ca
     if cfg.max_size is None and cfg.max_params is None:
         n_keep = math.floor(cfg.keep * len(present) + 0.5)
         return ranking.removal(len(present) - n_keep)
-    for n_remove in range(len(present) + 1):  # the most blocks that fit
-        candidate = remove_blocks(model, ranking.removal(n_remove))
-        size = state_bytes(candidate) if cfg.max_size is not None else count_params(candidate)
-        if size <= (cfg.max_size if cfg.max_size is not None else cfg.max_params):
+    return within_budget(ranking, len(present), lambda r: remove_blocks(model, r), cfg.max_params, cfg.max_size)
+
+
+def within_budget(ranking: Ranking, n_present: int, remove: Callable[[list[int]], torch.nn.Module],
+                  max_params: int | None = None, max_bytes: int | None = None) -> list[int]:
+    """The fewest removals of `ranking` that bring the network under the budget (parameters, or bytes of its
+    saved state), for checkpoints (`--max-params`, `--max-size`) and for `sdcompress.prune` alike."""
+    if (max_params is None) == (max_bytes is None):
+        raise InputError("give one budget: a number of parameters or of bytes")
+    size = (lambda m: count_params(m)) if max_params is not None else state_bytes
+    limit = max_params if max_params is not None else max_bytes
+    for n_remove in range(n_present + 1):  # the most blocks that fit
+        if size(remove(ranking.removal(n_remove))) <= limit:
             return ranking.removal(n_remove)
-    smallest = remove_blocks(model, present)
-    what = f"{state_bytes(smallest):,} bytes" if cfg.max_size is not None else f"{count_params(smallest):,} parameters"
-    raise InputError(f"no model meets the budget: even with every block removed it has {what}")
+    unit = "parameters" if max_params is not None else "bytes"
+    raise InputError(f"no model meets the budget of {limit:,} {unit}: even with every removable block removed it has "
+                     f"{size(remove(list(ranking.c.present))):,}")
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------

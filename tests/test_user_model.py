@@ -247,6 +247,51 @@ def test_prune_by_stats_keeps_every_others_count_per_stage():
     assert gone == ["stage1.1", "stage2.1"]
 
 
+def test_prune_by_sensitivity_and_by_budget():
+    """`strategy="sensitivity"` is the greedy search on the loss of the batches given (each step removes the
+    block whose removal raises it least, checked here by trying every candidate); `max_params` / `max_bytes`
+    keep the most blocks, in the strategy's order, that fit; bad combinations are refused in one line."""
+    model = SequentialNet().eval()
+    blocks = sdcompress.find_blocks(model, X)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(F.cross_entropy(m.eval()(x), y, reduction="sum").item() for x, y in batches) / 16
+
+    prune = lambda **kw: sdcompress.prune(model, blocks=blocks, **kw)  # noqa: E731 - a user's class: blocks found by a forward pass
+    removed = []
+    for _ in range(2):  # keep 0.6 of 6 removes 2
+        rest = [b.index for b in blocks if b.index not in removed]
+        removed.append(min(rest, key=lambda i: loss(sdcompress.remove_blocks(model, removed + [i], blocks))))
+    small = prune(keep=0.6, strategy="sensitivity", batches=batches)
+    assert _params(small) == _params(sdcompress.remove_blocks(model, removed, blocks))
+    with torch.no_grad():
+        assert torch.equal(small(X), sdcompress.remove_blocks(model, removed, blocks)(X))
+
+    full = _params(model)
+    for limit in (full, full - 1, full // 2):
+        fit = prune(max_params=limit, strategy="every-other")
+        n = next(n for n in range(7) if _params(prune(keep=(6 - n) / 6, strategy="every-other")) <= limit)
+        assert _params(fit) <= limit and _params(fit) == _params(prune(keep=(6 - n) / 6, strategy="every-other"))
+    assert _params(prune(max_params=full)) == full  # nothing removed when the model fits
+    by_bytes = prune(max_bytes=60_000, strategy="top")
+    from sdcompress.pruning import state_bytes
+
+    assert state_bytes(by_bytes) <= 60_000 < state_bytes(model)
+    for kwargs, match in (({"keep": 0.5, "max_params": 1000}, "keep or one budget"),
+                          ({"max_params": 1000, "max_bytes": 1000}, "keep or one budget"),
+                          ({"max_params": 10}, "no model meets the budget of 10 parameters"),
+                          ({"max_params": 0}, "must be positive"),
+                          ({"strategy": "sensitivity"}, "needs batches"),
+                          ({"strategy": "sensitivity", "batches": [torch.zeros(1)]}, r"\(inputs, targets\)")):
+        with pytest.raises(InputError, match=match):
+            prune(**kwargs)
+    with pytest.raises(TypeError, match="whole number"):
+        prune(max_params=1e5)
+
+
 def test_a_plain_stack_proposes_nothing_and_says_why():
     model = _randomize_bn(PlainNet())
     with pytest.raises(InputError, match="no residual blocks found in PlainNet"):
@@ -528,6 +573,11 @@ def test_the_command_line_on_a_users_class(tmp_path, monkeypatch, capsys):
     assert side["arch"] == arch and side["data"]["source"] == "digits" and side["stats"]["source"] == "training"
     assert main(["prune", "sd", "--arch", arch, "--keep", "0.5", "--recalibrate", "4", "--out", "small", "--no-progress"]) == 0
     assert "blocks 4 -> 2 (stats)" in capsys.readouterr().out
+    limit = _params(sdcompress.load("small", model=mynets.DigitNet())[0])  # the same budget, greedy on the loss
+    assert main(["prune", "sd", "--arch", arch, "--max-params", str(limit), "--strategy", "sensitivity", "--recalibrate", "4",
+                 "--out", "fit", "--no-progress"]) == 0
+    assert "(sensitivity)" in capsys.readouterr().out
+    assert _params(sdcompress.load("fit", model=mynets.DigitNet())[0]) <= limit
     small, small_side = sdcompress.load("small", model=mynets.DigitNet())
     assert len(small_side["removed"]) == 2 and _params(small) < _params(mynets.DigitNet())
     assert main(["export", "small", "--arch", arch, "--format", "onnx,ort", "--out", "phone"]) == 0

@@ -142,11 +142,12 @@ def run_prune(a) -> int:
     from ..loops import resolve_device
 
     _need_folder(a, "prune")
-    if a.keep is None or a.blocks_to_keep or a.max_size or a.max_params or a.teacher:
-        raise InputError("with --arch python:..., prune takes --keep (not --blocks-to-keep, --max-size, --max-params or --teacher)")
-    if a.strategy not in ("stats", "top", "every-other"):
-        raise InputError(f"--strategy {a.strategy} is not available with --arch python:...; choose stats, top or every-other")
-    out = a.out or Path("sdcompress-out") / f"{Path(a.ckpt).name}-prune-keep{a.keep}"
+    if a.blocks_to_keep or a.teacher:
+        raise InputError("with --arch python:..., prune takes --keep, --max-size or --max-params (not --blocks-to-keep or --teacher)")
+    budget = {"max_bytes": a.max_size} if a.max_size else {"max_params": a.max_params} if a.max_params else {}
+    keep = None if budget else (0.6 if a.keep is None else a.keep)
+    label = f"keep{keep}" if keep is not None else "budget"
+    out = a.out or Path("sdcompress-out") / f"{Path(a.ckpt).name}-prune-{label}"
     check_output_folder(out, a.force, (a.ckpt,))
     model, side, data, ds = _load_with_data(a)
     mean, std = data["mean"], data["std"]
@@ -155,7 +156,16 @@ def run_prune(a) -> int:
     stats = side["stats"] if a.strategy == "stats" else None
     if a.strategy == "stats" and stats is None:
         raise InputError(f"{a.ckpt} holds no drop effects; use --strategy every-other or top")
-    small = api.prune(model, a.keep, stats=stats, strategy=a.strategy, blocks=side["blocks"] or None)
+    sample = None
+    if a.strategy == "sensitivity":  # the loss on a fixed sample of training images, as for a checkpoint
+        import torch
+
+        from ..pruning import PruneConfig
+
+        size = PruneConfig().batch_size
+        order = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(a.seed))
+        sample = list(_batches(ds, ds.train.subset(order[: a.sensitivity_batches * size]), mean, std, size, False, a.seed))
+    small = api.prune(model, keep, stats=stats, strategy=a.strategy, blocks=side["blocks"] or None, batches=sample, **budget)
     if a.recalibrate:
         small = api.recalibrate(small, train, num_batches=a.recalibrate, device=resolve_device(a.device))
     tuned = None
