@@ -3,7 +3,8 @@ depth and one ONNX file holding every depth (and, for NNAPI and Core ML's execut
 
 The blocks are ranked once by the pruning strategy's importance (`pruning.Ranking`), and each depth keeps the
 best-ranked blocks, so a shallower depth keeps a subset of every deeper one's blocks. Each depth is then its own
-pruned network (`pruning.remove_blocks`) with BatchNorm re-estimated for it. In the Core ML package the functions
+pruned network (`pruning.remove_blocks`) with BatchNorm re-estimated for it and its kept blocks' scale chosen as
+`prune` chooses it (`pruning.choose_block_scale`, folded into BatchNorm, which is per depth anyway). In the Core ML package the functions
 share every weight they have in common: convolutions and the classifier are the same tensors in every function,
 and BatchNorm is kept apart from the convolutions (not folded into them), so only the BatchNorm statistics, which
 recalibration changes per depth, are stored once per function. Multifunction packages need iOS 18 / macOS 15.
@@ -30,7 +31,7 @@ from .data import Normalize
 from .errors import InputError
 from .loops import evaluate, recalibrate_bn
 from .nets import count_macs
-from .pruning import Candidates, PruneConfig, Ranking, blocks_to_remove, remove_blocks, removable, _sensitivity_loss
+from .pruning import Candidates, PruneConfig, Ranking, blocks_to_remove, choose_block_scale, remove_blocks, removable, _sensitivity_loss
 from .data import train_augmentation
 
 STRATEGIES = ("stats", "top", "sensitivity")  # rankings, so every depth's blocks nest in the deeper ones'
@@ -90,13 +91,18 @@ def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib
     for d in depths:
         removed = sorted(blocks_to_remove(model, meta, PruneConfig(keep=d, strategy=strategy, seed=seed), loss_fn, ranking))
         net = remove_blocks(model, removed).eval()
-        images = 0
+        images, scale = 0, None
+        recal = lambda m: recalibrate_bn(m, calib, normalize, recalibrate, batch_size, seed, *train_augmentation(meta))  # noqa: E731
         if removed and recalibrate:
             if calib is None:
                 raise InputError("BatchNorm recalibration of each depth needs training data (--data), or pass --recalibrate 0")
-            images = recalibrate_bn(net, calib, normalize, recalibrate, batch_size, seed, *train_augmentation(meta))
+            images = recal(net)
+        if removed:  # as `prune` chooses it; the choice lives in each depth's own BatchNorm, so the weights stay shared
+            cfg = PruneConfig(keep=d, recalibrate=recalibrate, batch_size=batch_size, seed=seed)
+            net, scale = choose_block_scale(net, cfg, calib, normalize, recal)
         out.append({"depth": d, "function": function_name(d), "kept": net.block_ids, "removed": removed, "model": net,
-                    "recalibrated_images": images, "same_blocks_as_separate_pruning": True})  # by construction, see above
+                    "recalibrated_images": images, "block_scale": scale,
+                    "same_blocks_as_separate_pruning": True})  # by construction, see above
     for deeper, shallower in zip(out, out[1:]):
         if not set(shallower["kept"]) <= set(deeper["kept"]):
             raise RuntimeError(f"depth {shallower['depth']} keeps blocks that depth {deeper['depth']} does not: not nested")
@@ -168,7 +174,7 @@ def run_depth_export(ckpt, depths: tuple[float, ...], out: Path, strategy: str =
     rows, sessions, result_files = [], {}, {}
     with output_folder(out) as folder:
         for m in members:
-            row = {k: m[k] for k in ("depth", "function", "kept", "removed", "recalibrated_images", "same_blocks_as_separate_pruning",
+            row = {k: m[k] for k in ("depth", "function", "kept", "removed", "recalibrated_images", "block_scale", "same_blocks_as_separate_pruning",
                                      "top1", "macs", "params")}
             row["blocks"] = len(m["kept"])
             if "onnx" in formats:  # verified as every export's file is; timed below, all depths together

@@ -259,6 +259,20 @@ class ResNet(nn.Module):
                 m.last_contribution = None
 
 
+@torch.no_grad()
+def unscale_blocks(model: ResNet) -> None:
+    """Divide each present block's last BatchNorm (scale and shift) by its p_l, in place: the evaluation-time network
+    then adds f(x) for every block, as a training step adds it for a block that runs, instead of p_l f(x).
+
+    Used twice: on pretrained weights before a retrofit (the evaluation-time network starts as the pretrained one;
+    in training a block that runs then adds f / p_l, on average the pretrained f), and on a pruned network, whose
+    kept blocks all run, like a training step's draw (`pruning.choose_block_scale`)."""
+    for b in model.block_ids:
+        blk = model.blocks[str(b)]
+        blk.bn2.weight.div_(blk.survival_prob)
+        blk.bn2.bias.div_(blk.survival_prob)
+
+
 def build_model(spec: NetSpec) -> nn.Module:
     """Build a network from its spec (random weights; load a state_dict to restore one): a `ResNet`, or a
     `families.model.FamilyNet` around a torchvision or timm model."""

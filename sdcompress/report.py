@@ -51,6 +51,15 @@ def stats_rows(meta: Sidecar) -> list[dict]:
             for b in meta.survival_stats.blocks]
 
 
+def block_scale_text(scale: dict) -> str:
+    """The kept blocks' evaluation-time scale after pruning (`pruning.choose_block_scale`), as a report line."""
+    what = "f(x), as in a training step where they ran" if scale["chosen"] == "unit" else "p_l f(x), the stochastic depth rule"
+    loss = scale.get("loss")
+    shown = f" (loss {loss['unit']:.4f} against {loss['survival']:.4f} at p_l f(x))" if loss and scale["chosen"] == "unit" else \
+        f" (loss {loss['survival']:.4f} against {loss['unit']:.4f} at f(x))" if loss else ""
+    return f"- kept blocks add {what}: {scale['why']}{shown}"
+
+
 def recalibration_text(rec: dict) -> str:
     """`5,120 augmented images (2.0 passes over the 2,560 images of NAME)`, or `2,560 images of NAME`."""
     used, size, name = rec["recalibrated_images"], rec.get("calibration_set_size"), rec["calibration_data"]
@@ -179,6 +188,7 @@ def prune_markdown(report: dict, stats_table: str) -> str:
         f"{rec['removed']}; kept {len(rec['kept'])} of {report['before']['model']['blocks_total']}",
         *([f"- **warning**: {rec['ranking']['warning']}"] if (rec.get("ranking") or {}).get("warning") else []),
         f"- BatchNorm recalibrated on {recalibration_text(rec)}" if rec["recalibrated_images"] else "- no BatchNorm recalibration",
+        *([block_scale_text(rec["block_scale"])] if rec.get("block_scale") else []),
         f"- accuracy on {acc.get('dataset')} (n={acc.get('n')})" if acc else "- no evaluation data given",
         "",
         "```",

@@ -20,7 +20,7 @@ from .data import Dataset, ImageSet, Normalize, augment, augmentation, load_data
 from .distributed import Dist, setup as setup_processes
 from .errors import InputError, TrainingDiverged
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, output_folder, read_untrusted_check
-from .nets import NetSpec, ResNet, build_model
+from .nets import NetSpec, ResNet, build_model, unscale_blocks
 from .loops import evaluate, resolve_device, train_step
 from .precision import Precision, check_precision, resolve_precision, to_layout
 from .survival import SurvivalStats, draw_run_mask
@@ -112,21 +112,10 @@ def map_keys(state: dict, arch: str, mapping: str | None) -> tuple[dict, str]:
     return renamed, "conv1/bn1/layerS.i/linear (the common CIFAR ResNet layout) mapped to stem/stem_bn/blocks.N/fc"
 
 
-def fold_survival(model: ResNet) -> None:
-    """Divide each block's last BatchNorm (scale and shift) by its p_l, so that the evaluation-time network (every
-    block's branch scaled by p_l) computes what the pretrained network computed with unscaled branches. In training a
-    block that runs then adds f / p_l: what it adds on average over the draws is the pretrained network's f."""
-    with torch.no_grad():
-        for b in model.block_ids:
-            blk = model.blocks[str(b)]
-            blk.bn2.weight.div_(blk.survival_prob)
-            blk.bn2.bias.div_(blk.survival_prob)
-
-
 def load_start_weights(model, path: str, mapping: str | None = None) -> dict:
     """Start from a pretrained network's weights. A torchvision or timm model takes a state_dict of the plain model
     (e.g. `torch.save(m.state_dict(), F)`); the project's ResNets take their own names, the common CIFAR ResNet
-    layout, or the names `mapping` gives, and get 1/p_l folded into each block's last BatchNorm (`fold_survival`).
+    layout, or the names `mapping` gives, and get 1/p_l folded into each block's last BatchNorm (`nets.unscale_blocks`).
     A classifier of another number of classes is left at its fresh initialization, and the line says so. Returns
     what the sidecar records of the start."""
     state = read_start_state(path)
@@ -151,7 +140,7 @@ def load_start_weights(model, path: str, mapping: str | None = None) -> dict:
         tqdm.write(f"--weights: {', '.join(resized + missing)} left freshly initialized (another number of classes)")
     folded = isinstance(model, ResNet) and any(p < 1 for p in model.spec.probs())
     if folded:
-        fold_survival(model)
+        unscale_blocks(model)
     from .files import file_sha256
 
     return {"weights": str(path), "sha256": file_sha256(path), "names": how, "fresh": resized + missing,

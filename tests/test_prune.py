@@ -165,6 +165,42 @@ def test_prune_then_finetune(sd_run, tmp_path):
     assert rep["prune"]["finetune"]["epochs"] == 1
 
 
+def test_block_scale_unit_is_the_training_steps_network_and_auto_takes_the_lower_loss(sd_run, tmp_path):
+    """`--block-scale unit` folds 1/p_l into each kept block's bn2: its evaluation-time network is the training
+    network of the draw where exactly the kept blocks run; `survival` keeps p_l f(x); `auto` recalibrates both and
+    keeps the one whose loss on training images, the record's, is lower."""
+
+    def prune(name, *args):
+        out = tmp_path / name
+        assert main(["prune", str(sd_run), "--keep", "0.6", "--data", "digits", "--out", str(out), *args]) == 0
+        model, meta = load_checkpoint(out)
+        shape[:] = meta.data.input_shape
+        return model, meta.stages[-1]["block_scale"]
+
+    shape = []
+    unit, rec_u = prune("unit", "--block-scale", "unit", "--recalibrate", "0")
+    surv, rec_s = prune("survival", "--block-scale", "survival", "--recalibrate", "0")
+    kept = unit.block_ids
+    assert len(kept) == 5 and surv.block_ids == kept and rec_u["chosen"] == "unit" and rec_s["chosen"] == "survival"
+    p = unit.block_survival()
+    assert any(v < 1 for v in p.values())
+    for b in kept:  # the branch weights and running statistics as they were; the last BatchNorm's affine divided by p_l
+        u, s = unit.blocks[str(b)].bn2, surv.blocks[str(b)].bn2
+        assert torch.allclose(u.weight * p[b], s.weight, rtol=1e-6) and torch.allclose(u.bias * p[b], s.bias, rtol=1e-6, atol=1e-7)
+        assert torch.equal(u.running_var, s.running_var)
+    x = torch.randn(4, *shape)
+    with torch.no_grad():  # evaluation-time network == the network of the training draw with exactly the kept blocks
+        assert torch.allclose(unit(x), surv(x, {b: True for b in kept}), atol=1e-5)
+        assert not torch.allclose(unit(x), surv(x), atol=1e-3)
+
+    auto, rec = prune("auto")
+    loss = rec["loss"]
+    assert rec["chosen"] == min(loss, key=loss.get) and loss["unit"] != loss["survival"]
+    same, _ = prune("same", "--block-scale", rec["chosen"])  # the choice, made by hand: the same weights
+    assert all(torch.equal(v, auto.state_dict()[k]) for k, v in same.state_dict().items())
+    assert "kept blocks add" in (tmp_path / "auto" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "args",
     [["--keep", "0"], ["--keep", "-0.5"], ["--keep", "1.5"], ["--keep", "lots"], ["--strategy", "random"],

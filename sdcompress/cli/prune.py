@@ -45,7 +45,7 @@ def _block_list(s: str) -> tuple[int, ...]:
 
 
 def add_parser(sub) -> None:
-    from ..pruning import STRATEGIES, PruneConfig
+    from ..pruning import BLOCK_SCALES, STRATEGIES, PruneConfig
 
     d = PruneConfig()
     p = sub.add_parser("prune", help="remove whole blocks by their learned survival statistics",
@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-params", type=parse_size, default=None, metavar="N", help="keep the most blocks whose parameters fit, e.g. 300k")
     p.add_argument("--strategy", default=d.strategy, choices=list(STRATEGIES))
     p.add_argument("--sensitivity-batches", type=_positive_int, default=d.sensitivity_batches)
+    p.add_argument("--block-scale", default=d.block_scale, choices=list(BLOCK_SCALES),
+                   help="what a kept block adds at evaluation: survival (p_l f(x), the stochastic depth rule), unit (f(x), as in a "
+                        "training step where it ran), auto (default: the lower loss on training images after recalibration)")
     p.add_argument("--arch", default=None, metavar="python:PACKAGE.MODULE:FUNCTION",
                    help="your own model class: the builder of the model in CKPT, a folder written by `sdcompress train --arch "
                         "python:...` or sdcompress.save; imported because you name it here, never because a file does")
@@ -76,7 +79,7 @@ def run(a) -> int:
 
     cfg = PruneConfig(keep=None if (a.blocks_to_keep or a.max_size or a.max_params) else a.keep, blocks_to_keep=a.blocks_to_keep,
                       max_size=a.max_size, max_params=a.max_params, strategy=a.strategy, recalibrate=a.recalibrate,
-                      sensitivity_batches=a.sensitivity_batches, finetune=a.finetune, finetune_lr=a.finetune_lr,
+                      sensitivity_batches=a.sensitivity_batches, block_scale=a.block_scale, finetune=a.finetune, finetune_lr=a.finetune_lr,
                       finetune_survival=a.finetune_survival, seed=a.seed, distill=a.distill,
                       distill_temperature=a.distill_temperature, distill_alpha=a.distill_alpha, teacher=a.teacher, precision=a.precision)
     path = _resolve_ckpt(a.ckpt)
