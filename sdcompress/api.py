@@ -390,7 +390,9 @@ def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None
           max_bytes: int | None = None) -> nn.Module:
     """A copy of `model` keeping `keep` of its removable blocks (rounded to whole blocks), or the most blocks that fit
     a budget, the others removed as by `remove_blocks`. BatchNorm statistics are left as they were: follow with
-    `recalibrate`. The command line's `sdcompress prune` ranks and budgets with the same functions (`pruning`).
+    `recalibrate`. The command line's `sdcompress prune` ranks and budgets with the same functions (`pruning`);
+    on a checkpoint of the project's ResNets it also chooses whether the kept blocks add p_l f(x) or f(x)
+    (`--block-scale`), where this function leaves them adding what they added before.
 
     Args:
         model: the network (not modified).

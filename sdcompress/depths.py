@@ -6,8 +6,8 @@ best-ranked blocks, so a shallower depth keeps a subset of every deeper one's bl
 pruned network (`pruning.remove_blocks`) with BatchNorm re-estimated for it and its kept blocks' scale chosen as
 `prune` chooses it (`pruning.choose_block_scale`, folded into BatchNorm, which is per depth anyway). In the Core ML package the functions
 share every weight they have in common: convolutions and the classifier are the same tensors in every function,
-and BatchNorm is kept apart from the convolutions (not folded into them), so only the BatchNorm statistics, which
-recalibration changes per depth, are stored once per function. Multifunction packages need iOS 18 / macOS 15.
+and BatchNorm is kept apart from the convolutions (not folded into them), so only BatchNorm, whose statistics
+recalibration changes per depth (and whose scale the block-scale choice may), is stored once per function. Multifunction packages need iOS 18 / macOS 15.
 
 ONNX comes two ways. `model_family.onnx` holds every depth in one file: an `If` branch per depth, chosen by the
 `depth_index` input, over one set of initializers (BatchNorm kept as a per-channel scale and shift, so that the
@@ -31,7 +31,7 @@ from .data import Normalize
 from .errors import InputError
 from .loops import evaluate, recalibrate_bn
 from .nets import count_macs
-from .pruning import Candidates, PruneConfig, Ranking, blocks_to_remove, choose_block_scale, remove_blocks, removable, _sensitivity_loss
+from .pruning import Candidates, PruneConfig, Ranking, blocks_to_remove, choose_block_scale, remove_blocks, removable, unit_scaled, _sensitivity_loss
 from .data import train_augmentation
 
 STRATEGIES = ("stats", "top", "sensitivity")  # rankings, so every depth's blocks nest in the deeper ones'
@@ -99,7 +99,7 @@ def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib
             images = recal(net)
         if removed:  # as `prune` chooses it; the choice lives in each depth's own BatchNorm, so the weights stay shared
             cfg = PruneConfig(keep=d, recalibrate=recalibrate, batch_size=batch_size, seed=seed)
-            net, scale = choose_block_scale(net, cfg, calib, normalize, recal)
+            net, scale = choose_block_scale(net, cfg, calib, normalize, recal, unit_scaled(meta))
         out.append({"depth": d, "function": function_name(d), "kept": net.block_ids, "removed": removed, "model": net,
                     "recalibrated_images": images, "block_scale": scale,
                     "same_blocks_as_separate_pruning": True})  # by construction, see above

@@ -260,17 +260,18 @@ class ResNet(nn.Module):
 
 
 @torch.no_grad()
-def unscale_blocks(model: ResNet) -> None:
+def unscale_blocks(model: ResNet, undo: bool = False) -> None:
     """Divide each present block's last BatchNorm (scale and shift) by its p_l, in place: the evaluation-time network
     then adds f(x) for every block, as a training step adds it for a block that runs, instead of p_l f(x).
 
     Used twice: on pretrained weights before a retrofit (the evaluation-time network starts as the pretrained one;
     in training a block that runs then adds f / p_l, on average the pretrained f), and on a pruned network, whose
-    kept blocks all run, like a training step's draw (`pruning.choose_block_scale`)."""
+    kept blocks all run, like a training step's draw (`pruning.choose_block_scale`). `undo` multiplies instead."""
     for b in model.block_ids:
         blk = model.blocks[str(b)]
-        blk.bn2.weight.div_(blk.survival_prob)
-        blk.bn2.bias.div_(blk.survival_prob)
+        factor = blk.survival_prob if undo else 1.0 / blk.survival_prob
+        blk.bn2.weight.mul_(factor)
+        blk.bn2.bias.mul_(factor)
 
 
 def build_model(spec: NetSpec) -> nn.Module:

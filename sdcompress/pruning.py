@@ -2,10 +2,11 @@
 
 A network trained with stochastic depth has learned to work while blocks are missing, so whole blocks can be
 removed after training. Removed blocks are deleted: no parameters of theirs remain in memory, in `model.pt` or
-in anything exported; a removed downsampling block becomes its parameter-free shortcut. The kept blocks keep
-their evaluation-time scaling p_l. BatchNorm statistics are then re-estimated on training images, running the
-evaluation-time network with only BatchNorm in train mode and cumulative averages (momentum reset), because the
-removed blocks changed the statistics every later layer sees.
+in anything exported; a removed downsampling block becomes its parameter-free shortcut. A kept block adds p_l f(x)
+at evaluation, as in the full network, or f(x), as in a training step where it ran (`choose_block_scale`).
+BatchNorm statistics are then re-estimated on training images, running the evaluation-time network with only
+BatchNorm in train mode and cumulative averages (momentum reset), because the removed blocks changed the
+statistics every later layer sees.
 """
 
 from __future__ import annotations
@@ -320,31 +321,49 @@ def _sensitivity_loss(calib: ImageSet | None, normalize: Normalize, cfg: PruneCo
     return lambda candidate: batch_loss(candidate, sample, normalize, cfg.sensitivity_batches, cfg.batch_size)
 
 
+def unit_scaled(meta: Sidecar) -> bool:
+    """Whether a checkpoint's kept blocks already add f(x): an earlier prune stage chose `unit` (its 1/p_l is in
+    each kept block's last BatchNorm; the spec's p_l still says what the block was trained at)."""
+    unit = False
+    for st in meta.stages:  # the last prune stage that chose decides
+        scale = st.get("block_scale") if st.get("stage") == "prune" else None
+        if scale and scale.get("folded", True):
+            unit = scale.get("chosen") == "unit"
+    return unit
+
+
 def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None, normalize: Normalize,
-                       recalibrate: Callable[[ResNet], int]) -> tuple[ResNet, dict]:
+                       recalibrate: Callable[[ResNet], int], already_unit: bool = False) -> tuple[ResNet, dict]:
     """The evaluation-time scale of the kept blocks of a pruned network: p_l f(x) (`survival`, the stochastic depth
     paper's rule for the full network: every block runs, weighted by how often it ran in training) or f(x) (`unit`:
     every kept block runs, as in a training step where it was drawn; 1/p_l folded into its last BatchNorm,
     `nets.unscale_blocks`). `auto` recalibrates both and keeps the one with the lower loss on `SCALE_BATCHES`
     batches of training images (a fixed sample, never evaluation data); `survival` without training images.
-    Measured on the retrofitted ResNet-56 (validation split, docs/results.md): unit is ahead at every keep."""
+    `already_unit`: the network comes from a checkpoint whose blocks were unscaled by an earlier prune stage
+    (`unit_scaled`), so its weights are the unit network and p_l f(x) is made by multiplying back.
+    Measured on the retrofitted ResNet-56 (docs/results.md): unit is ahead at every keep."""
     probs = pruned.block_survival() if isinstance(pruned, ResNet) else {}
     if not any(p < 1.0 for p in probs.values()):
-        return pruned, {"chosen": "unit", "why": "every kept block already adds f(x) at evaluation"}
-    if cfg.block_scale == "survival" or (cfg.block_scale == "auto" and calib is None):
-        why = "asked for" if cfg.block_scale == "survival" else "no training images to choose by"
-        return pruned, {"chosen": "survival", "why": why}
-    unit = copy.deepcopy(pruned)
-    unscale_blocks(unit)
-    if cfg.recalibrate:
-        recalibrate(unit)
-    if cfg.block_scale == "unit":
-        return unit, {"chosen": "unit", "why": "asked for"}
+        return pruned, {"chosen": "unit", "folded": False, "why": "every kept block already adds f(x) at evaluation: nothing to choose"}
+    have = "unit" if already_unit else "survival"
+    other = copy.deepcopy(pruned)
+    if cfg.block_scale == have or (cfg.block_scale == "auto" and calib is None):
+        why = "asked for" if cfg.block_scale == have else ("--recalibrate 0 and no training data: not compared" if not cfg.recalibrate
+                                                           else "no training images to choose by")
+        if already_unit and cfg.block_scale == "auto":
+            why += "; an earlier prune stage chose it"
+        return pruned, {"chosen": have, "why": why}
+    unscale_blocks(other, undo=already_unit)
+    if cfg.recalibrate and calib is not None:
+        recalibrate(other)
+    if cfg.block_scale != "auto":
+        return other, {"chosen": cfg.block_scale, "why": "asked for"}
+    nets_by = {have: pruned, ("survival" if already_unit else "unit"): other}
     order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed + 1))
     sample = calib.subset(order[: SCALE_BATCHES * cfg.batch_size])
-    loss = {name: round(batch_loss(m, sample, normalize, SCALE_BATCHES, cfg.batch_size), 5) for name, m in (("survival", pruned), ("unit", unit))}
+    loss = {name: round(batch_loss(nets_by[name], sample, normalize, SCALE_BATCHES, cfg.batch_size), 5) for name in ("survival", "unit")}
     chosen = "unit" if loss["unit"] < loss["survival"] else "survival"
-    return (unit if chosen == "unit" else pruned), {"chosen": chosen, "why": f"lower loss on {len(sample):,} training images", "loss": loss}
+    return nets_by[chosen], {"chosen": chosen, "why": f"lower loss on {len(sample):,} training images", "loss": loss}
 
 
 def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet | None,
@@ -379,7 +398,7 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
     if cfg.recalibrate and removed:
         record["recalibrated_images"] = recal(pruned)
     if removed:
-        pruned, record["block_scale"] = choose_block_scale(pruned, cfg, calib, normalize, recal)
+        pruned, record["block_scale"] = choose_block_scale(pruned, cfg, calib, normalize, recal, unit_scaled(meta))
     if cfg.finetune:
         if finetune is None:
             raise InputError("--finetune needs training data (--data)")

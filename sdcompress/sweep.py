@@ -91,7 +91,10 @@ def _settings(cfg: SweepConfig, ckpt, data) -> dict:
     if not cfg.finetune:
         d.pop("distill")  # no fine-tuning: distillation changes nothing (and older sweeps did not record it)
         d.pop("precision")  # nor does the precision of fine-tuning steps
-    return {**d, "checkpoint": str(Path(ckpt).resolve()), "data": data}
+    from .pruning import PruneConfig
+
+    # points pruned before prune chose the kept blocks' scale (no "block_scale" recorded) are made again
+    return {**d, "block_scale": PruneConfig().block_scale, "checkpoint": str(Path(ckpt).resolve()), "data": data}
 
 
 def _relative(path, out: Path) -> str:

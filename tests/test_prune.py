@@ -201,6 +201,22 @@ def test_block_scale_unit_is_the_training_steps_network_and_auto_takes_the_lower
     assert "kept blocks add" in (tmp_path / "auto" / "report.md").read_text()
 
 
+def test_pruning_a_pruned_checkpoint_divides_by_p_l_once(sd_run, tmp_path):
+    """A checkpoint whose kept blocks already add f(x) (an earlier prune chose `unit`) is pruned again: `unit` leaves
+    their BatchNorm as it is (1/p_l once, not twice), `survival` multiplies p_l back, and each record says which."""
+    full, _ = load_checkpoint(sd_run)
+    assert main(["prune", str(sd_run), "--keep", "0.8", "--block-scale", "unit", "--recalibrate", "0", "--out", str(tmp_path / "a")]) == 0
+    for scale in ("unit", "survival"):
+        out = tmp_path / scale
+        assert main(["prune", str(tmp_path / "a"), "--keep", "0.7", "--block-scale", scale, "--recalibrate", "0", "--out", str(out)]) == 0
+        again, meta = load_checkpoint(out)
+        assert meta.stages[-1]["block_scale"]["chosen"] == scale and len(again.block_ids) < 8
+        for b in again.block_ids:
+            p = again.blocks[str(b)].survival_prob
+            want = full.blocks[str(b)].bn2.weight / (p if scale == "unit" else 1.0)
+            assert torch.allclose(again.blocks[str(b)].bn2.weight, want, rtol=1e-5), (scale, b)
+
+
 @pytest.mark.parametrize(
     "args",
     [["--keep", "0"], ["--keep", "-0.5"], ["--keep", "1.5"], ["--keep", "lots"], ["--strategy", "random"],

@@ -19,8 +19,8 @@ def parse_size(s: str) -> int:
     if not m or (m.group(2) and m.group(2).lower() not in _UNITS):
         raise argparse.ArgumentTypeError(f"expected a number with an optional unit (B, KiB, MiB, kB, MB, k, M), got {s!r}")
     v = float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s!r}")
+    if int(v) <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {s!r}")
     return int(v)
 
 

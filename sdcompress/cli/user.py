@@ -142,9 +142,10 @@ def run_prune(a) -> int:
     from ..loops import resolve_device
 
     _need_folder(a, "prune")
-    if a.blocks_to_keep or a.teacher:
-        raise InputError("with --arch python:..., prune takes --keep, --max-size or --max-params (not --blocks-to-keep or --teacher)")
-    budget = {"max_bytes": a.max_size} if a.max_size else {"max_params": a.max_params} if a.max_params else {}
+    if a.blocks_to_keep or a.teacher or a.block_scale != "auto":
+        raise InputError("with --arch python:..., prune takes --keep, --max-size or --max-params (not --blocks-to-keep, --teacher "
+                         "or --block-scale: kept blocks of your class keep what they added at evaluation)")
+    budget = {"max_bytes": a.max_size} if a.max_size is not None else {"max_params": a.max_params} if a.max_params is not None else {}
     keep = None if budget else (0.6 if a.keep is None else a.keep)
     label = f"keep{keep}" if keep is not None else "budget"
     out = a.out or Path("sdcompress-out") / f"{Path(a.ckpt).name}-prune-{label}"
