@@ -427,8 +427,9 @@ def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None
         >>> tiny = sdcompress.prune(trained.model, max_params=400_000, stats=trained.stats)
     """
     budgets = [(n, v) for n, v in (("max_params", max_params), ("max_bytes", max_bytes)) if v is not None]
-    if len(budgets) > 1 or (budgets and keep is not None):
-        raise InputError(f"give keep or one budget (max_params or max_bytes), not {' and '.join(n for n, _ in (('keep', keep), *budgets) if _ is not None)}")
+    given = ["keep"] * (keep is not None) + [n for n, _ in budgets]
+    if len(given) > 1:
+        raise InputError(f"give keep or one budget (max_params or max_bytes), not {' and '.join(given)}")
     for n, v in budgets:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{n} must be a whole number, got {type(v).__name__} {v!r:.40}")
@@ -465,7 +466,7 @@ def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None
     cut = lambda removed: remove_blocks(model, removed, blocks)  # noqa: E731
     ranking = Ranking(strategy, Candidates(model, None, present, loss_fn, stage.__getitem__, effects, cut))
     if budgets:
-        removed = within_budget(ranking, len(present), cut, max_params, max_bytes)
+        removed = within_budget(ranking, cut, max_params, max_bytes)
     else:
         removed = ranking.removal(len(present) - math.floor(keep * len(present) + 0.5))
     return cut(removed)

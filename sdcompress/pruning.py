@@ -292,18 +292,18 @@ def blocks_to_remove(model: ResNet, meta: Sidecar, cfg: PruneConfig, loss_fn: Ca
     if cfg.max_size is None and cfg.max_params is None:
         n_keep = math.floor(cfg.keep * len(present) + 0.5)
         return ranking.removal(len(present) - n_keep)
-    return within_budget(ranking, len(present), lambda r: remove_blocks(model, r), cfg.max_params, cfg.max_size)
+    return within_budget(ranking, lambda r: remove_blocks(model, r), cfg.max_params, cfg.max_size)
 
 
-def within_budget(ranking: Ranking, n_present: int, remove: Callable[[list[int]], torch.nn.Module],
-                  max_params: int | None = None, max_bytes: int | None = None) -> list[int]:
+def within_budget(ranking: Ranking, remove: Callable[[list[int]], torch.nn.Module], max_params: int | None = None,
+                  max_bytes: int | None = None) -> list[int]:
     """The fewest removals of `ranking` that bring the network under the budget (parameters, or bytes of its
     saved state), for checkpoints (`--max-params`, `--max-size`) and for `sdcompress.prune` alike."""
     if (max_params is None) == (max_bytes is None):
         raise InputError("give one budget: a number of parameters or of bytes")
     size = (lambda m: count_params(m)) if max_params is not None else state_bytes
     limit = max_params if max_params is not None else max_bytes
-    for n_remove in range(n_present + 1):  # the most blocks that fit
+    for n_remove in range(len(ranking.c.present) + 1):  # the most blocks that fit
         if size(remove(ranking.removal(n_remove))) <= limit:
             return ranking.removal(n_remove)
     unit = "parameters" if max_params is not None else "bytes"
@@ -312,12 +312,18 @@ def within_budget(ranking: Ranking, n_present: int, remove: Callable[[list[int]]
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
+def training_sample(calib: ImageSet, batches: int, batch_size: int, seed: int) -> ImageSet:
+    """A fixed, seeded sample of `batches` x `batch_size` training images: what candidate networks are compared on
+    (the sensitivity strategy, the block-scale choice), for checkpoints and a user's class alike."""
+    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(seed))
+    return calib.subset(order[: batches * batch_size])
+
+
 def _sensitivity_loss(calib: ImageSet | None, normalize: Normalize, cfg: PruneConfig) -> Callable[[ResNet], float]:
     """The loss a candidate network is ranked by: its cross-entropy on a fixed sample of training images."""
     if calib is None:
         raise InputError("strategy 'sensitivity' needs training data (--data)")
-    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed))
-    sample = calib.subset(order[: cfg.sensitivity_batches * cfg.batch_size])
+    sample = training_sample(calib, cfg.sensitivity_batches, cfg.batch_size, cfg.seed)
     return lambda candidate: batch_loss(candidate, sample, normalize, cfg.sensitivity_batches, cfg.batch_size)
 
 
@@ -346,21 +352,20 @@ def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None,
     if not any(p < 1.0 for p in probs.values()):
         return pruned, {"chosen": "unit", "folded": False, "why": "every kept block already adds f(x) at evaluation: nothing to choose"}
     have = "unit" if already_unit else "survival"
-    other = copy.deepcopy(pruned)
     if cfg.block_scale == have or (cfg.block_scale == "auto" and calib is None):
         why = "asked for" if cfg.block_scale == have else ("--recalibrate 0 and no training data: not compared" if not cfg.recalibrate
                                                            else "no training images to choose by")
         if already_unit and cfg.block_scale == "auto":
             why += "; an earlier prune stage chose it"
         return pruned, {"chosen": have, "why": why}
+    other = copy.deepcopy(pruned)
     unscale_blocks(other, undo=already_unit)
     if cfg.recalibrate and calib is not None:
         recalibrate(other)
     if cfg.block_scale != "auto":
         return other, {"chosen": cfg.block_scale, "why": "asked for"}
     nets_by = {have: pruned, ("survival" if already_unit else "unit"): other}
-    order = torch.randperm(len(calib), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    sample = calib.subset(order[: SCALE_BATCHES * cfg.batch_size])
+    sample = training_sample(calib, SCALE_BATCHES, cfg.batch_size, cfg.seed + 1)
     loss = {name: round(batch_loss(nets_by[name], sample, normalize, SCALE_BATCHES, cfg.batch_size), 5) for name in ("survival", "unit")}
     chosen = "unit" if loss["unit"] < loss["survival"] else "survival"
     return nets_by[chosen], {"chosen": chosen, "why": f"lower loss on {len(sample):,} training images", "loss": loss}
@@ -383,6 +388,7 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
     removed = sorted(blocks_to_remove(model, meta, cfg, loss_fn))
     pruned = remove_blocks(model, removed).eval()
     record = {"removed": removed, "kept": pruned.block_ids, "recalibrated_images": 0, "finetune": None}
+    recal = lambda m: recalibrate_bn(m, calib, normalize, cfg.recalibrate, cfg.batch_size, cfg.seed, *train_augmentation(meta))  # noqa: E731
     if cfg.blocks_to_keep is not None:
         record["ranking"] = {"by": "the blocks named", "warning": None}
     elif cfg.strategy == "stats":
@@ -394,8 +400,6 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
         if calib is None:
             raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
         record["calibration_set_size"] = len(calib)
-    recal = lambda m: recalibrate_bn(m, calib, normalize, cfg.recalibrate, cfg.batch_size, cfg.seed, *train_augmentation(meta))  # noqa: E731
-    if cfg.recalibrate and removed:
         record["recalibrated_images"] = recal(pruned)
     if removed:
         pruned, record["block_scale"] = choose_block_scale(pruned, cfg, calib, normalize, recal, unit_scaled(meta))

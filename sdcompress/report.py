@@ -53,10 +53,11 @@ def stats_rows(meta: Sidecar) -> list[dict]:
 
 def block_scale_text(scale: dict) -> str:
     """The kept blocks' evaluation-time scale after pruning (`pruning.choose_block_scale`), as a report line."""
-    what = "f(x), as in a training step where they ran" if scale["chosen"] == "unit" else "p_l f(x), the stochastic depth rule"
+    form = {"unit": "f(x)", "survival": "p_l f(x)"}
+    chosen, other = scale["chosen"], "survival" if scale["chosen"] == "unit" else "unit"
+    what = "f(x), as in a training step where they ran" if chosen == "unit" else "p_l f(x), the stochastic depth rule"
     loss = scale.get("loss")
-    shown = f" (loss {loss['unit']:.4f} against {loss['survival']:.4f} at p_l f(x))" if loss and scale["chosen"] == "unit" else \
-        f" (loss {loss['survival']:.4f} against {loss['unit']:.4f} at f(x))" if loss else ""
+    shown = f" (loss {loss[chosen]:.4f} against {loss[other]:.4f} at {form[other]})" if loss else ""
     return f"- kept blocks add {what}: {scale['why']}{shown}"
 
 

@@ -159,13 +159,10 @@ def run_prune(a) -> int:
         raise InputError(f"{a.ckpt} holds no drop effects; use --strategy every-other or top")
     sample = None
     if a.strategy == "sensitivity":  # the loss on a fixed sample of training images, as for a checkpoint
-        import torch
-
-        from ..pruning import PruneConfig
+        from ..pruning import PruneConfig, training_sample
 
         size = PruneConfig().batch_size
-        order = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(a.seed))
-        sample = list(_batches(ds, ds.train.subset(order[: a.sensitivity_batches * size]), mean, std, size, False, a.seed))
+        sample = list(_batches(ds, training_sample(ds.train, a.sensitivity_batches, size, a.seed), mean, std, size, False, a.seed))
     small = api.prune(model, keep, stats=stats, strategy=a.strategy, blocks=side["blocks"] or None, batches=sample, **budget)
     if a.recalibrate:
         small = api.recalibrate(small, train, num_batches=a.recalibrate, device=resolve_device(a.device))

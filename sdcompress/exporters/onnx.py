@@ -41,7 +41,7 @@ from torch import nn
 
 from ..binary import BinaryConv2d, BinaryLinear
 from ..checkpoint import Sidecar
-from ..nets import BasicBlock, ResNet, Shortcut
+from ..nets import ResNet, Shortcut, unscale_blocks
 from . import swap_binary_layers
 
 OPSET = 18
@@ -79,13 +79,12 @@ def _fake_quantize(w: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def fold_survival(m: nn.Module) -> None:
     """In place: each block's evaluation-time p_l scaling folded into its last BatchNorm (p * bn2(z) == bn2'(z) with
-    gamma' = p * gamma, beta' = p * beta), so the graph has no multiply for it."""
-    for mod in m.modules():
-        if isinstance(mod, BasicBlock) and mod.survival_prob != 1.0:
-            with torch.no_grad():
-                mod.bn2.weight.mul_(mod.survival_prob)
-                mod.bn2.bias.mul_(mod.survival_prob)
-            mod.survival_prob = 1.0
+    gamma' = p * gamma, beta' = p * beta, `nets.unscale_blocks(undo=True)`), so the graph has no multiply for it."""
+    if not isinstance(m, ResNet):  # torchvision / timm networks do not scale their blocks
+        return
+    unscale_blocks(m, undo=True)
+    for b in m.block_ids:
+        m.blocks[str(b)].survival_prob = 1.0
 
 
 def deployable_copy(model: nn.Module, quantize: str | None = None) -> tuple[nn.Module, list[str]]:
