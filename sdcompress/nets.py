@@ -269,6 +269,8 @@ def unscale_blocks(model: ResNet, undo: bool = False) -> None:
     kept blocks all run, like a training step's draw (`pruning.choose_block_scale`). `undo` multiplies instead."""
     for b in model.block_ids:
         blk = model.blocks[str(b)]
+        if blk.survival_prob == 1.0:  # nothing to fold (a folded copy: its BatchNorm may be a plain affine by now)
+            continue
         factor = blk.survival_prob if undo else 1.0 / blk.survival_prob
         blk.bn2.weight.mul_(factor)
         blk.bn2.bias.mul_(factor)
