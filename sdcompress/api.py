@@ -387,12 +387,19 @@ def _check_fraction(name: str, v, closed: bool = True) -> None:
 
 def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None = None, strategy: str | None = None,
           blocks: list[Block] | None = None, *, batches: Iterable | None = None, max_params: int | None = None,
-          max_bytes: int | None = None) -> nn.Module:
+          max_bytes: int | None = None, block_scale: str = "auto", calibration: Iterable | None = None) -> nn.Module:
     """A copy of `model` keeping `keep` of its removable blocks (rounded to whole blocks), or the most blocks that fit
     a budget, the others removed as by `remove_blocks`. BatchNorm statistics are left as they were: follow with
-    `recalibrate`. The command line's `sdcompress prune` ranks and budgets with the same functions (`pruning`);
-    on a checkpoint of the project's ResNets it also chooses whether the kept blocks add p_l f(x) or f(x)
-    (`--block-scale`), where this function leaves them adding what they added before.
+    `recalibrate`. The command line's `sdcompress prune` ranks and budgets with the same functions (`pruning`).
+
+    A network trained with stochastic depth adds p_l f(x) for block l at evaluation (the paper's rule for the full
+    network). A pruned one is a single draw in which every kept block runs, and in a training step a block that
+    runs adds f(x); `block_scale` chooses p_l^t f(x), as `sdcompress prune --block-scale` does: "survival" (t = 1)
+    leaves it, "unit" (t = 0) divides each kept block's scale layer (`Block.scale`, its last BatchNorm in a ResNet)
+    by p_l, "auto" (default) re-estimates BatchNorm for each candidate on `calibration` and keeps the lowest loss
+    there, trying 1 and 0, then below 0 (kept blocks amplified for the removed ones) while the loss falls
+    (`pruning.search_exponent`); without `calibration` it leaves p_l f(x). It applies where p_l is known: the
+    project's ResNets (their spec) and a model with `stats` recorded by `train_stochastic_depth`.
 
     Args:
         model: the network (not modified).
@@ -412,20 +419,35 @@ def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None
             many parameters.
         max_bytes: instead of `keep`, the same for the bytes of the model's saved `state_dict` (1-bit layers
             counted as stored, in bits).
+        block_scale: "auto", "survival" or "unit", above.
+        calibration: for `block_scale="auto"`, `(inputs, targets)` batches of training images with the training
+            augmentation (as for `recalibrate`; a list: both candidates are re-estimated and scored on the same).
 
     Returns:
         The pruned module.
 
     Raises:
         InputError: `keep` outside (0, 1], `keep` and a budget together, a budget no network meets, an unknown
-            strategy, "stats" without stats, "sensitivity" without batches, or stats of another model.
+            strategy or block scale, "stats" without stats, "sensitivity" without batches, "unit" where p_l is not
+            known, or stats of another model.
 
     Example:
         >>> trained = sdcompress.train_stochastic_depth(model, train_loader, epochs=2)
-        >>> small = sdcompress.prune(trained.model, keep=0.6, stats=trained.stats)
+        >>> calib = [batch for batch, _ in zip(train_loader, range(40))]
+        >>> small = sdcompress.prune(trained.model, keep=0.6, stats=trained.stats, calibration=calib)
         >>> small = sdcompress.recalibrate(small, train_loader)
         >>> tiny = sdcompress.prune(trained.model, max_params=400_000, stats=trained.stats)
     """
+    return _prune(model, keep, stats, strategy, blocks, batches=batches, max_params=max_params, max_bytes=max_bytes,
+                  block_scale=block_scale, calibration=calibration)[0]
+
+
+def _prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None = None, strategy: str | None = None,
+           blocks: list[Block] | None = None, *, batches: Iterable | None = None, max_params: int | None = None,
+           max_bytes: int | None = None, block_scale: str = "auto", calibration: Iterable | None = None) -> tuple[nn.Module, dict]:
+    """`prune`, and a record of what it did (the removed blocks' paths, the block scale chosen and why)."""
+    if block_scale not in ("auto", "survival", "unit"):
+        raise InputError(f"unknown block scale {block_scale!r}; choose auto, survival or unit")
     budgets = [(n, v) for n, v in (("max_params", max_params), ("max_bytes", max_bytes)) if v is not None]
     given = ["keep"] * (keep is not None) + [n for n, _ in budgets]
     if len(given) > 1:
@@ -469,7 +491,81 @@ def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None
         removed = within_budget(ranking, cut, max_params, max_bytes)
     else:
         removed = ranking.removal(len(present) - math.floor(keep * len(present) + 0.5))
-    return cut(removed)
+    small = cut(removed)
+    record = {"removed": [blocks[i].path for i in removed], "block_scale": None}
+    if removed:
+        small, record["block_scale"] = _choose_block_scale(small, blocks, stats, block_scale, calibration)
+    return small, record
+
+
+def _survival_layers(model: nn.Module, blocks: list[Block], stats: DropEffects | None) -> tuple[dict[str, float] | None, float]:
+    """p_l (< 1) of each present block whose evaluation-time output is scaled by it, by path (None: not known), and
+    the exponent t with which those blocks add p_l^t f(x) now: the project's ResNets from their spec (t as an
+    earlier prune left it), any other model from drop effects recorded by `train_stochastic_depth` (their drop rates
+    are 1 - p_l; its blocks' scale layers hold p_l at the end of training: t = 1). Measured drop effects say nothing
+    of p_l. Drop effects are refused for a model pruned since (its parameters differ), so a user's module is never
+    rescaled twice."""
+    from .nets import ResNet
+
+    if isinstance(model, ResNet):
+        numbers = _spec_numbers(model) or {}
+        probs = model.block_survival()
+        return {path: probs[n] for path, n in numbers.items() if probs[n] < 1.0}, model.scale_exponent
+    if stats is None or stats.source != "training":
+        return None, 1.0
+    present = {b.path for b in _present(model, blocks)}
+    return {b.path: 1.0 - r for b, r in zip(stats.blocks, stats.drop_rates)
+            if r is not None and b.scale and b.path in present and r > 0.0}, 1.0
+
+
+@torch.no_grad()
+def _rescale(model: nn.Module, blocks: list[Block], probs: dict[str, float], have: float, want: float) -> nn.Module:
+    """A copy whose blocks in `probs` add p_l^want f(x) instead of p_l^have f(x)."""
+    from .nets import ResNet, rescale_blocks
+
+    new = copy.deepcopy(model)
+    if isinstance(new, ResNet):
+        rescale_blocks(new, want)
+        return new
+    for b in blocks:
+        if b.path in probs:
+            for p in new.get_submodule(b.path).get_submodule(b.scale).parameters():
+                if p.is_floating_point():
+                    p.mul_(probs[b.path] ** (want - have))
+    return new
+
+
+def _choose_block_scale(small: nn.Module, blocks: list[Block], stats: DropEffects | None, mode: str,
+                        calibration: Iterable | None) -> tuple[nn.Module, dict]:
+    """`prune`'s block-scale choice: the rule and search of `pruning.choose_block_scale` (p_l^t f(x), t from 1 down),
+    each candidate re-estimated and scored on the user's calibration batches."""
+    from .pruning import NAMED_EXPONENTS, scale_name, search_exponent
+
+    probs, have = _survival_layers(small, blocks, stats)
+    if not probs:
+        if probs is None and mode == "unit":
+            raise InputError("block_scale='unit' needs the survival probabilities p_l: a network of the project's, or stats "
+                             "recorded by train_stochastic_depth")
+        if probs is None:
+            return small, {"chosen": None, "why": "p_l not known (no stats recorded by train_stochastic_depth): the kept blocks add what they added"}
+        return small, {"chosen": "unit", "folded": False, "why": "every kept block already adds f(x) at evaluation: nothing to choose"}
+    if mode != "auto" or calibration is None:
+        want = NAMED_EXPONENTS.get(mode, have)
+        if want != have:
+            return _rescale(small, blocks, probs, have, want), {"chosen": mode, "exponent": want, "why": "asked for"}
+        return small, {"chosen": scale_name(have), "exponent": have, "why": "asked for" if mode != "auto" else "no calibration batches to choose by"}
+    calibration = list(calibration)
+    score = _loss_on(calibration)
+    nets_by = {have: small}
+
+    def loss_at(t: float) -> float:
+        if t not in nets_by:
+            nets_by[t] = _rescale(small, blocks, probs, have, t)
+        return score(recalibrate(nets_by[t], calibration, num_batches=len(calibration)))
+
+    t, loss = search_exponent(loss_at)
+    return nets_by[t], {"chosen": scale_name(t), "exponent": t, "why": f"lowest loss on {len(calibration)} calibration batches after recalibration",
+                        "loss": {f"{k:g}": round(v, 5) for k, v in sorted(loss.items(), reverse=True)}}
 
 
 def _loss_on(batches: list) -> Callable[[nn.Module], float]:

@@ -218,6 +218,18 @@ class Sidecar:
     raw: dict = field(default_factory=dict, compare=False, repr=False)  # the JSON as read, carried into derived sidecars
 
     @property
+    def block_exponent(self) -> float:
+        """t where each kept block adds p_l^t f(x) at evaluation: 1 as trained, unless a prune stage chose another
+        (folded into each kept block's last BatchNorm; the spec's p_l still says what the block was trained at) or
+        `sdcompress.save` wrote a network so pruned. The last stage that says decides."""
+        t = 1.0
+        for st in self.stages:
+            scale = st.get("block_scale")
+            if isinstance(scale, dict) and scale.get("folded", True) and scale.get("chosen") is not None:
+                t = float(scale.get("exponent", {"unit": 0.0, "survival": 1.0}.get(scale["chosen"], 1.0)))
+        return t
+
+    @property
     def train_config(self) -> dict:
         """The training run's config (the first stage's), as recorded."""
         return self.stages[0].get("config", {})
@@ -409,5 +421,7 @@ def load_checkpoint(path: str | Path) -> tuple[ResNet, Sidecar]:
         raise InputError(f"{side}: the sidecar's spec does not describe a network this sdcompress builds ({first_line(e)})") from None
     _check_against_weights(model, state, weights)
     model.load_state_dict(state)
+    if isinstance(model, ResNet):
+        model.scale_exponent = meta.block_exponent
     model.eval()
     return model, meta

@@ -31,7 +31,7 @@ from .data import Normalize
 from .errors import InputError
 from .loops import evaluate, recalibrate_bn
 from .nets import count_macs
-from .pruning import Candidates, PruneConfig, Ranking, blocks_to_remove, choose_block_scale, remove_blocks, removable, unit_scaled, _sensitivity_loss
+from .pruning import Candidates, PruneConfig, Ranking, blocks_to_remove, choose_block_scale, remove_blocks, removable, _sensitivity_loss
 from .data import train_augmentation
 
 STRATEGIES = ("stats", "top", "sensitivity")  # rankings, so every depth's blocks nest in the deeper ones'
@@ -99,7 +99,7 @@ def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib
             images = recal(net)
         if removed:  # as `prune` chooses it; the choice lives in each depth's own BatchNorm, so the weights stay shared
             cfg = PruneConfig(keep=d, recalibrate=recalibrate, batch_size=batch_size, seed=seed)
-            net, scale = choose_block_scale(net, cfg, calib, normalize, recal, unit_scaled(meta))
+            net, scale = choose_block_scale(net, cfg, calib, normalize, recal)
         out.append({"depth": d, "function": function_name(d), "kept": net.block_ids, "removed": removed, "model": net,
                     "recalibrated_images": images, "block_scale": scale,
                     "same_blocks_as_separate_pruning": True})  # by construction, see above

@@ -199,6 +199,7 @@ class ResNet(nn.Module):
     def __init__(self, spec: NetSpec):
         super().__init__()
         self.spec = spec
+        self.scale_exponent = 1.0  # t: at evaluation block l adds p_l^t f(x) (1: as trained; a prune may choose another, `rescale_blocks`)
         probs = spec.probs()
         kept = set(spec.kept)
         self.stem = nn.Conv2d(spec.in_channels, STAGE_CHANNELS[0], 3, 1, 1, bias=False)
@@ -274,6 +275,21 @@ def unscale_blocks(model: ResNet, undo: bool = False) -> None:
         factor = blk.survival_prob if undo else 1.0 / blk.survival_prob
         blk.bn2.weight.mul_(factor)
         blk.bn2.bias.mul_(factor)
+
+
+@torch.no_grad()
+def rescale_blocks(model: ResNet, exponent: float) -> None:
+    """Make each present block add p_l^exponent f(x) at evaluation, in place: its last BatchNorm (scale and shift)
+    multiplied by p_l^(exponent - model.scale_exponent). 1 is the stochastic depth rule (how the network was
+    trained to be evaluated), 0 adds f(x) as a training step where the block ran, below 0 amplifies the blocks of a
+    network that lost others (`pruning.choose_block_scale`)."""
+    for b in model.block_ids:
+        blk = model.blocks[str(b)]
+        if blk.survival_prob < 1.0:
+            factor = blk.survival_prob ** (exponent - model.scale_exponent)
+            blk.bn2.weight.mul_(factor)
+            blk.bn2.bias.mul_(factor)
+    model.scale_exponent = exponent
 
 
 def build_model(spec: NetSpec) -> nn.Module:

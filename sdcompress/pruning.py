@@ -24,11 +24,14 @@ from .data import ImageSet, Normalize, train_augmentation
 from .checkpoint import Sidecar, SurvivalTable
 from .config import check_recovery
 from .errors import InputError
-from .nets import ResNet, build_model, count_macs, count_params, unscale_blocks
+from .nets import ResNet, build_model, count_macs, count_params, rescale_blocks
 from .loops import batch_loss, recalibrate_bn
 
 STRATEGIES = ("stats", "top", "every-other", "sensitivity")  # IMPORTANCE's entries, and the positional every-other
 BLOCK_SCALES = ("auto", "survival", "unit")  # the kept blocks' evaluation-time scale after removal
+NAMED_EXPONENTS = {"survival": 1.0, "unit": 0.0}  # block l adds p_l^t f(x): t = 1 the stochastic depth rule, 0 f(x)
+EXPONENT_FLOOR = -2.0  # auto's search goes no lower (blocks amplified by 1/p_l^2, 4x for p_L 0.5)
+SCALE_RULE = "p_l^t, t searched from 1 down"  # what `auto` does, in a sweep's settings: points made by an earlier rule are made again
 SCALE_BATCHES = 10  # batches of training images the "auto" block scale is chosen on
 
 
@@ -158,6 +161,8 @@ def remove_blocks(model: ResNet, remove) -> ResNet:
     state = model.state_dict()
     new.load_state_dict({k: state[k] for k in new.state_dict()}, strict=True)
     new.train(model.training)
+    if isinstance(model, ResNet):
+        new.scale_exponent = model.scale_exponent
     return new.to(next(model.parameters()).device)
 
 
@@ -327,48 +332,72 @@ def _sensitivity_loss(calib: ImageSet | None, normalize: Normalize, cfg: PruneCo
     return lambda candidate: batch_loss(candidate, sample, normalize, cfg.sensitivity_batches, cfg.batch_size)
 
 
-def unit_scaled(meta: Sidecar) -> bool:
-    """Whether a checkpoint's kept blocks already add f(x): an earlier prune stage chose `unit` (its 1/p_l is in
-    each kept block's last BatchNorm; the spec's p_l still says what the block was trained at)."""
-    unit = False
-    for st in meta.stages:  # the last prune stage that chose decides
-        scale = st.get("block_scale") if st.get("stage") == "prune" else None
-        if scale and scale.get("folded", True):
-            unit = scale.get("chosen") == "unit"
-    return unit
+def scale_name(t: float) -> str:
+    """survival (t = 1), unit (0), amplified (< 0) or between."""
+    return {1.0: "survival", 0.0: "unit"}.get(t, "amplified" if t < 0 else "between")
+
+
+def search_exponent(loss_at: Callable[[float], float]) -> tuple[float, dict[float, float]]:
+    """The exponent t of the kept blocks' scale p_l^t with the lowest `loss_at(t)`: p_l f(x) (1) and f(x) (0)
+    first; if f(x) is lower, on down in steps of 0.5 (blocks amplified to make up for the removed ones) while the
+    loss keeps falling, to `EXPONENT_FLOOR`; else 0.5 between them. Returns t and every loss measured."""
+    loss = {t: loss_at(t) for t in (1.0, 0.0)}
+    finite = lambda t: loss[t] if math.isfinite(loss[t]) else math.inf  # noqa: E731
+    if finite(0.0) < finite(1.0):
+        t = 0.0
+        while t - 0.5 >= EXPONENT_FLOOR:
+            loss[t - 0.5] = loss_at(t - 0.5)
+            if not finite(t - 0.5) < finite(t):
+                break
+            t -= 0.5
+    else:
+        loss[0.5] = loss_at(0.5)
+    return min(loss, key=finite), loss
 
 
 def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None, normalize: Normalize,
-                       recalibrate: Callable[[ResNet], int], already_unit: bool = False) -> tuple[ResNet, dict]:
-    """The evaluation-time scale of the kept blocks of a pruned network: p_l f(x) (`survival`, the stochastic depth
-    paper's rule for the full network: every block runs, weighted by how often it ran in training) or f(x) (`unit`:
-    every kept block runs, as in a training step where it was drawn; 1/p_l folded into its last BatchNorm,
-    `nets.unscale_blocks`). `auto` recalibrates both and keeps the one with the lower loss on `SCALE_BATCHES`
-    batches of training images (a fixed sample, never evaluation data); `survival` without training images.
-    `already_unit`: the network comes from a checkpoint whose blocks were unscaled by an earlier prune stage
-    (`unit_scaled`), so its weights are the unit network and p_l f(x) is made by multiplying back.
-    Measured on the retrofitted ResNet-56 (docs/results.md): unit is ahead at every keep."""
+                       recalibrate: Callable[[ResNet], int]) -> tuple[ResNet, dict]:
+    """What each kept block of a pruned network adds at evaluation: p_l^t f(x). t = 1 (`survival`) is the stochastic
+    depth paper's rule for the full network: every block runs, weighted by how often it ran in training; t = 0
+    (`unit`) adds f(x), as in a training step where the block was drawn; below 0 the kept blocks are amplified,
+    making up for the removed ones. The factor is folded into each kept block's last BatchNorm
+    (`nets.rescale_blocks`). `auto` recalibrates each candidate and keeps the lowest loss on `SCALE_BATCHES` batches
+    of training images (a fixed sample, never evaluation data; `search_exponent`); `survival` without training
+    images. A network pruned before keeps the t it was given (`ResNet.scale_exponent`, restored from its
+    checkpoint's stages): another t is reached from it, never applied twice.
+    Measured on the retrofitted ResNet-56 (docs/results.md)."""
     probs = pruned.block_survival() if isinstance(pruned, ResNet) else {}
     if not any(p < 1.0 for p in probs.values()):
         return pruned, {"chosen": "unit", "folded": False, "why": "every kept block already adds f(x) at evaluation: nothing to choose"}
-    have = "unit" if already_unit else "survival"
-    if cfg.block_scale == have or (cfg.block_scale == "auto" and calib is None):
-        why = "asked for" if cfg.block_scale == have else ("--recalibrate 0 and no training data: not compared" if not cfg.recalibrate
-                                                           else "no training images to choose by")
-        if already_unit and cfg.block_scale == "auto":
+    have = pruned.scale_exponent
+
+    def rescaled(t: float) -> ResNet:
+        net = copy.deepcopy(pruned)
+        rescale_blocks(net, t)
+        if cfg.recalibrate and calib is not None:
+            recalibrate(net)
+        return net
+
+    if cfg.block_scale != "auto" or calib is None:
+        want = NAMED_EXPONENTS.get(cfg.block_scale, have)
+        if want != have:
+            return rescaled(want), {"chosen": cfg.block_scale, "exponent": want, "why": "asked for"}
+        why = "asked for" if cfg.block_scale != "auto" else ("--recalibrate 0 and no training data: not compared" if not cfg.recalibrate
+                                                             else "no training images to choose by")
+        if cfg.block_scale == "auto" and have != 1.0:
             why += "; an earlier prune stage chose it"
-        return pruned, {"chosen": have, "why": why}
-    other = copy.deepcopy(pruned)
-    unscale_blocks(other, undo=already_unit)
-    if cfg.recalibrate and calib is not None:
-        recalibrate(other)
-    if cfg.block_scale != "auto":
-        return other, {"chosen": cfg.block_scale, "why": "asked for"}
-    nets_by = {have: pruned, ("survival" if already_unit else "unit"): other}
+        return pruned, {"chosen": scale_name(have), "exponent": have, "why": why}
     sample = training_sample(calib, SCALE_BATCHES, cfg.batch_size, cfg.seed + 1)
-    loss = {name: round(batch_loss(nets_by[name], sample, normalize, SCALE_BATCHES, cfg.batch_size), 5) for name in ("survival", "unit")}
-    chosen = "unit" if loss["unit"] < loss["survival"] else "survival"
-    return nets_by[chosen], {"chosen": chosen, "why": f"lower loss on {len(sample):,} training images", "loss": loss}
+    nets_by = {have: pruned}
+
+    def loss_at(t: float) -> float:
+        if t not in nets_by:
+            nets_by[t] = rescaled(t)
+        return batch_loss(nets_by[t], sample, normalize, SCALE_BATCHES, cfg.batch_size)
+
+    t, loss = search_exponent(loss_at)
+    return nets_by[t], {"chosen": scale_name(t), "exponent": t, "why": f"lowest loss on {len(sample):,} training images",
+                        "loss": {f"{k:g}": round(v, 5) for k, v in sorted(loss.items(), reverse=True)}}
 
 
 def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet | None,
@@ -402,7 +431,7 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
         record["calibration_set_size"] = len(calib)
         record["recalibrated_images"] = recal(pruned)
     if removed:
-        pruned, record["block_scale"] = choose_block_scale(pruned, cfg, calib, normalize, recal, unit_scaled(meta))
+        pruned, record["block_scale"] = choose_block_scale(pruned, cfg, calib, normalize, recal)
     if cfg.finetune:
         if finetune is None:
             raise InputError("--finetune needs training data (--data)")

@@ -53,11 +53,16 @@ def stats_rows(meta: Sidecar) -> list[dict]:
 
 def block_scale_text(scale: dict) -> str:
     """The kept blocks' evaluation-time scale after pruning (`pruning.choose_block_scale`), as a report line."""
-    form = {"unit": "f(x)", "survival": "p_l f(x)"}
-    chosen, other = scale["chosen"], "survival" if scale["chosen"] == "unit" else "unit"
-    what = "f(x), as in a training step where they ran" if chosen == "unit" else "p_l f(x), the stochastic depth rule"
+    names = {"unit": 0.0, "survival": 1.0}
+    t = float(scale.get("exponent", names.get(scale["chosen"], 1.0)))
+    what = {1.0: "p_l f(x), the stochastic depth rule", 0.0: "f(x), as in a training step where they ran"}.get(
+        t, f"p_l^{t:g} f(x), amplified for the removed blocks" if t < 0 else f"p_l^{t:g} f(x)")
     loss = scale.get("loss")
-    shown = f" (loss {loss[chosen]:.4f} against {loss[other]:.4f} at {form[other]})" if loss else ""
+    if loss:  # {"1": ..., "0": ...}, or the names of the first records ({"survival": ..., "unit": ...})
+        tried = {names[k] if k in names else float(k): v for k, v in loss.items()}
+        shown = " (loss " + ", ".join(f"{v:.4f} at t = {k:g}" for k, v in sorted(tried.items(), reverse=True)) + ")"
+    else:
+        shown = ""
     return f"- kept blocks add {what}: {scale['why']}{shown}"
 
 

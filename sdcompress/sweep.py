@@ -91,10 +91,10 @@ def _settings(cfg: SweepConfig, ckpt, data) -> dict:
     if not cfg.finetune:
         d.pop("distill")  # no fine-tuning: distillation changes nothing (and older sweeps did not record it)
         d.pop("precision")  # nor does the precision of fine-tuning steps
-    from .pruning import PruneConfig
+    from .pruning import SCALE_RULE, PruneConfig
 
-    # points pruned before prune chose the kept blocks' scale (no "block_scale" recorded) are made again
-    return {**d, "block_scale": PruneConfig().block_scale, "checkpoint": str(Path(ckpt).resolve()), "data": data}
+    # points pruned before prune chose the kept blocks' scale as it does now (`SCALE_RULE`) are made again
+    return {**d, "block_scale": f"{PruneConfig().block_scale}: {SCALE_RULE}", "checkpoint": str(Path(ckpt).resolve()), "data": data}
 
 
 def _relative(path, out: Path) -> str:

@@ -194,11 +194,42 @@ def test_block_scale_unit_is_the_training_steps_network_and_auto_takes_the_lower
         assert not torch.allclose(unit(x), surv(x), atol=1e-3)
 
     auto, rec = prune("auto")
-    loss = rec["loss"]
-    assert rec["chosen"] == min(loss, key=loss.get) and loss["unit"] != loss["survival"]
-    same, _ = prune("same", "--block-scale", rec["chosen"])  # the choice, made by hand: the same weights
-    assert all(torch.equal(v, auto.state_dict()[k]) for k, v in same.state_dict().items())
+    loss = {float(k): v for k, v in rec["loss"].items()}
+    t = rec["exponent"]
+    assert {1.0, 0.0} <= set(loss) and t == min(loss, key=loss.get) and loss[0.0] != loss[1.0]
+    for b in kept:  # p_l^t f(x): the last BatchNorm's affine times p_l^(t - 1), whatever recalibration did to its statistics
+        a, s = auto.blocks[str(b)].bn2, surv.blocks[str(b)].bn2
+        assert torch.allclose(a.weight, s.weight * p[b] ** (t - 1), rtol=1e-5) and torch.allclose(a.bias, s.bias * p[b] ** (t - 1), rtol=1e-5, atol=1e-7)
     assert "kept blocks add" in (tmp_path / "auto" / "report.md").read_text()
+    if rec["chosen"] in ("unit", "survival"):
+        same, _ = prune("same", "--block-scale", rec["chosen"])  # the choice, made by hand: the same weights
+        assert all(torch.equal(v, auto.state_dict()[k]) for k, v in same.state_dict().items())
+
+
+def test_the_block_scale_search_walks_down_while_the_loss_falls():
+    """`auto` tries p_l f(x) (t = 1) and f(x) (t = 0); when f(x) is lower it goes on below 0 in steps of 0.5 and
+    stops at the first rise (or the floor); when p_l f(x) is lower it tries 0.5 between them."""
+    from sdcompress.pruning import EXPONENT_FLOOR, search_exponent
+
+    tried = []
+
+    def bowl(centre):
+        def loss(t):
+            tried.append(t)
+            return (t - centre) ** 2
+        return loss
+
+    t, loss = search_exponent(bowl(-0.8))
+    assert t == -1.0 and loss == pytest.approx({1.0: 3.24, 0.0: 0.64, -0.5: 0.09, -1.0: 0.04, -1.5: 0.49})
+    assert tried == [1.0, 0.0, -0.5, -1.0, -1.5]
+    tried.clear()
+    t, loss = search_exponent(bowl(0.9))
+    assert t == 1.0 and tried == [1.0, 0.0, 0.5]
+    tried.clear()
+    t, _ = search_exponent(bowl(-10.0))
+    assert t == EXPONENT_FLOOR and min(tried) == EXPONENT_FLOOR
+    t, _ = search_exponent(lambda t: float("nan") if t == 0.0 else 1.0)  # a non-finite loss is never chosen
+    assert t == 1.0
 
 
 def test_pruning_a_pruned_checkpoint_divides_by_p_l_once(sd_run, tmp_path):

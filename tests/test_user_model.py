@@ -442,6 +442,74 @@ def test_the_chain_on_a_users_model(tmp_path):
     assert f"{convs[0]}.weight_bits" in weights and f"{convs[0]}.weight" not in weights  # stored as bits
 
 
+def test_the_kept_blocks_scale_after_pruning_a_users_model():
+    """`prune(block_scale=...)` on a model retrofitted by `train_stochastic_depth`: "unit" divides each kept block's
+    scale layer by its p_l (1 - its recorded drop rate), "survival" leaves it; "auto" re-estimates BatchNorm for both
+    on the calibration batches and keeps the lower loss there, and without them leaves p_l f(x); drop effects
+    measured on a finished model say nothing of p_l, so "unit" is refused there."""
+    from sdcompress.api import _prune
+
+    model = _randomize_bn(ModuleListNet())
+    data = _loader(n=128, batch=16)
+    trained = sdcompress.train_stochastic_depth(model, data, epochs=1, lr=0.05, recalibrate_batches=2)
+    p = {b.path: 1.0 - r for b, r in zip(trained.stats.blocks, trained.stats.drop_rates) if r is not None}
+    kw = dict(keep=0.5, stats=trained.stats, strategy="every-other")
+    survival, rec = _prune(trained.model, block_scale="survival", **kw)
+    unit, rec_unit = _prune(trained.model, block_scale="unit", **kw)
+    assert rec["block_scale"]["chosen"] == "survival" and rec_unit["block_scale"]["chosen"] == "unit"
+    kept = [b for b in sdcompress.find_blocks(unit, X) if b.path in p]
+    assert len(kept) == 2 and all(p[b.path] < 1.0 for b in kept)
+    for b in kept:  # body.4, the BatchNorm that ends the branch: weight and bias over p_l, the running statistics as they were
+        s_bn, u_bn = survival.get_submodule(f"{b.path}.body.4"), unit.get_submodule(f"{b.path}.body.4")
+        assert torch.allclose(u_bn.weight * p[b.path], s_bn.weight) and torch.allclose(u_bn.bias * p[b.path], s_bn.bias)
+        assert torch.equal(u_bn.running_var, s_bn.running_var)
+    with torch.no_grad():
+        assert not torch.allclose(unit(X), survival(X))
+    assert _prune(trained.model, **kw)[1]["block_scale"]["why"].startswith("no calibration batches")  # auto, nothing to choose by
+    chosen, rec_auto = _prune(trained.model, calibration=data[:4], **kw)
+    scale = rec_auto["block_scale"]
+    loss = {float(k): v for k, v in scale["loss"].items()}
+    t = scale["exponent"]
+    assert {1.0, 0.0} <= set(loss) and t == min(loss, key=loss.get)
+    for b in kept:  # p_l^t f(x): the scale layer's affine times p_l^(t - 1) against the network as trained
+        s_bn, c_bn = survival.get_submodule(f"{b.path}.body.4"), chosen.get_submodule(f"{b.path}.body.4")
+        assert torch.allclose(c_bn.weight, s_bn.weight * p[b.path] ** (t - 1), rtol=1e-5)
+        assert torch.equal(c_bn.running_mean, s_bn.running_mean)  # chosen on recalibrated copies; handed back as it was
+    measured = sdcompress.measure_drop_effects(trained.model, data * 2, list(trained.stats.blocks))
+    with pytest.raises(sdcompress.errors.InputError, match="survival probabilities"):
+        sdcompress.prune(trained.model, keep=0.5, stats=measured, block_scale="unit")
+    assert _prune(trained.model, keep=0.5, stats=measured)[1]["block_scale"]["chosen"] is None
+    with pytest.raises(sdcompress.errors.InputError, match="block scale"):
+        sdcompress.prune(trained.model, keep=0.5, stats=trained.stats, block_scale="half")
+
+
+def test_a_pruned_checkpoint_is_never_divided_twice(tmp_path):
+    """The project's ResNet pruned through the API with kept blocks adding f(x), saved as a command-line checkpoint
+    and loaded again, knows its blocks are unit-scaled: pruned again with p_l f(x), it is the network pruned once
+    with p_l f(x) (1/p_l multiplied back, not divided twice); `sdcompress prune` of it keeps f(x) as it is."""
+    from sdcompress.checkpoint import load_checkpoint
+    from sdcompress.cli import main
+    from sdcompress.zoo import bundled
+
+    model, side = sdcompress.load(bundled("resnet56-sd"))
+    assert model.scale_exponent == 1.0
+    once = sdcompress.prune(model, keep=0.8, strategy="top", block_scale="unit")
+    assert once.scale_exponent == 0.0 and len(once.spec.kept) == 22
+    sdcompress.save(once, tmp_path / "once", checkpoint=side["checkpoint"])
+    again, again_side = sdcompress.load(tmp_path / "once")
+    assert again.scale_exponent == 0.0 and load_checkpoint(tmp_path / "once")[1].block_exponent == 0.0
+    twice = sdcompress.prune(again, keep=17 / 22, strategy="top", block_scale="survival")
+    direct = sdcompress.prune(model, keep=17 / 27, strategy="top", block_scale="survival")
+    assert twice.spec.kept == direct.spec.kept and twice.scale_exponent == 1.0
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(twice.eval()(x), direct.eval()(x), rtol=1e-4, atol=1e-4)
+    assert main(["prune", str(tmp_path / "once"), "--keep", "0.9", "--strategy", "top", "--recalibrate", "0",
+                 "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    stage = load_checkpoint(tmp_path / "cli")[1].stages[-1]
+    assert stage["block_scale"]["chosen"] == "unit" and "earlier prune stage" in stage["block_scale"]["why"]
+
+
 def test_bad_arguments_are_refused():
     model = _randomize_bn(SequentialNet())
     with pytest.raises(InputError, match="epochs"):
@@ -572,7 +640,8 @@ def test_the_command_line_on_a_users_class(tmp_path, monkeypatch, capsys):
     side = json.loads((tmp_path / "sd" / "blocks.json").read_text())
     assert side["arch"] == arch and side["data"]["source"] == "digits" and side["stats"]["source"] == "training"
     assert main(["prune", "sd", "--arch", arch, "--keep", "0.5", "--recalibrate", "4", "--out", "small", "--no-progress"]) == 0
-    assert "blocks 4 -> 2 (stats)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "blocks 4 -> 2 (stats)" in out and "kept blocks add" in out  # p_l known from the recorded statistics: chosen
     limit = _params(sdcompress.load("small", model=mynets.DigitNet())[0])  # the same budget, greedy on the loss
     assert main(["prune", "sd", "--arch", arch, "--max-params", str(limit), "--strategy", "sensitivity", "--recalibrate", "4",
                  "--out", "fit", "--no-progress"]) == 0

@@ -8,6 +8,7 @@ keeps the data's name, classes and normalization for the next command.
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 PREFIX = "python:"
@@ -140,11 +141,11 @@ def run_prune(a) -> int:
     from ..errors import InputError
     from ..files import check_output_folder
     from ..loops import resolve_device
+    from ..pruning import PruneConfig, training_sample
 
     _need_folder(a, "prune")
-    if a.blocks_to_keep or a.teacher or a.block_scale != "auto":
-        raise InputError("with --arch python:..., prune takes --keep, --max-size or --max-params (not --blocks-to-keep, --teacher "
-                         "or --block-scale: kept blocks of your class keep what they added at evaluation)")
+    if a.blocks_to_keep or a.teacher:
+        raise InputError("with --arch python:..., prune takes --keep, --max-size or --max-params (not --blocks-to-keep or --teacher)")
     budget = {"max_bytes": a.max_size} if a.max_size is not None else {"max_params": a.max_params} if a.max_params is not None else {}
     keep = None if budget else (0.6 if a.keep is None else a.keep)
     label = f"keep{keep}" if keep is not None else "budget"
@@ -154,16 +155,17 @@ def run_prune(a) -> int:
     mean, std = data["mean"], data["std"]
     train = _batches(ds, ds.train, mean, std, 128, True, a.seed)
     held, held_name = _eval_split(ds)
-    stats = side["stats"] if a.strategy == "stats" else None
+    stats = side["stats"]  # ranks (--strategy stats) and gives the blocks' p_l (--block-scale)
     if a.strategy == "stats" and stats is None:
         raise InputError(f"{a.ckpt} holds no drop effects; use --strategy every-other or top")
-    sample = None
+    sample = calibration = None
     if a.strategy == "sensitivity":  # the loss on a fixed sample of training images, as for a checkpoint
-        from ..pruning import PruneConfig, training_sample
-
         size = PruneConfig().batch_size
         sample = list(_batches(ds, training_sample(ds.train, a.sensitivity_batches, size, a.seed), mean, std, size, False, a.seed))
-    small = api.prune(model, keep, stats=stats, strategy=a.strategy, blocks=side["blocks"] or None, batches=sample, **budget)
+    if a.block_scale == "auto" and stats is not None:  # both scales re-estimated and scored on the same augmented training batches
+        calibration = list(islice(iter(train), a.recalibrate or PruneConfig().recalibrate))
+    small, record = api._prune(model, keep, stats=stats, strategy=a.strategy, blocks=side["blocks"] or None, batches=sample,
+                               block_scale=a.block_scale, calibration=calibration, **budget)
     if a.recalibrate:
         small = api.recalibrate(small, train, num_batches=a.recalibrate, device=resolve_device(a.device))
     tuned = None
@@ -176,7 +178,9 @@ def run_prune(a) -> int:
     api.save(small, out, blocks=present, force=a.force, data=data, arch=side.get("arch") or a.arch)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     acc = "" if after is None else f", {held_name} top-1 {100 * before:.2f}% -> {100 * after:.2f}%"
-    print(f"blocks {len(side['blocks'])} -> {len(present)} ({a.strategy}), params {n(model):,} -> {n(small):,}{acc}")
+    t = (record["block_scale"] or {}).get("exponent")
+    shown = "" if t is None else "; kept blocks add " + {1.0: "p_l f(x)", 0.0: "f(x)"}.get(t, f"p_l^{t:g} f(x)")
+    print(f"blocks {len(side['blocks'])} -> {len(present)} ({a.strategy}), params {n(model):,} -> {n(small):,}{acc}{shown}")
     if tuned:
         print(f"fine-tuned {tuned['epochs']} epochs{' (distilled)' if a.distill else ''}, {tuned['seconds']:.0f} s")
     print(f"wrote {out}/weights.pt, {out}/blocks.json")
