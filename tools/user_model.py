@@ -7,7 +7,8 @@ again, scored on all of `../shared/data/cifar10-test`.
 
 (a) the pretrained model; (b) `measure_drop_effects`, then `prune` at keep 0.8 / 0.6 / 0.4 by those effects,
 `recalibrate`d; (c) `train_stochastic_depth` for --epochs from the pretrained weights, then the same keeps by the
-recorded drop effects and by `every-other`, recalibrated; (d) keep 0.6 of (c), by whichever of the two rankings
+recorded drop effects (kept blocks adding p_l f(x), and as `block_scale="auto"` chooses on 40 augmented training
+batches) and by `every-other`, recalibrated; (d) keep 0.6 of (c), by whichever of the two rankings
 is better on the validation split, fine-tuned with distillation from (c)'s full network for --finetune epochs. Training uses the 45,000-image training split of `../shared/data/cifar10`
 (seed 0); nothing is chosen on the test images. Each stage's result is kept under --out (`results.json`,
 `retrofit.pt`), so a rerun picks up where the last one stopped.
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sdcompress  # noqa: E402
+from sdcompress.api import _prune  # noqa: E402 - prune, and the record of the kept blocks' scale it chose
 from sdcompress.data import ImageBatches, _decode_folder, load_dataset  # noqa: E402
 
 PEER = ROOT.parent / "shared" / "models" / "cifar-resnet-peer"
@@ -108,19 +110,25 @@ def main() -> None:
                                                     precision=args.precision, progress=True)
         retro, stats, history = trained
         torch.save({"state_dict": retro.state_dict(), "stats": stats, "history": history}, ck)
+    calib = [b for b, _ in zip(train, range(40))]  # augmented training batches: the kept blocks' scale is chosen on them
+
+    def cut(keep, strategy, scale="auto"):
+        small, rec = _prune(retro, keep, stats=stats, strategy=strategy, block_scale=scale, calibration=calib)
+        return sdcompress.recalibrate(small, train), rec["block_scale"]
+
     if "c" not in res:
         c = {"epochs": history["epochs"], "seconds": history["seconds"], "precision": history["precision"],
              "lr": args.lr, "full": top1(retro, test_b), "val_full": top1(retro, val_b)}
         for keep in (0.8, 0.6, 0.4):
-            for strategy in ("stats", "every-other"):
-                small = sdcompress.recalibrate(sdcompress.prune(retro, keep, stats=stats, strategy=strategy), train)
-                c[f"{keep} {strategy}"] = top1(small, test_b)
+            for strategy, scale in (("stats", "survival"), ("stats", "auto"), ("every-other", "auto")):
+                small, rec = cut(keep, strategy, scale)
+                c[f"{keep} {strategy} {scale}"] = {"top1": top1(small, test_b), "exponent": rec["exponent"], "loss": rec.get("loss")}
         note("c", c)
     if res.get("d", {}).get("epochs") != args.finetune:  # the ranking to fine-tune is the one better on the validation split, never on test images
-        cut = {s: sdcompress.recalibrate(sdcompress.prune(retro, 0.6, stats=stats, strategy=s), train) for s in ("stats", "every-other")}
-        val = {s: top1(m, val_b) for s, m in cut.items()}
+        cuts = {s: cut(0.6, s)[0] for s in ("stats", "every-other")}
+        val = {s: top1(m, val_b) for s, m in cuts.items()}
         strategy = max(val, key=val.get)
-        tuned, h = sdcompress.finetune(cut[strategy], train, teacher=retro, epochs=args.finetune, precision=args.precision, progress=True)
+        tuned, h = sdcompress.finetune(cuts[strategy], train, teacher=retro, epochs=args.finetune, precision=args.precision, progress=True)
         note("d", {"epochs": args.finetune, "seconds": h["seconds"], "strategy": strategy, "val_before_finetune": val,
                    "top1": top1(tuned, test_b), "params": sum(p.numel() for p in tuned.parameters()),
                    "params_full": sum(p.numel() for p in retro.parameters())})
