@@ -421,7 +421,7 @@ def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None
             counted as stored, in bits).
         block_scale: "auto", "survival" or "unit", above.
         calibration: for `block_scale="auto"`, `(inputs, targets)` batches of training images with the training
-            augmentation (as for `recalibrate`; a list: both candidates are re-estimated and scored on the same).
+            augmentation (as for `recalibrate`; a list: every candidate is re-estimated and scored on the same).
 
     Returns:
         The pruned module.

@@ -59,8 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--strategy", default=d.strategy, choices=list(STRATEGIES))
     p.add_argument("--sensitivity-batches", type=_positive_int, default=d.sensitivity_batches)
     p.add_argument("--block-scale", default=d.block_scale, choices=list(BLOCK_SCALES),
-                   help="what a kept block adds at evaluation: survival (p_l f(x), the stochastic depth rule), unit (f(x), as in a "
-                        "training step where it ran), auto (default: the lower loss on training images after recalibration)")
+                   help="what a kept block adds at evaluation, p_l^t f(x): survival (t = 1, the stochastic depth rule), unit (t = 0, f(x) as in "
+                        "a training step where it ran), auto (default: the lowest loss on training images after recalibration, trying 1 and 0, "
+                        "then below 0 in steps of 0.5 while the loss falls)")
     p.add_argument("--arch", default=None, metavar="python:PACKAGE.MODULE:FUNCTION",
                    help="your own model class: the builder of the model in CKPT, a folder written by `sdcompress train --arch "
                         "python:...` or sdcompress.save; imported because you name it here, never because a file does")
