@@ -19,6 +19,7 @@ import operator
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
+from itertools import islice
 from typing import Callable, Iterable
 
 import numpy as np
@@ -394,12 +395,13 @@ def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None
 
     A network trained with stochastic depth adds p_l f(x) for block l at evaluation (the paper's rule for the full
     network). A pruned one is a single draw in which every kept block runs, and in a training step a block that
-    runs adds f(x); `block_scale` chooses p_l^t f(x), as `sdcompress prune --block-scale` does: "survival" (t = 1)
-    leaves it, "unit" (t = 0) divides each kept block's scale layer (`Block.scale`, its last BatchNorm in a ResNet)
-    by p_l, "auto" (default) re-estimates BatchNorm for each candidate on `calibration` and keeps the lowest loss
-    there, trying 1 and 0, then below 0 (kept blocks amplified for the removed ones) while the loss falls
-    (`pruning.search_exponent`); without `calibration` it leaves p_l f(x). It applies where p_l is known: the
-    project's ResNets (their spec) and a model with `stats` recorded by `train_stochastic_depth`.
+    runs adds f(x); `block_scale` chooses p_l^t f(x), as `sdcompress prune --block-scale` does, folded into each kept
+    block's scale layer (`Block.scale`, its last BatchNorm in a ResNet): "survival" is t = 1, "unit" t = 0, "auto"
+    (default) re-estimates BatchNorm for each candidate on `calibration` and keeps the lowest loss there, trying 1
+    and 0, then below 0 (kept blocks amplified for the removed ones) while the loss falls, else 0.5
+    (`pruning.search_exponent`); without `calibration` the blocks keep the t they have (1 as trained). It applies
+    where p_l is known: the project's ResNets (their spec) and a model with `stats` recorded by
+    `train_stochastic_depth`.
 
     Args:
         model: the network (not modified).
@@ -421,7 +423,8 @@ def prune(model: nn.Module, keep: float | None = None, stats: DropEffects | None
             counted as stored, in bits).
         block_scale: "auto", "survival" or "unit", above.
         calibration: for `block_scale="auto"`, `(inputs, targets)` batches of training images with the training
-            augmentation (as for `recalibrate`; a list: every candidate is re-estimated and scored on the same).
+            augmentation (as for `recalibrate`): the first 40 are taken once, and every candidate is re-estimated
+            and scored on them.
 
     Returns:
         The pruned module.
@@ -482,7 +485,8 @@ def _prune(model: nn.Module, keep: float | None = None, stats: DropEffects | Non
         if batches is None:
             raise InputError("strategy 'sensitivity' needs batches of training images to measure the loss on")
         loss_fn = _loss_on(list(batches))
-    present = [b.index for b in blocks if b.removable]
+    here = {b.path for b in _present(model, blocks)}  # `blocks` may list blocks removed before (a sidecar's list)
+    present = [b.index for b in blocks if b.removable and b.path in here]
     stage = {b.index: b.stage for b in blocks}
     effects = {i: stats.effect[i] for i in present} if stats is not None else None
     cut = lambda removed: remove_blocks(model, removed, blocks)  # noqa: E731
@@ -498,8 +502,11 @@ def _prune(model: nn.Module, keep: float | None = None, stats: DropEffects | Non
     return small, record
 
 
-def _survival_layers(model: nn.Module, blocks: list[Block], stats: DropEffects | None) -> tuple[dict[str, float] | None, float]:
-    """p_l (< 1) of each present block whose evaluation-time output is scaled by it, by path (None: not known), and
+CALIBRATION_BATCHES = 40  # batches of `calibration` the block scale is chosen on, as the command line recalibrates
+
+
+def _survival_layers(model: nn.Module, blocks: list[Block], stats: DropEffects | None) -> tuple[dict[str, tuple[float, str]] | None, float]:
+    """(p_l < 1, its scale layer) of each present block whose evaluation-time output is scaled by it, by path (None: not known), and
     the exponent t with which those blocks add p_l^t f(x) now: the project's ResNets from their spec (t as an
     earlier prune left it), any other model from drop effects recorded by `train_stochastic_depth` (their drop rates
     are 1 - p_l; its blocks' scale layers hold p_l at the end of training: t = 1). Measured drop effects say nothing
@@ -510,28 +517,27 @@ def _survival_layers(model: nn.Module, blocks: list[Block], stats: DropEffects |
     if isinstance(model, ResNet):
         numbers = _spec_numbers(model) or {}
         probs = model.block_survival()
-        return {path: probs[n] for path, n in numbers.items() if probs[n] < 1.0}, model.scale_exponent
+        return {path: (probs[n], "bn2") for path, n in numbers.items() if probs[n] < 1.0}, getattr(model, "scale_exponent", 1.0)
     if stats is None or stats.source != "training":
         return None, 1.0
     present = {b.path for b in _present(model, blocks)}
-    return {b.path: 1.0 - r for b, r in zip(stats.blocks, stats.drop_rates)
+    return {b.path: (1.0 - r, b.scale) for b, r in zip(stats.blocks, stats.drop_rates)
             if r is not None and b.scale and b.path in present and r > 0.0}, 1.0
 
 
 @torch.no_grad()
-def _rescale(model: nn.Module, blocks: list[Block], probs: dict[str, float], have: float, want: float) -> nn.Module:
-    """A copy whose blocks in `probs` add p_l^want f(x) instead of p_l^have f(x)."""
+def _rescale(model: nn.Module, probs: dict[str, tuple[float, str]], have: float, want: float) -> nn.Module:
+    """A copy whose blocks in `probs` (path -> p_l, scale layer) add p_l^want f(x) instead of p_l^have f(x)."""
     from .nets import ResNet, rescale_blocks
 
     new = copy.deepcopy(model)
     if isinstance(new, ResNet):
         rescale_blocks(new, want)
         return new
-    for b in blocks:
-        if b.path in probs:
-            for p in new.get_submodule(b.path).get_submodule(b.scale).parameters():
-                if p.is_floating_point():
-                    p.mul_(probs[b.path] ** (want - have))
+    for path, (p_l, scale) in probs.items():
+        for p in new.get_submodule(path).get_submodule(scale).parameters():
+            if p.is_floating_point():
+                p.mul_(p_l ** (want - have))
     return new
 
 
@@ -544,28 +550,28 @@ def _choose_block_scale(small: nn.Module, blocks: list[Block], stats: DropEffect
     probs, have = _survival_layers(small, blocks, stats)
     if not probs:
         if probs is None and mode == "unit":
-            raise InputError("block_scale='unit' needs the survival probabilities p_l: a network of the project's, or stats "
-                             "recorded by train_stochastic_depth")
+            raise InputError("the 'unit' block scale needs each block's survival probability p_l: a network of the project's, "
+                             "or the drop effects recorded by train_stochastic_depth for this model")
         if probs is None:
             return small, {"chosen": None, "why": "p_l not known (no stats recorded by train_stochastic_depth): the kept blocks add what they added"}
         return small, {"chosen": "unit", "folded": False, "why": "every kept block already adds f(x) at evaluation: nothing to choose"}
     if mode != "auto" or calibration is None:
         want = NAMED_EXPONENTS.get(mode, have)
         if want != have:
-            return _rescale(small, blocks, probs, have, want), {"chosen": mode, "exponent": want, "why": "asked for"}
+            return _rescale(small, probs, have, want), {"chosen": mode, "exponent": want, "why": "asked for"}
         return small, {"chosen": scale_name(have), "exponent": have, "why": "asked for" if mode != "auto" else "no calibration batches to choose by"}
-    calibration = list(calibration)
+    calibration = list(islice(calibration, CALIBRATION_BATCHES))
+    if not calibration:
+        raise InputError("calibration holds no batch: give (inputs, targets) batches of training images")
     score = _loss_on(calibration)
-    nets_by = {have: small}
 
-    def loss_at(t: float) -> float:
-        if t not in nets_by:
-            nets_by[t] = _rescale(small, blocks, probs, have, t)
-        return score(recalibrate(nets_by[t], calibration, num_batches=len(calibration)))
+    def loss_at(t: float) -> float:  # each candidate re-estimated on the batches, then scored on them
+        return score(recalibrate(_rescale(small, probs, have, t), calibration, num_batches=len(calibration)))
 
     t, loss = search_exponent(loss_at)
-    return nets_by[t], {"chosen": scale_name(t), "exponent": t, "why": f"lowest loss on {len(calibration)} calibration batches after recalibration",
-                        "loss": {f"{k:g}": round(v, 5) for k, v in sorted(loss.items(), reverse=True)}}
+    return (small if t == have else _rescale(small, probs, have, t)), {
+        "chosen": scale_name(t), "exponent": t, "why": f"lowest loss on {len(calibration)} calibration batches after recalibration",
+        "loss": {f"{k:g}": round(v, 5) for k, v in sorted(loss.items(), reverse=True)}}
 
 
 def _loss_on(batches: list) -> Callable[[nn.Module], float]:

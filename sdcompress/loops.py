@@ -293,6 +293,8 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     history = sgd_loop(model, batches, epochs, lr, 1e-4, dev, precision, progress,
                        "fine-tune, distilled" if teacher is not None else "fine-tune", loss_of,
                        also=(teacher,) if teacher is not None else (), lr_hint="--finetune-lr")
+    if survival:  # trained with the draws again: at evaluation each block adds p_l times what a step adds, as trained
+        model.scale_exponent = 1.0
     val = evaluate(model, ds.val, normalize) if ds.val is not None else None
     return {**history, "survival": survival, "val_top1": val and val["top1"],
             "distill": {"temperature": distill.temperature, "alpha": distill.alpha} if distill is not None else None}

@@ -277,16 +277,27 @@ def unscale_blocks(model: ResNet, undo: bool = False) -> None:
         blk.bn2.bias.mul_(factor)
 
 
+EXPONENT_RANGE = (-2.0, 1.0)  # t of p_l^t f(x) a prune may choose (`pruning.search_exponent`): as trained (1) down to 1/p_l^2
+
+
+def exponent_or_none(v) -> float | None:
+    """A block-scale exponent read from a file: a finite number in `EXPONENT_RANGE`, else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not EXPONENT_RANGE[0] <= v <= EXPONENT_RANGE[1]:
+        return None
+    return float(v)
+
+
 @torch.no_grad()
 def rescale_blocks(model: ResNet, exponent: float) -> None:
     """Make each present block add p_l^exponent f(x) at evaluation, in place: its last BatchNorm (scale and shift)
     multiplied by p_l^(exponent - model.scale_exponent). 1 is the stochastic depth rule (how the network was
     trained to be evaluated), 0 adds f(x) as a training step where the block ran, below 0 amplifies the blocks of a
     network that lost others (`pruning.choose_block_scale`)."""
+    have = getattr(model, "scale_exponent", 1.0)  # a network pickled whole before the exponent existed: as trained
     for b in model.block_ids:
         blk = model.blocks[str(b)]
         if blk.survival_prob < 1.0:
-            factor = blk.survival_prob ** (exponent - model.scale_exponent)
+            factor = blk.survival_prob ** (exponent - have)
             blk.bn2.weight.mul_(factor)
             blk.bn2.bias.mul_(factor)
     model.scale_exponent = exponent

@@ -2,8 +2,9 @@
 
 A network trained with stochastic depth has learned to work while blocks are missing, so whole blocks can be
 removed after training. Removed blocks are deleted: no parameters of theirs remain in memory, in `model.pt` or
-in anything exported; a removed downsampling block becomes its parameter-free shortcut. A kept block adds p_l f(x)
-at evaluation, as in the full network, or f(x), as in a training step where it ran (`choose_block_scale`).
+in anything exported; a removed downsampling block becomes its parameter-free shortcut. A kept block adds
+p_l^t f(x) at evaluation: t = 1 as in the full network, 0 as in a training step where it ran, below 0 amplified for
+the removed blocks (`choose_block_scale`).
 BatchNorm statistics are then re-estimated on training images, running the evaluation-time network with only
 BatchNorm in train mode and cumulative averages (momentum reset), because the removed blocks changed the
 statistics every later layer sees.
@@ -24,13 +25,13 @@ from .data import ImageSet, Normalize, train_augmentation
 from .checkpoint import Sidecar, SurvivalTable
 from .config import check_recovery
 from .errors import InputError
-from .nets import ResNet, build_model, count_macs, count_params, rescale_blocks
+from .nets import EXPONENT_RANGE, ResNet, build_model, count_macs, count_params, rescale_blocks
 from .loops import batch_loss, recalibrate_bn
 
 STRATEGIES = ("stats", "top", "every-other", "sensitivity")  # IMPORTANCE's entries, and the positional every-other
 BLOCK_SCALES = ("auto", "survival", "unit")  # the kept blocks' evaluation-time scale after removal
 NAMED_EXPONENTS = {"survival": 1.0, "unit": 0.0}  # block l adds p_l^t f(x): t = 1 the stochastic depth rule, 0 f(x)
-EXPONENT_FLOOR = -2.0  # auto's search goes no lower (blocks amplified by 1/p_l^2, 4x for p_L 0.5)
+EXPONENT_FLOOR = EXPONENT_RANGE[0]  # auto's search goes no lower (blocks amplified by 1/p_l^2, 4x for p_L 0.5)
 SCALE_RULE = "p_l^t, t searched from 1 down"  # what `auto` does, in a sweep's settings: points made by an earlier rule are made again
 SCALE_BATCHES = 10  # batches of training images the "auto" block scale is chosen on
 
@@ -51,7 +52,7 @@ class PruneConfig:
     finetune_lr: float = 0.01
     finetune_survival: bool = False  # keep stochastic depth on while fine-tuning
     seed: int = 0
-    block_scale: str = "auto"  # kept blocks add p_l f(x) (survival) or f(x) (unit); auto: the lower loss after recalibration
+    block_scale: str = "auto"  # kept blocks add p_l^t f(x): t = 1 (survival), 0 (unit); auto: searched, the lowest loss after recalibration
     distill: bool = True  # fine-tune from the unpruned model as teacher as well as from the labels
     distill_temperature: float = 4.0
     distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
@@ -162,7 +163,7 @@ def remove_blocks(model: ResNet, remove) -> ResNet:
     new.load_state_dict({k: state[k] for k in new.state_dict()}, strict=True)
     new.train(model.training)
     if isinstance(model, ResNet):
-        new.scale_exponent = model.scale_exponent
+        new.scale_exponent = getattr(model, "scale_exponent", 1.0)
     return new.to(next(model.parameters()).device)
 
 
@@ -362,9 +363,9 @@ def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None,
     (`unit`) adds f(x), as in a training step where the block was drawn; below 0 the kept blocks are amplified,
     making up for the removed ones. The factor is folded into each kept block's last BatchNorm
     (`nets.rescale_blocks`). `auto` recalibrates each candidate and keeps the lowest loss on `SCALE_BATCHES` batches
-    of training images (a fixed sample, never evaluation data; `search_exponent`); `survival` without training
-    images. A network pruned before keeps the t it was given (`ResNet.scale_exponent`, restored from its
-    checkpoint's stages): another t is reached from it, never applied twice.
+    of training images (a fixed sample, never evaluation data; `search_exponent`); without training images it
+    keeps the t the network has. A network pruned before keeps the t it was given (`ResNet.scale_exponent`,
+    restored from its checkpoint's stages): another t is reached from it, never applied twice.
     Measured on the retrofitted ResNet-56 (docs/results.md)."""
     probs = pruned.block_survival() if isinstance(pruned, ResNet) else {}
     if not any(p < 1.0 for p in probs.values()):
@@ -385,7 +386,7 @@ def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None,
         why = "asked for" if cfg.block_scale != "auto" else ("--recalibrate 0 and no training data: not compared" if not cfg.recalibrate
                                                              else "no training images to choose by")
         if cfg.block_scale == "auto" and have != 1.0:
-            why += "; an earlier prune stage chose it"
+            why += "; an earlier stage chose it"
         return pruned, {"chosen": scale_name(have), "exponent": have, "why": why}
     sample = training_sample(calib, SCALE_BATCHES, cfg.batch_size, cfg.seed + 1)
     nets_by = {have: pruned}

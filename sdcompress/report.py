@@ -54,6 +54,8 @@ def stats_rows(meta: Sidecar) -> list[dict]:
 def block_scale_text(scale: dict) -> str:
     """The kept blocks' evaluation-time scale after pruning (`pruning.choose_block_scale`), as a report line."""
     names = {"unit": 0.0, "survival": 1.0}
+    if scale.get("chosen") is None:
+        return f"- kept blocks add what they added: {scale['why']}"
     t = float(scale.get("exponent", names.get(scale["chosen"], 1.0)))
     what = {1.0: "p_l f(x), the stochastic depth rule", 0.0: "f(x), as in a training step where they ran"}.get(
         t, f"p_l^{t:g} f(x), amplified for the removed blocks" if t < 0 else f"p_l^{t:g} f(x)")

@@ -281,3 +281,15 @@ def test_every_strategy_is_registered_with_what_it_ranks_by():
     from sdcompress.pruning import IMPORTANCE, RANKED_BY
 
     assert set(STRATEGIES) == set(IMPORTANCE) | {"every-other"} and set(RANKED_BY) == set(STRATEGIES)
+
+
+def test_the_report_line_reads_every_record_of_the_block_scale():
+    """Records written before the search (losses by name), by it (losses by t) and without a choice all read."""
+    from sdcompress.report import block_scale_text
+
+    old = block_scale_text({"chosen": "unit", "why": "lower loss", "loss": {"survival": 0.31, "unit": 0.21}})
+    assert old.startswith("- kept blocks add f(x), as in a training step") and "0.3100 at t = 1, 0.2100 at t = 0" in old
+    new = block_scale_text({"chosen": "amplified", "exponent": -0.5, "why": "lowest loss", "loss": {"1": 0.31, "0": 0.21, "-0.5": 0.19, "-1": 0.2}})
+    assert "p_l^-0.5 f(x), amplified" in new and new.endswith("0.1900 at t = -0.5, 0.2000 at t = -1)")
+    assert "p_l f(x), the stochastic depth rule" in block_scale_text({"chosen": "survival", "why": "asked for"})
+    assert "add what they added" in block_scale_text({"chosen": None, "why": "p_l not known"})

@@ -447,6 +447,8 @@ def test_the_kept_blocks_scale_after_pruning_a_users_model():
     scale layer by its p_l (1 - its recorded drop rate), "survival" leaves it; "auto" re-estimates BatchNorm for both
     on the calibration batches and keeps the lower loss there, and without them leaves p_l f(x); drop effects
     measured on a finished model say nothing of p_l, so "unit" is refused there."""
+    import dataclasses as dc
+
     from sdcompress.api import _prune
 
     model = _randomize_bn(ModuleListNet())
@@ -461,12 +463,17 @@ def test_the_kept_blocks_scale_after_pruning_a_users_model():
     assert len(kept) == 2 and all(p[b.path] < 1.0 for b in kept)
     for b in kept:  # body.4, the BatchNorm that ends the branch: weight and bias over p_l, the running statistics as they were
         s_bn, u_bn = survival.get_submodule(f"{b.path}.body.4"), unit.get_submodule(f"{b.path}.body.4")
+        t_bn = trained.model.get_submodule(f"{b.path}.body.4")  # "survival" is the network as trained: p_l f(x)
+        assert torch.equal(s_bn.weight, t_bn.weight) and torch.equal(s_bn.bias, t_bn.bias)
         assert torch.allclose(u_bn.weight * p[b.path], s_bn.weight) and torch.allclose(u_bn.bias * p[b.path], s_bn.bias)
         assert torch.equal(u_bn.running_var, s_bn.running_var)
     with torch.no_grad():
         assert not torch.allclose(unit(X), survival(X))
+    named = [dc.replace(b, scale="") for b in trained.stats.blocks]  # blocks named by hand say nothing of their scale layer
+    other, _ = _prune(trained.model, keep=0.5, stats=trained.stats, strategy="every-other", blocks=named, block_scale="unit")
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), unit.state_dict().values()))  # the stats' layer
     assert _prune(trained.model, **kw)[1]["block_scale"]["why"].startswith("no calibration batches")  # auto, nothing to choose by
-    chosen, rec_auto = _prune(trained.model, calibration=data[:4], **kw)
+    chosen, rec_auto = _prune(trained.model, calibration=iter(data[:4]), **kw)  # any iterable, read once
     scale = rec_auto["block_scale"]
     loss = {float(k): v for k, v in scale["loss"].items()}
     t = scale["exponent"]
@@ -476,7 +483,7 @@ def test_the_kept_blocks_scale_after_pruning_a_users_model():
         assert torch.allclose(c_bn.weight, s_bn.weight * p[b.path] ** (t - 1), rtol=1e-5)
         assert torch.equal(c_bn.running_mean, s_bn.running_mean)  # chosen on recalibrated copies; handed back as it was
     measured = sdcompress.measure_drop_effects(trained.model, data * 2, list(trained.stats.blocks))
-    with pytest.raises(sdcompress.errors.InputError, match="survival probabilities"):
+    with pytest.raises(sdcompress.errors.InputError, match="survival probability p_l"):
         sdcompress.prune(trained.model, keep=0.5, stats=measured, block_scale="unit")
     assert _prune(trained.model, keep=0.5, stats=measured)[1]["block_scale"]["chosen"] is None
     with pytest.raises(sdcompress.errors.InputError, match="block scale"):
@@ -487,8 +494,11 @@ def test_a_pruned_checkpoint_is_never_divided_twice(tmp_path):
     """The project's ResNet pruned through the API with kept blocks adding f(x), saved as a command-line checkpoint
     and loaded again, knows its blocks are unit-scaled: pruned again with p_l f(x), it is the network pruned once
     with p_l f(x) (1/p_l multiplied back, not divided twice); `sdcompress prune` of it keeps f(x) as it is."""
+    import dataclasses as dc
+
     from sdcompress.checkpoint import load_checkpoint
     from sdcompress.cli import main
+    from sdcompress.nets import build_model
     from sdcompress.zoo import bundled
 
     model, side = sdcompress.load(bundled("resnet56-sd"))
@@ -498,6 +508,8 @@ def test_a_pruned_checkpoint_is_never_divided_twice(tmp_path):
     sdcompress.save(once, tmp_path / "once", checkpoint=side["checkpoint"])
     again, again_side = sdcompress.load(tmp_path / "once")
     assert again.scale_exponent == 0.0 and load_checkpoint(tmp_path / "once")[1].block_exponent == 0.0
+    sdcompress.save(once, tmp_path / "plain")  # weights + blocks.json: rebuilt from the spec, t with it
+    assert sdcompress.load(tmp_path / "plain", model=build_model(once.spec))[0].scale_exponent == 0.0
     twice = sdcompress.prune(again, keep=17 / 22, strategy="top", block_scale="survival")
     direct = sdcompress.prune(model, keep=17 / 27, strategy="top", block_scale="survival")
     assert twice.spec.kept == direct.spec.kept and twice.scale_exponent == 1.0
@@ -506,8 +518,17 @@ def test_a_pruned_checkpoint_is_never_divided_twice(tmp_path):
         assert torch.allclose(twice.eval()(x), direct.eval()(x), rtol=1e-4, atol=1e-4)
     assert main(["prune", str(tmp_path / "once"), "--keep", "0.9", "--strategy", "top", "--recalibrate", "0",
                  "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
-    stage = load_checkpoint(tmp_path / "cli")[1].stages[-1]
-    assert stage["block_scale"]["chosen"] == "unit" and "earlier prune stage" in stage["block_scale"]["why"]
+    meta = load_checkpoint(tmp_path / "cli")[1]
+    assert meta.stages[-1]["block_scale"]["chosen"] == "unit" and "earlier stage" in meta.stages[-1]["block_scale"]["why"]
+    tuned = dc.replace(meta, stages=meta.stages + ({"stage": "binarize", "config": {"finetune": 1, "finetune_survival": True}},))
+    assert meta.block_exponent == 0.0 and tuned.block_exponent == 1.0  # trained with the draws again: as trained
+    side_file = tmp_path / "once" / "model.json"
+    for bad in ("x", float("nan"), 1e308, True):  # an edited sidecar: one clear error, never a rescaled network
+        d = json.loads(side_file.read_text())
+        d["stages"][-1]["block_scale"]["exponent"] = bad
+        side_file.write_text(json.dumps(d))
+        with pytest.raises(sdcompress.errors.InputError, match="exponent"):
+            load_checkpoint(tmp_path / "once")
 
 
 def test_bad_arguments_are_refused():
@@ -649,6 +670,11 @@ def test_the_command_line_on_a_users_class(tmp_path, monkeypatch, capsys):
     assert _params(sdcompress.load("fit", model=mynets.DigitNet())[0]) <= limit
     small, small_side = sdcompress.load("small", model=mynets.DigitNet())
     assert len(small_side["removed"]) == 2 and _params(small) < _params(mynets.DigitNet())
+    full, full_side = sdcompress.load("sd", model=mynets.DigitNet())
+    sdcompress.save(small, "small-stats", stats=full_side["stats"], data=full_side["data"], arch=arch)  # the full network's effects kept
+    assert main(["prune", "small-stats", "--arch", arch, "--keep", "0.5", "--strategy", "every-other", "--recalibrate", "2",
+                 "--out", "smaller", "--no-progress"]) == 0
+    assert "blocks 4 -> 1 (every-other)" in capsys.readouterr().out
     assert main(["export", "small", "--arch", arch, "--format", "onnx,ort", "--out", "phone"]) == 0
     out = capsys.readouterr().out
     assert "model.onnx" in out and "model.ort" in out and (tmp_path / "phone" / "model.ort").is_file()

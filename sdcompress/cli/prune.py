@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("--block-scale", default=d.block_scale, choices=list(BLOCK_SCALES),
                    help="what a kept block adds at evaluation, p_l^t f(x): survival (t = 1, the stochastic depth rule), unit (t = 0, f(x) as in "
                         "a training step where it ran), auto (default: the lowest loss on training images after recalibration, trying 1 and 0, "
-                        "then below 0 in steps of 0.5 while the loss falls)")
+                        "then below 0 in steps of 0.5 while the loss falls, else 0.5)")
     p.add_argument("--arch", default=None, metavar="python:PACKAGE.MODULE:FUNCTION",
                    help="your own model class: the builder of the model in CKPT, a folder written by `sdcompress train --arch "
                         "python:...` or sdcompress.save; imported because you name it here, never because a file does")

@@ -155,15 +155,17 @@ def run_prune(a) -> int:
     mean, std = data["mean"], data["std"]
     train = _batches(ds, ds.train, mean, std, 128, True, a.seed)
     held, held_name = _eval_split(ds)
-    stats = side["stats"]  # ranks (--strategy stats) and gives the blocks' p_l (--block-scale)
+    stats = side["stats"]  # ranks (--strategy stats) and gives the blocks' p_l (--block-scale), when they are this model's
+    if stats is not None and stats.params not in (None, sum(p.numel() for p in model.parameters())):
+        stats = None  # kept from the network this one was pruned from (`save(small, stats=trained.stats)`)
     if a.strategy == "stats" and stats is None:
-        raise InputError(f"{a.ckpt} holds no drop effects; use --strategy every-other or top")
+        raise InputError(f"{a.ckpt} holds no drop effects of this model; use --strategy every-other or top")
     sample = calibration = None
     if a.strategy == "sensitivity":  # the loss on a fixed sample of training images, as for a checkpoint
         size = PruneConfig().batch_size
         sample = list(_batches(ds, training_sample(ds.train, a.sensitivity_batches, size, a.seed), mean, std, size, False, a.seed))
-    if a.block_scale == "auto" and stats is not None:  # both scales re-estimated and scored on the same augmented training batches
-        calibration = list(islice(iter(train), a.recalibrate or PruneConfig().recalibrate))
+    if a.block_scale == "auto" and stats is not None and a.recalibrate:  # each candidate re-estimated and scored on augmented training batches
+        calibration = list(islice(iter(train), a.recalibrate))
     small, record = api._prune(model, keep, stats=stats, strategy=a.strategy, blocks=side["blocks"] or None, batches=sample,
                                block_scale=a.block_scale, calibration=calibration, **budget)
     if a.recalibrate:
