@@ -2,7 +2,7 @@
 weights, `../shared/models/cifar-resnet-peer`), pruned as it is, then retrofitted with stochastic depth and pruned
 again, scored on all of `../shared/data/cifar10-test`.
 
-    python tools/user_model.py --epochs 2 --finetune 6 --out runs/user-model
+    python tools/user_model.py --epochs 2 --finetune 2 --out runs/user-model
     python tools/user_model.py --device cuda --epochs 40 --lr 0.02 --finetune 10 --out runs/user-model-gpu   # bf16 on a GPU
 
 (a) the pretrained model; (b) `measure_drop_effects`, then `prune` at keep 0.8 / 0.6 / 0.4 by those effects,
@@ -122,7 +122,7 @@ def main() -> None:
         for keep in (0.8, 0.6, 0.4):
             for strategy, scale in (("stats", "survival"), ("stats", "auto"), ("every-other", "auto")):
                 small, rec = cut(keep, strategy, scale)
-                c[f"{keep} {strategy} {scale}"] = {"top1": top1(small, test_b), "exponent": rec["exponent"], "loss": rec.get("loss")}
+                c[f"{keep} {strategy} {scale}"] = {"top1": top1(small, test_b), "exponent": rec.get("exponent"), "loss": rec.get("loss")}
         note("c", c)
     if res.get("d", {}).get("epochs") != args.finetune:  # the ranking to fine-tune is the one better on the validation split, never on test images
         cuts = {s: cut(0.6, s)[0] for s in ("stats", "every-other")}
