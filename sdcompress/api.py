@@ -545,7 +545,7 @@ def _choose_block_scale(small: nn.Module, blocks: list[Block], stats: DropEffect
                         calibration: Iterable | None) -> tuple[nn.Module, dict]:
     """`prune`'s block-scale choice: the rule and search of `pruning.choose_block_scale` (p_l^t f(x), t from 1 down),
     each candidate re-estimated and scored on the user's calibration batches."""
-    from .pruning import NAMED_EXPONENTS, scale_name, search_exponent
+    from .pruning import decide_exponent
 
     probs, have = _survival_layers(small, blocks, stats)
     if not probs:
@@ -555,23 +555,18 @@ def _choose_block_scale(small: nn.Module, blocks: list[Block], stats: DropEffect
         if probs is None:
             return small, {"chosen": None, "why": "p_l not known (no stats recorded by train_stochastic_depth): the kept blocks add what they added"}
         return small, {"chosen": "unit", "folded": False, "why": "every kept block already adds f(x) at evaluation: nothing to choose"}
-    if mode != "auto" or calibration is None:
-        want = NAMED_EXPONENTS.get(mode, have)
-        if want != have:
-            return _rescale(small, probs, have, want), {"chosen": mode, "exponent": want, "why": "asked for"}
-        return small, {"chosen": scale_name(have), "exponent": have, "why": "asked for" if mode != "auto" else "no calibration batches to choose by"}
-    calibration = list(islice(calibration, CALIBRATION_BATCHES))
-    if not calibration:
-        raise InputError("calibration holds no batch: give (inputs, targets) batches of training images")
-    score = _loss_on(calibration)
+    loss_at, n = None, 0
+    if mode == "auto" and calibration is not None:
+        calibration = list(islice(calibration, CALIBRATION_BATCHES))
+        if not calibration:
+            raise InputError("calibration holds no batch: give (inputs, targets) batches of training images")
+        score, n = _loss_on(calibration), len(calibration)
 
-    def loss_at(t: float) -> float:  # each candidate re-estimated on the batches, then scored on them
-        return score(recalibrate(_rescale(small, probs, have, t), calibration, num_batches=len(calibration)))
+        def loss_at(t: float) -> float:  # each candidate re-estimated on the batches, then scored on them
+            return score(recalibrate(_rescale(small, probs, have, t), calibration, num_batches=n))
 
-    t, loss = search_exponent(loss_at)
-    return (small if t == have else _rescale(small, probs, have, t)), {
-        "chosen": scale_name(t), "exponent": t, "why": f"lowest loss on {len(calibration)} calibration batches after recalibration",
-        "loss": {f"{k:g}": round(v, 5) for k, v in sorted(loss.items(), reverse=True)}}
+    t, record = decide_exponent(mode, have, loss_at, f"{n} calibration batches after recalibration", "no calibration batches to choose by")
+    return (small if t == have else _rescale(small, probs, have, t)), record
 
 
 def _loss_on(batches: list) -> Callable[[nn.Module], float]:

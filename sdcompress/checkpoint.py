@@ -223,16 +223,14 @@ class Sidecar:
         (folded into each kept block's last BatchNorm; the spec's p_l still says what the block was trained at) or
         `sdcompress.save` wrote a network so pruned. The last stage that says decides; a stage that fine-tuned with
         stochastic depth after it (`finetune_survival`) trained the blocks back to the paper's rule, t = 1."""
-        from .nets import exponent_or_none
+        from .nets import check_exponent
 
         t = 1.0
         for i, st in enumerate(self.stages):
             scale = st.get("block_scale")
             if isinstance(scale, dict) and scale.get("folded", True) and scale.get("chosen") is not None:
-                v = exponent_or_none(scale.get("exponent", {"unit": 0.0, "survival": 1.0}.get(scale["chosen"])))
-                if v is None:
-                    _fail(f"stages[{i}].block_scale.exponent", f"must be a number from -2 to 1, got {scale.get('exponent', scale['chosen'])!r:.40}")
-                t = v
+                t = check_exponent(scale.get("exponent", {"unit": 0.0, "survival": 1.0}.get(scale["chosen"], scale["chosen"])),
+                                   f"field stages[{i}].block_scale.exponent")
             cfg = st.get("config") if isinstance(st.get("config"), dict) else {}
             if cfg.get("finetune") and cfg.get("finetune_survival"):
                 t = 1.0

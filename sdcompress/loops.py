@@ -293,7 +293,7 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     history = sgd_loop(model, batches, epochs, lr, 1e-4, dev, precision, progress,
                        "fine-tune, distilled" if teacher is not None else "fine-tune", loss_of,
                        also=(teacher,) if teacher is not None else (), lr_hint="--finetune-lr")
-    if survival:  # trained with the draws again: at evaluation each block adds p_l times what a step adds, as trained
+    if survival and hasattr(model, "scale_exponent"):  # trained with the draws again: at evaluation each block adds p_l times what a step adds, as trained
         model.scale_exponent = 1.0
     val = evaluate(model, ds.val, normalize) if ds.val is not None else None
     return {**history, "survival": survival, "val_top1": val and val["top1"],

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .binary import apply_binary
+from .errors import InputError
 from .survival import survival_probs
 
 # Blocks per stage (n) of each registered architecture: depth = 6n + 2.
@@ -261,45 +262,36 @@ class ResNet(nn.Module):
 
 
 @torch.no_grad()
-def unscale_blocks(model: ResNet, undo: bool = False) -> None:
-    """Divide each present block's last BatchNorm (scale and shift) by its p_l, in place: the evaluation-time network
-    then adds f(x) for every block, as a training step adds it for a block that runs, instead of p_l f(x).
-
-    Used twice: on pretrained weights before a retrofit (the evaluation-time network starts as the pretrained one;
-    in training a block that runs then adds f / p_l, on average the pretrained f), and on a pruned network, whose
-    kept blocks all run, like a training step's draw (`pruning.choose_block_scale`). `undo` multiplies instead."""
+def scale_blocks(model: ResNet, power: float) -> None:
+    """Multiply each present block's last BatchNorm (scale and shift) by its p_l^power, in place: the one fold of p_l.
+    -1 on pretrained weights before a retrofit (the evaluation-time network starts as the pretrained one; in training
+    a block that runs then adds f / p_l, on average the pretrained f); +1 in the ONNX export, which folds the
+    evaluation-time p_l so the graph has no multiply for it; `rescale_blocks` after pruning. Blocks at p_l 1 are left
+    as they are (nothing to fold; a folded copy's BatchNorm may be a plain affine by now)."""
     for b in model.block_ids:
         blk = model.blocks[str(b)]
-        if blk.survival_prob == 1.0:  # nothing to fold (a folded copy: its BatchNorm may be a plain affine by now)
-            continue
-        factor = blk.survival_prob if undo else 1.0 / blk.survival_prob
-        blk.bn2.weight.mul_(factor)
-        blk.bn2.bias.mul_(factor)
+        if blk.survival_prob < 1.0:
+            factor = blk.survival_prob ** power
+            blk.bn2.weight.mul_(factor)
+            blk.bn2.bias.mul_(factor)
 
 
 EXPONENT_RANGE = (-2.0, 1.0)  # t of p_l^t f(x) a prune may choose (`pruning.search_exponent`): as trained (1) down to 1/p_l^2
 
 
-def exponent_or_none(v) -> float | None:
-    """A block-scale exponent read from a file: a finite number in `EXPONENT_RANGE`, else None."""
+def check_exponent(v, where: str) -> float:
+    """A block-scale exponent read from a file: a finite number in `EXPONENT_RANGE`, else one clear error."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not EXPONENT_RANGE[0] <= v <= EXPONENT_RANGE[1]:
-        return None
+        raise InputError(f"{where}: must be a number from {EXPONENT_RANGE[0]:g} to {EXPONENT_RANGE[1]:g}, got {v!r:.40}")
     return float(v)
 
 
-@torch.no_grad()
 def rescale_blocks(model: ResNet, exponent: float) -> None:
-    """Make each present block add p_l^exponent f(x) at evaluation, in place: its last BatchNorm (scale and shift)
-    multiplied by p_l^(exponent - model.scale_exponent). 1 is the stochastic depth rule (how the network was
-    trained to be evaluated), 0 adds f(x) as a training step where the block ran, below 0 amplifies the blocks of a
-    network that lost others (`pruning.choose_block_scale`)."""
-    have = getattr(model, "scale_exponent", 1.0)  # a network pickled whole before the exponent existed: as trained
-    for b in model.block_ids:
-        blk = model.blocks[str(b)]
-        if blk.survival_prob < 1.0:
-            factor = blk.survival_prob ** (exponent - have)
-            blk.bn2.weight.mul_(factor)
-            blk.bn2.bias.mul_(factor)
+    """Make each present block add p_l^exponent f(x) at evaluation, in place (`scale_blocks` by the difference from
+    `model.scale_exponent`). 1 is the stochastic depth rule (how the network was trained to be evaluated), 0 adds
+    f(x) as a training step where the block ran, below 0 amplifies the blocks of a network that lost others
+    (`pruning.choose_block_scale`)."""
+    scale_blocks(model, exponent - getattr(model, "scale_exponent", 1.0))  # a network pickled whole before t existed: 1
     model.scale_exponent = exponent
 
 

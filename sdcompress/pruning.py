@@ -356,6 +356,18 @@ def search_exponent(loss_at: Callable[[float], float]) -> tuple[float, dict[floa
     return min(loss, key=finite), loss
 
 
+def decide_exponent(mode: str, have: float, loss_at: Callable[[float], float] | None, scored_on: str, why_not: str) -> tuple[float, dict]:
+    """The t of a block-scale `mode` and its record, for checkpoints and a user's module alike: `auto` with a
+    `loss_at(t)` searches (`search_exponent`, scored on `scored_on`); `survival` / `unit` name t; `auto` without one
+    keeps `have`, for `why_not`."""
+    if mode == "auto" and loss_at is not None:
+        t, loss = search_exponent(loss_at)
+        return t, {"chosen": scale_name(t), "exponent": t, "why": f"lowest loss on {scored_on}",
+                   "loss": {f"{k:g}": round(v, 5) for k, v in sorted(loss.items(), reverse=True)}}
+    t = NAMED_EXPONENTS.get(mode, have)
+    return t, {"chosen": scale_name(t), "exponent": t, "why": "asked for" if mode != "auto" else why_not}
+
+
 def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None, normalize: Normalize,
                        recalibrate: Callable[[ResNet], int]) -> tuple[ResNet, dict]:
     """What each kept block of a pruned network adds at evaluation: p_l^t f(x). t = 1 (`survival`) is the stochastic
@@ -371,34 +383,23 @@ def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None,
     if not any(p < 1.0 for p in probs.values()):
         return pruned, {"chosen": "unit", "folded": False, "why": "every kept block already adds f(x) at evaluation: nothing to choose"}
     have = pruned.scale_exponent
-
-    def rescaled(t: float) -> ResNet:
-        net = copy.deepcopy(pruned)
-        rescale_blocks(net, t)
-        if cfg.recalibrate and calib is not None:
-            recalibrate(net)
-        return net
-
-    if cfg.block_scale != "auto" or calib is None:
-        want = NAMED_EXPONENTS.get(cfg.block_scale, have)
-        if want != have:
-            return rescaled(want), {"chosen": cfg.block_scale, "exponent": want, "why": "asked for"}
-        why = "asked for" if cfg.block_scale != "auto" else ("--recalibrate 0 and no training data: not compared" if not cfg.recalibrate
-                                                             else "no training images to choose by")
-        if cfg.block_scale == "auto" and have != 1.0:
-            why += "; an earlier stage chose it"
-        return pruned, {"chosen": scale_name(have), "exponent": have, "why": why}
-    sample = training_sample(calib, SCALE_BATCHES, cfg.batch_size, cfg.seed + 1)
     nets_by = {have: pruned}
 
-    def loss_at(t: float) -> float:
+    def net_at(t: float) -> ResNet:  # each candidate made (rescaled, recalibrated) once
         if t not in nets_by:
-            nets_by[t] = rescaled(t)
-        return batch_loss(nets_by[t], sample, normalize, SCALE_BATCHES, cfg.batch_size)
+            nets_by[t] = net = copy.deepcopy(pruned)
+            rescale_blocks(net, t)
+            if cfg.recalibrate and calib is not None:
+                recalibrate(net)
+        return nets_by[t]
 
-    t, loss = search_exponent(loss_at)
-    return nets_by[t], {"chosen": scale_name(t), "exponent": t, "why": f"lowest loss on {len(sample):,} training images",
-                        "loss": {f"{k:g}": round(v, 5) for k, v in sorted(loss.items(), reverse=True)}}
+    sample = training_sample(calib, SCALE_BATCHES, cfg.batch_size, cfg.seed + 1) if calib is not None and cfg.block_scale == "auto" else None
+    loss_at = (lambda t: batch_loss(net_at(t), sample, normalize, SCALE_BATCHES, cfg.batch_size)) if sample is not None else None  # noqa: E731
+    why_not = "--recalibrate 0 and no training data: not compared" if not cfg.recalibrate else "no training images to choose by"
+    if have != 1.0:
+        why_not += "; an earlier stage chose it"
+    t, record = decide_exponent(cfg.block_scale, have, loss_at, f"{len(sample):,} training images" if sample is not None else "", why_not)
+    return net_at(t), record
 
 
 def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet | None,

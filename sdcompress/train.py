@@ -20,7 +20,7 @@ from .data import Dataset, ImageSet, Normalize, augment, augmentation, load_data
 from .distributed import Dist, setup as setup_processes
 from .errors import InputError, TrainingDiverged
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, output_folder, read_untrusted_check
-from .nets import NetSpec, ResNet, build_model, unscale_blocks
+from .nets import NetSpec, ResNet, build_model, scale_blocks
 from .loops import evaluate, resolve_device, train_step
 from .precision import Precision, check_precision, resolve_precision, to_layout
 from .survival import SurvivalStats, draw_run_mask
@@ -115,7 +115,7 @@ def map_keys(state: dict, arch: str, mapping: str | None) -> tuple[dict, str]:
 def load_start_weights(model, path: str, mapping: str | None = None) -> dict:
     """Start from a pretrained network's weights. A torchvision or timm model takes a state_dict of the plain model
     (e.g. `torch.save(m.state_dict(), F)`); the project's ResNets take their own names, the common CIFAR ResNet
-    layout, or the names `mapping` gives, and get 1/p_l folded into each block's last BatchNorm (`nets.unscale_blocks`).
+    layout, or the names `mapping` gives, and get 1/p_l folded into each block's last BatchNorm (`nets.scale_blocks`).
     A classifier of another number of classes is left at its fresh initialization, and the line says so. Returns
     what the sidecar records of the start."""
     state = read_start_state(path)
@@ -140,7 +140,7 @@ def load_start_weights(model, path: str, mapping: str | None = None) -> dict:
         tqdm.write(f"--weights: {', '.join(resized + missing)} left freshly initialized (another number of classes)")
     folded = isinstance(model, ResNet) and any(p < 1 for p in model.spec.probs())
     if folded:
-        unscale_blocks(model)
+        scale_blocks(model, -1)
     from .files import file_sha256
 
     return {"weights": str(path), "sha256": file_sha256(path), "names": how, "fresh": resized + missing,

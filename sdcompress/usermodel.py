@@ -235,12 +235,9 @@ def load(folder: str | Path, model: nn.Module | None = None, builder: str | None
             raise InputError(f"{folder}/blocks.json: spec: {e}") from None
         side = {**side, "removed": [], "binarized": []}  # both are in the spec
         if side.get("scale_exponent") is not None:
-            from .nets import exponent_or_none
+            from .nets import check_exponent
 
-            t = exponent_or_none(side["scale_exponent"])
-            if t is None:
-                raise InputError(f"{folder}/blocks.json: scale_exponent must be a number from -2 to 1, got {side['scale_exponent']!r:.40}")
-            model.scale_exponent = t
+            model.scale_exponent = check_exponent(side["scale_exponent"], f"{folder}/blocks.json: scale_exponent")
     removed = [_block_from(d, f"{folder}/blocks.json removed[{i}]") for i, d in enumerate(side.get("removed") or [])]
     modules = dict(model.named_modules())
     for b in removed:

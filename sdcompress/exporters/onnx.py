@@ -41,7 +41,7 @@ from torch import nn
 
 from ..binary import BinaryConv2d, BinaryLinear
 from ..checkpoint import Sidecar
-from ..nets import ResNet, Shortcut, unscale_blocks
+from ..nets import ResNet, Shortcut, scale_blocks
 from . import swap_binary_layers
 
 OPSET = 18
@@ -79,10 +79,10 @@ def _fake_quantize(w: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def fold_survival(m: nn.Module) -> None:
     """In place: each block's evaluation-time p_l scaling folded into its last BatchNorm (p * bn2(z) == bn2'(z) with
-    gamma' = p * gamma, beta' = p * beta, `nets.unscale_blocks(undo=True)`), so the graph has no multiply for it."""
+    gamma' = p * gamma, beta' = p * beta, `nets.scale_blocks(m, 1)`), so the graph has no multiply for it."""
     if not isinstance(m, ResNet):  # torchvision / timm networks do not scale their blocks
         return
-    unscale_blocks(m, undo=True)
+    scale_blocks(m, 1)
     for b in m.block_ids:
         m.blocks[str(b)].survival_prob = 1.0
 
