@@ -344,6 +344,14 @@ class ImageBatches:
         n = len(self.images.labels)
         return max(1, n // self.batch_size) if self.train else -(-n // self.batch_size)
 
+    def state_dict(self) -> dict:
+        """Where the shuffling and augmentation stand (as torchdata's `StatefulDataLoader`): a training checkpoint
+        keeps it, so that a resumed run sees the batches an unbroken one would."""
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+
     def __iter__(self):
         n = len(self.images.labels)
         order = torch.randperm(n, generator=self.gen) if self.train else torch.arange(n)

@@ -174,12 +174,17 @@ def _channels_last(model: nn.Module) -> bool:
 
 def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_decay: float, dev: torch.device,
              precision: str, progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None,
-             also: tuple[nn.Module, ...] = (), lr_hint: str = "lr") -> dict:
+             also: tuple[nn.Module, ...] = (), lr_hint: str = "lr", on_epoch: Callable[[dict], None] | None = None,
+             resume: dict | None = None) -> dict:
     """The one training loop of every stage that trains an existing network (fine-tuning after pruning or
     binarizing, on the command line and in the API; stochastic depth on a pretrained network): SGD with Nesterov
     momentum 0.9 and a cosine schedule over all steps, `loss_of(x, y, step)` one step's loss, computed under the
     precision's autocast. `also`: modules that run beside it (a teacher), put in the same memory layout and handed
-    back in theirs. A non-finite loss or weight stops it with `TrainingDiverged` naming `lr_hint`."""
+    back in theirs. A non-finite loss or weight stops it with `TrainingDiverged` naming `lr_hint`.
+
+    `on_epoch(state)` is called after every epoch with what a later call needs to go on from there (`epoch`,
+    `step`, `epoch_loss`, `seconds`, `optimizer`); `resume` is such a state: the loop starts after its epoch, with
+    its optimizer and at its step of the schedule."""
     prec = resolve_precision(precision, dev)
     try:
         steps_per_epoch = len(batches)  # type: ignore[arg-type]
@@ -188,15 +193,19 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_
     total = steps_per_epoch * epochs if steps_per_epoch else None
     opt = torch.optim.SGD([p for p in work.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True,
                           weight_decay=weight_decay)
-    bar = tqdm(total=total, disable=not progress, unit="step", dynamic_ncols=True, desc=f"{desc} ({prec.name})")
+    losses, step, first, before = [], 0, 0, 0.0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        losses, step, first, before = list(resume["epoch_loss"]), int(resume["step"]), int(resume["epoch"]), float(resume["seconds"])
+    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True, desc=f"{desc} ({prec.name})")
     layouts = [(m, _channels_last(m)) for m in (work, *also)]
     for m, _ in layouts:
         to_layout(m, prec.channels_last)
     work.train()
     written = "; nothing was written" if lr_hint != "lr" else ""  # the commands write nothing when they stop; the API returns nothing
-    losses, step, t0 = [], 0, time.perf_counter()
+    t0 = time.perf_counter()
     try:
-        for epoch in range(epochs):
+        for epoch in range(first, epochs):
             total_loss, n = torch.zeros((), device=dev), 0
             for item in batches:
                 x, y = to_device(item, dev)
@@ -225,6 +234,9 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_
             if not math.isfinite(mean):
                 raise TrainingDiverged(f"{desc}: the loss became non-finite in epoch {epoch + 1}{written}; try a lower {lr_hint} (it was {lr:g})")
             losses.append(round(mean, 5))
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch + 1, "step": step, "epoch_loss": list(losses),
+                          "seconds": round(before + time.perf_counter() - t0, 1), "optimizer": opt.state_dict()})
     finally:
         bar.close()
         for m, was in layouts:
@@ -232,7 +244,7 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_
         work.eval()
     if not all(torch.isfinite(p).all() for p in work.parameters()):
         raise TrainingDiverged(f"{desc} left non-finite weights{written}; try a lower {lr_hint} (it was {lr:g})")
-    return {"epochs": epochs, "steps": step, "seconds": round(time.perf_counter() - t0, 1), "epoch_loss": losses,
+    return {"epochs": epochs, "steps": step, "seconds": round(before + time.perf_counter() - t0, 1), "epoch_loss": losses,
             "lr": lr, **prec.to_dict()}
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
@@ -34,9 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .files import first_line
 from .families import Block, replacement
 from .loops import reestimate_bn, sgd_loop as _loop, to_device as _batch
 from .survival import fit_drop_effect
+
+
+CHECKPOINT_KIND = "sdcompress.train_stochastic_depth/1"
 
 
 class Trained(NamedTuple):
@@ -95,7 +100,8 @@ def survival_probs(blocks: list[Block], p_last: float) -> dict[int, float]:
 def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1, *, blocks: list[Block] | None = None,
                            p_last: float = 0.5, lr: float = 0.01, weight_decay: float = 1e-4,
                            loss_fn: Callable = F.cross_entropy, recalibrate_batches: int = 100, precision: str = "auto",
-                           device: str | torch.device | None = None, seed: int = 0, progress: bool = False) -> Trained:
+                           device: str | torch.device | None = None, seed: int = 0, progress: bool = False,
+                           checkpoint: str | Path | None = None, resume: bool = False) -> Trained:
     """Train `model` with stochastic depth on `batches`, from its current (e.g. pretrained) weights.
 
     Args:
@@ -114,9 +120,21 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         device: where to train (default: where the model's parameters are).
         seed: seed of the drop draws.
         progress: a progress bar.
+        checkpoint: a file written after every epoch (replaced whole, never half-written): the weights, optimizer,
+            drop draws and losses so far, and the state of `batches` where it has `state_dict()` (as
+            `ImageBatches` and torchdata's `StatefulDataLoader` do). A run that stops can go on from its last
+            epoch with `resume=True`.
+        resume: go on from `checkpoint` after its last epoch. Call with the same model (its weights are replaced by
+            the checkpoint's), batches and settings; the result is that of a run never stopped (same draws, same
+            schedule, and the same batches where their state was saved; `torch`'s global random state, which a
+            shuffling DataLoader draws from, is restored too).
 
     Returns:
         `Trained(model, stats, history)`.
+
+    Raises:
+        InputError: a bad setting; `resume` without a readable checkpoint of this model and these settings; a
+            `checkpoint` that exists when not resuming (it would be overwritten).
 
     Example:
         >>> trained = sdcompress.train_stochastic_depth(model, loader, epochs=2, lr=0.02)
@@ -129,6 +147,11 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     lr = _positive("lr", lr, 0.0, 10.0)
     if isinstance(recalibrate_batches, bool) or not isinstance(recalibrate_batches, int) or recalibrate_batches < 0:
         raise InputError(f"recalibrate_batches must be a whole number >= 0, got {recalibrate_batches!r}")
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if resume and checkpoint is None:
+        raise InputError("resume=True goes on from a checkpoint: give checkpoint=FILE")
+    if checkpoint is not None and not resume and checkpoint.exists():
+        raise InputError(f"checkpoint {checkpoint} exists: pass resume=True to go on from it, or remove it to start again")
     dev = _device_of(model, device)
     work = copy.deepcopy(model).to(dev)
     if blocks is None:
@@ -158,6 +181,28 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
     dropped_log: list[np.ndarray] = []
     loss_log: list[float] = []
+    settings = {"epochs": epochs, "p_last": p_last, "lr": lr, "weight_decay": float(weight_decay), "seed": seed,
+                "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx]}
+    state = _read_state(checkpoint, settings) if resume else None
+    if state is not None:
+        try:
+            work.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise InputError(f"checkpoint {checkpoint}: its weights do not fit this {type(model).__name__} ({first_line(e)})") from None
+        gen.set_state(state["draws"])
+        dropped_log = [r.numpy() for r in state["dropped"]]
+        loss_log = state["step_loss"].tolist()
+        if state.get("batches") is not None and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_state(loop: dict) -> None:
+        from .files import atomic_torch_save
+
+        atomic_torch_save({"kind": CHECKPOINT_KIND, "settings": settings, "model": work.state_dict(), "loop": loop,
+                           "draws": gen.get_state(), "dropped": torch.from_numpy(np.stack(dropped_log)),
+                           "step_loss": torch.tensor(loss_log, dtype=torch.float64), "torch_rng": torch.get_rng_state(),
+                           "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}, checkpoint)
 
     def loss_of(x, y, step):
         runs = (torch.rand(len(idx), generator=gen) < p).tolist()
@@ -177,7 +222,8 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         return loss_fn(out.float(), y)
 
     history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, progress, "stochastic depth", loss_of,
-                    on_step=lambda step, v: loss_log.append(v))
+                    on_step=lambda step, v: loss_log.append(v), on_epoch=save_state if checkpoint is not None else None,
+                    resume=state and state["loop"])
     if numbers is None:
         _fold(work, blocks, {i: probs[i] for i in idx})
     else:  # trained with the draws: at evaluation each block adds p_l times what a step adds (an earlier prune's t is spent)
@@ -188,10 +234,30 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     fit = fit_drop_effect(dropped, np.array(loss_log), np.arange(len(loss_log)))
     stats = DropEffects.from_fit(blocks, idx, fit, dropped, [1.0 - probs[i] for i in idx],
                                  sum(q.numel() for q in work.parameters()), source="training")
-    history.update({"p_last": p_last, "survival": [probs[b.index] for b in blocks],
+    history.update({"resumed_after_epoch": state["loop"]["epoch"] if state else None, "p_last": p_last, "survival": [probs[b.index] for b in blocks],
                     "unscaled": [b.path for b in blocks if b.removable and not b.scale and not _scales_itself(work)],
                     "recalibrated_batches": recalibrate_batches})
     return Trained(work, stats, history)
+
+
+def _read_state(path: Path, settings: dict) -> dict:
+    """The per-epoch state `train_stochastic_depth` wrote at `path`, checked against this call's settings."""
+    from .files import MAX_WEIGHTS_BYTES, read_untrusted_check
+
+    if not path.exists():
+        raise InputError(f"resume: no checkpoint {path}; start without resume=True")
+    read_untrusted_check(path, 2 * MAX_WEIGHTS_BYTES, "training state")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: nothing is run
+    except Exception as e:  # noqa: BLE001 - truncated, not torch's format, or an object weights_only refuses
+        raise InputError(f"resume: {path} cannot be loaded ({first_line(e)})") from None
+    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+        raise InputError(f"resume: {path} is not a checkpoint of train_stochastic_depth")
+    saved = state.get("settings") or {}
+    changed = sorted(k for k in settings if saved.get(k) != settings[k])
+    if changed:
+        raise InputError(f"resume: {path} was written with other settings ({', '.join(changed)}); call with the same ones")
+    return state
 
 
 @torch.no_grad()

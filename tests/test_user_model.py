@@ -531,6 +531,64 @@ def test_a_pruned_checkpoint_is_never_divided_twice(tmp_path):
             load_checkpoint(tmp_path / "once")
 
 
+class _Stops:
+    """ImageBatches that raise KeyboardInterrupt at the start of pass `at` (a run killed mid-training)."""
+
+    def __init__(self, batches, at):
+        self.batches, self.at, self.passes = batches, at, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes == self.at:
+            raise KeyboardInterrupt
+        return iter(self.batches)
+
+    def state_dict(self):
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state):
+        self.batches.load_state_dict(state)
+
+
+def test_a_stopped_retrofit_goes_on_from_its_last_epoch(tmp_path):
+    """Stopped in its third epoch, then resumed from the checkpoint of the second: the same weights, drop effects and
+    history as three epochs never stopped (the same draws, schedule and shuffles: ImageBatches' state is kept)."""
+    from sdcompress.data import ImageBatches, ImageSet
+
+    g = torch.Generator().manual_seed(3)
+    images = ImageSet((torch.rand(96, 3, 32, 32, generator=g) * 255).to(torch.uint8), torch.randint(0, 10, (96,), generator=g))
+
+    def batches():
+        return ImageBatches(images, (0.5,) * 3, (0.25,) * 3, 16, train=True, pad=4, flip=True, seed=1)
+
+    model = _randomize_bn(SequentialNet())
+    blocks = sdcompress.find_blocks(model, X)
+    kw = dict(blocks=blocks, lr=0.05, recalibrate_batches=2, seed=5)
+    whole = sdcompress.train_stochastic_depth(model, batches(), 3, **kw)
+    ck = tmp_path / "retrofit.pt"
+    with pytest.raises(KeyboardInterrupt):
+        sdcompress.train_stochastic_depth(model, _Stops(batches(), at=3), 3, checkpoint=ck, **kw)
+    assert torch.load(ck, weights_only=True)["loop"]["epoch"] == 2
+    with pytest.raises(InputError, match="resume=True"):  # never overwritten unasked
+        sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=ck, **kw)
+    with pytest.raises(InputError, match="other settings.*lr"):
+        sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=ck, resume=True, **{**kw, "lr": 0.1})
+    again = sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=ck, resume=True, **kw)
+    assert again.history["resumed_after_epoch"] == 2 and again.history["steps"] == whole.history["steps"] == 18
+    assert again.history["epoch_loss"] == whole.history["epoch_loss"]
+    for (name, a), b in zip(whole.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert again.stats.effect == whole.stats.effect and again.stats.runs == whole.stats.runs
+    with pytest.raises(InputError, match="no checkpoint"):
+        sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=tmp_path / "none.pt", resume=True, **kw)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot be loaded"):
+        sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=tmp_path / "junk.pt", resume=True, **kw)
+
+
 def test_bad_arguments_are_refused():
     model = _randomize_bn(SequentialNet())
     with pytest.raises(InputError, match="epochs"):
@@ -685,6 +743,41 @@ def test_the_command_line_on_a_users_class(tmp_path, monkeypatch, capsys):
     assert "name its builder with --arch python:" in capsys.readouterr().err
     assert main(["prune", "small", "--arch", "torchvision:resnet18"]) == 2
     assert not (tmp_path / "again").exists()
+
+
+def test_a_stopped_train_of_a_users_class_goes_on_with_resume(tmp_path, monkeypatch, capsys):
+    """`train --arch python:...` stopped in its second epoch leaves the first epoch's state and no model; `--resume`
+    finishes it, with the weights of a run never stopped."""
+    from sdcompress.cli import main
+    from sdcompress.data import ImageBatches
+
+    (tmp_path / "mynets.py").write_text(USER_PACKAGE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["train", "--arch", "python:mynets:build", "--data", "digits", "--epochs", "2", "--lr", "0.05", "--no-progress"]
+    assert main([*args, "--out", "whole"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--out", "sd", "--resume"]) == 2
+    assert "no train_state.pt" in capsys.readouterr().err
+    passes, real_iter = [], ImageBatches.__iter__
+
+    def stop_in_epoch_two(self):
+        passes.append(self.train)
+        if self.train and passes.count(True) == 2:
+            raise KeyboardInterrupt
+        return real_iter(self)
+
+    monkeypatch.setattr(ImageBatches, "__iter__", stop_in_epoch_two)
+    assert main([*args, "--out", "sd"]) == 130
+    assert sorted(p.name for p in (tmp_path / "sd").iterdir()) == ["train_state.pt"]
+    monkeypatch.setattr(ImageBatches, "__iter__", real_iter)
+    assert main([*args, "--out", "sd", "--lr", "0.1", "--resume"]) == 2
+    assert "other settings (lr)" in capsys.readouterr().err
+    assert main([*args, "--out", "sd", "--resume"]) == 0
+    assert "(resumed after epoch 1)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "sd").iterdir()) == ["blocks.json", "weights.pt"]
+    whole, resumed = torch.load(tmp_path / "whole" / "weights.pt"), torch.load(tmp_path / "sd" / "weights.pt")
+    assert whole.keys() == resumed.keys() and [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
 
 
 def test_the_api_on_a_command_line_checkpoint_is_the_prune_command(tmp_path, capsys):

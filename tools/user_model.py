@@ -11,7 +11,7 @@ recorded drop effects (kept blocks adding p_l f(x), and as `block_scale="auto"` 
 batches) and by `every-other`, recalibrated; (d) keep 0.6 of (c), by whichever of the two rankings
 is better on the validation split, fine-tuned with distillation from (c)'s full network for --finetune epochs. Training uses the 45,000-image training split of `../shared/data/cifar10`
 (seed 0); nothing is chosen on the test images. Each stage's result is kept under --out (`results.json`,
-`retrofit.pt`), so a rerun picks up where the last one stopped.
+`retrofit.pt`, and `retrofit-state.pt` after every epoch of the retrofit), so a rerun picks up where the last one stopped.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def main() -> None:
         retro.load_state_dict(saved["state_dict"])
         stats, history = saved["stats"], saved["history"]
     else:
-        trained = sdcompress.train_stochastic_depth(model, train, args.epochs, blocks=blocks, lr=args.lr,
-                                                    precision=args.precision, progress=True)
+        state = out / "retrofit-state.pt"  # after every epoch: a stopped run goes on from its last one
+        trained = sdcompress.train_stochastic_depth(model, train, args.epochs, blocks=blocks, lr=args.lr, precision=args.precision,
+                                                    progress=True, checkpoint=state, resume=state.exists())
         retro, stats, history = trained
         torch.save({"state_dict": retro.state_dict(), "stats": stats, "history": history}, ck)
     calib = [b for b, _ in zip(train, range(40))]  # augmented training batches: the kept blocks' scale is chosen on them

@@ -89,13 +89,15 @@ def run_train(a) -> int:
     from ..errors import InputError
     from ..files import check_output_folder
     from ..loops import resolve_device
-    from ..train import read_start_state
+    from ..train import TRAIN_STATE, read_start_state
     from ..usermodel import build
 
-    if a.resume:
-        raise InputError("--resume is not available with --arch python:...; run the epochs again")
     out = a.out or Path("sdcompress-out") / f"{a.arch.rsplit(':', 1)[-1]}-{Path(a.data).stem}-train"
-    check_output_folder(out, a.force)
+    state_file = Path(out) / TRAIN_STATE  # written after every epoch; --resume goes on from it
+    check_output_folder(out, a.force or a.resume)
+    if a.resume and not state_file.is_file():
+        raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
+    torch.manual_seed(a.seed)  # the builder's initialization, as for the project's networks
     model = build(a.arch)
     start = "random weights"
     if a.weights:
@@ -122,15 +124,20 @@ def run_train(a) -> int:
     example = next(iter(_batches(ds, images, mean, std, 2, False, 0)))[0]
     blocks = api.find_blocks(model, example)
     before = _top1(model, held, mean, std) if a.weights else None
+    if not a.resume:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        state_file.unlink(missing_ok=True)  # a stopped run's state in a folder --force replaces
     trained = api.train_stochastic_depth(model, train, a.epochs, blocks=blocks, p_last=a.p_last, lr=a.lr, weight_decay=a.weight_decay,
-                                         precision=a.precision, device=resolve_device(a.device), seed=a.seed, progress=not a.no_progress)
+                                         precision=a.precision, device=resolve_device(a.device), seed=a.seed, progress=not a.no_progress,
+                                         checkpoint=state_file, resume=a.resume)
     after = _top1(trained.model, held, mean, std)
     data = {"name": ds.name, "source": a.data, "data_dir": a.data_dir, "classes": list(ds.classes), "input_shape": list(ds.input_shape),
             "mean": list(mean), "std": list(std), "split": ds.split}
-    api.save(trained.model, out, stats=trained.stats, force=a.force, data=data, arch=a.arch)
+    api.save(trained.model, out, stats=trained.stats, force=True, data=data, arch=a.arch)  # the folder was checked above
     h = trained.history
     acc = "" if after is None else f"; {held_name} top-1 {'' if before is None else f'{100 * before:.2f}% -> '}{100 * after:.2f}%"
-    print(f"{len(blocks)} blocks found; {h['epochs']} epochs of stochastic depth from {start}, {h['precision']}, {h['seconds']:.0f} s{acc}")
+    went_on = f" (resumed after epoch {h['resumed_after_epoch']})" if h["resumed_after_epoch"] else ""
+    print(f"{len(blocks)} blocks found; {h['epochs']} epochs of stochastic depth from {start}{went_on}, {h['precision']}, {h['seconds']:.0f} s{acc}")
     print(f"wrote {out}/weights.pt, {out}/blocks.json")
     return 0
 
