@@ -31,9 +31,16 @@ class BinarizeConfig:
     distill_alpha: float = 0.9  # weight of the teacher's softened outputs; 1 - alpha on the labels
     teacher: str | None = None  # another checkpoint as teacher instead of the full-precision model
     precision: str = "auto"  # of the fine-tuning steps: auto | fp32 | bf16 (precision.resolve_precision)
+    block_scale: str = "auto"  # what each block adds when not fine-tuned: auto (chosen again on training images) | survival | unit
 
     def __post_init__(self):
+        from .pruning import BLOCK_SCALES
+
         check_recovery(self)
+        if self.block_scale not in BLOCK_SCALES:
+            raise InputError(f"unknown block scale {self.block_scale!r}; choose one of {', '.join(BLOCK_SCALES)}")
+        if self.block_scale != "auto" and self.finetune:
+            raise InputError("--block-scale is for a binarized network that is not fine-tuned (fine-tuning learns the scale); drop one")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,14 +74,22 @@ def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Mo
         calib: training images for BatchNorm recalibration (never evaluation data).
         tune: `tune(model, cfg)` fine-tunes in place as `cfg` says and returns a record.
     """
+    from .pruning import PruneConfig, choose_block_scale
+
     new = binarize_model(model, cfg)
     record = {"layers": list(new.spec.binarized), "recalibrated_images": 0, "finetune": None}
+    norm = Normalize(meta.data.mean, meta.data.std)
+    recal = lambda m: recalibrate_bn(m, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))  # noqa: E731
     if cfg.recalibrate:
         if calib is None:
             raise InputError("BatchNorm recalibration needs training data (--data), or pass --recalibrate 0")
-        norm = Normalize(meta.data.mean, meta.data.std)
-        record["recalibrated_images"] = recalibrate_bn(new, calib, norm, cfg.recalibrate, 128, cfg.seed, *train_augmentation(meta))
+        record["recalibrated_images"] = recal(new)
         record["calibration_set_size"] = len(calib)
     if cfg.finetune:
         record["finetune"] = tune(new, cfg)
+    elif any(p < 1.0 for p in new.block_survival().values()):
+        # The scale chosen for the float network (an amplified one after pruning) amplifies the 1-bit error too:
+        # chosen again as prune chooses it, on the binarized network (fine-tuning learns it instead).
+        scale_cfg = PruneConfig(keep=1.0, block_scale=cfg.block_scale, recalibrate=cfg.recalibrate, seed=cfg.seed)
+        new, record["block_scale"] = choose_block_scale(new, scale_cfg, calib, norm, recal)
     return new, record

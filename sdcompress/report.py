@@ -254,6 +254,7 @@ def binarize_markdown(report: dict) -> str:
         "the stem and classifier stay full precision unless asked.",
         f"BatchNorm recalibrated on {recalibration_text(rec)}." if rec["recalibrated_images"] else "No BatchNorm recalibration.",
         f"Fine-tuned {ft['epochs']} epochs (straight-through estimator, stochastic depth {'on' if ft['survival'] else 'off'})." if ft else "Not fine-tuned.",
+        *([block_scale_text(rec["block_scale"]).removeprefix("- ").replace("kept blocks", "blocks", 1) + "."] if rec.get("block_scale") else []),
         f"Accuracy on {acc.get('dataset')} (n={acc.get('n')})." if acc else "No evaluation data given.",
         "",
         precision_table(report["before"], report["after"]),

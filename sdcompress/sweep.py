@@ -83,6 +83,9 @@ def label(keep: float, binary: bool) -> str:
     return f"keep{keep:.2f}" + ("-bin" if binary else "")
 
 
+BINARY_SCALE_RULE = "chosen again after binarizing unless fine-tuned"
+
+
 def _settings(cfg: SweepConfig, ckpt, data) -> dict:
     """What must match for finished points to be reused."""
     d = cfg.to_dict()
@@ -94,7 +97,9 @@ def _settings(cfg: SweepConfig, ckpt, data) -> dict:
     from .pruning import SCALE_RULE, PruneConfig
 
     # points pruned before prune chose the kept blocks' scale as it does now (`SCALE_RULE`) are made again
-    return {**d, "block_scale": f"{PruneConfig().block_scale}: {SCALE_RULE}", "checkpoint": str(Path(ckpt).resolve()), "data": data}
+    # and binarized points made before binarize chose it again for the 1-bit network (`BINARY_SCALE_RULE`)
+    return {**d, "block_scale": f"{PruneConfig().block_scale}: {SCALE_RULE}", "binarized_block_scale": BINARY_SCALE_RULE,
+            "checkpoint": str(Path(ckpt).resolve()), "data": data}
 
 
 def _relative(path, out: Path) -> str:
@@ -119,6 +124,8 @@ def _older_settings(old: dict) -> dict:
         old["coreml_precision"] = old.pop("precision", "float16")
         if "distill" in old:  # it fine-tuned, in float32 on a CPU: what auto picks on one without AMX
             old["precision"] = "auto"
+    if "binarized_block_scale" not in old and old.get("finetune"):
+        old["binarized_block_scale"] = BINARY_SCALE_RULE  # its binarized points were fine-tuned: nothing was chosen again
     return old
 
 

@@ -126,3 +126,37 @@ def test_binarizing_twice_is_refused(sd_run, tmp_path, capsys):
     assert main(["binarize", str(tmp_path / "b1"), "--out", str(tmp_path / "b2")]) == 2
     assert "already binarized" in capsys.readouterr().err
     assert not (tmp_path / "b2").exists()
+
+
+def test_binarize_chooses_the_blocks_scale_again_unless_fine_tuned(sd_run, tmp_path, capsys):
+    """A pruned network whose kept blocks were amplified (t = -1 by hand): binarized without fine-tuning, t is chosen
+    again as prune chooses it, on the 1-bit network (the lowest recorded training loss, folded into each block's last
+    BatchNorm, kept by the checkpoint); `--block-scale survival` names t = 1; with --finetune it is refused."""
+    assert main(["prune", str(sd_run), "--keep", "0.6", "--data", "digits", "--block-scale", "unit", "--out", str(tmp_path / "p")]) == 0
+    pruned, _ = load_checkpoint(tmp_path / "p")
+    from sdcompress.nets import rescale_blocks
+    from sdcompress.usermodel import save
+
+    rescale_blocks(pruned, -1.0)  # amplified, as auto chooses for the float network when many blocks are gone
+    save(pruned, tmp_path / "amp", checkpoint=load_checkpoint(tmp_path / "p")[1])
+    capsys.readouterr()
+    assert main(["binarize", str(tmp_path / "amp"), "--data", "digits", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "blocks add" in capsys.readouterr().out
+    model, meta = load_checkpoint(tmp_path / "b")
+    rec = meta.stages[-1]["block_scale"]
+    loss = {float(k): v for k, v in rec["loss"].items()}
+    assert {1.0, 0.0} <= set(loss) and rec["exponent"] == min(loss, key=loss.get) == model.scale_exponent
+    assert "blocks add" in (tmp_path / "b" / "report.md").read_text()
+    assert main(["binarize", str(tmp_path / "amp"), "--data", "digits", "--block-scale", "survival", "--out", str(tmp_path / "s"),
+                 "--no-progress"]) == 0
+    surv, _ = load_checkpoint(tmp_path / "s")
+    p = surv.block_survival()
+    assert surv.scale_exponent == 1.0
+    for b in surv.block_ids:  # the last BatchNorm's affine: p_l^(t - 1) between the two
+        t = model.scale_exponent
+        a, s = model.blocks[str(b)].bn2, surv.blocks[str(b)].bn2
+        assert torch.allclose(a.weight, s.weight * p[b] ** (t - 1), rtol=1e-5)
+    capsys.readouterr()
+    assert main(["binarize", str(tmp_path / "amp"), "--data", "digits", "--block-scale", "unit", "--finetune", "1",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--block-scale is for a binarized network that is not fine-tuned" in capsys.readouterr().err
