@@ -195,8 +195,11 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_
                           weight_decay=weight_decay)
     losses, step, first, before = [], 0, 0, 0.0
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        losses, step, first, before = list(resume["epoch_loss"]), int(resume["step"]), int(resume["epoch"]), float(resume["seconds"])
+        try:
+            opt.load_state_dict(resume["optimizer"])
+            losses, step, first, before = list(resume["epoch_loss"]), int(resume["step"]), int(resume["epoch"]), float(resume["seconds"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"the state to resume from is incomplete or of another model ({type(e).__name__}: {str(e)[:120]})") from None
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True, desc=f"{desc} ({prec.name})")
     layouts = [(m, _channels_last(m)) for m in (work, *also)]
     for m, _ in layouts:

@@ -181,28 +181,40 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
     dropped_log: list[np.ndarray] = []
     loss_log: list[float] = []
+    try:
+        steps = len(batches)  # type: ignore[arg-type] - another batch size or data size: another schedule
+    except TypeError:
+        steps = None
     settings = {"epochs": epochs, "p_last": p_last, "lr": lr, "weight_decay": float(weight_decay), "seed": seed,
-                "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx]}
+                "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx], "steps_per_epoch": steps}
     state = _read_state(checkpoint, settings) if resume else None
     if state is not None:
         try:
             work.load_state_dict(state["model"])
         except RuntimeError as e:
             raise InputError(f"checkpoint {checkpoint}: its weights do not fit this {type(model).__name__} ({first_line(e)})") from None
-        gen.set_state(state["draws"])
-        dropped_log = [r.numpy() for r in state["dropped"]]
-        loss_log = state["step_loss"].tolist()
-        if state.get("batches") is not None and hasattr(batches, "load_state_dict"):
-            batches.load_state_dict(state["batches"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            gen.set_state(state["draws"])
+            dropped_log = [r.numpy() for r in state["dropped"]]
+            loss_log = state["step_loss"].tolist()
+            if state.get("batches") is not None and hasattr(batches, "load_state_dict"):
+                batches.load_state_dict(state["batches"])
+            torch.set_rng_state(state["torch_rng"])
+            if dev.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"], dev)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise InputError(f"checkpoint {checkpoint}: incomplete or damaged ({type(e).__name__}: {first_line(e)})") from None
 
     def save_state(loop: dict) -> None:
         from .files import atomic_torch_save
 
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)  # made with the first epoch, not before
         atomic_torch_save({"kind": CHECKPOINT_KIND, "settings": settings, "model": work.state_dict(), "loop": loop,
                            "draws": gen.get_state(), "dropped": torch.from_numpy(np.stack(dropped_log)),
                            "step_loss": torch.tensor(loss_log, dtype=torch.float64), "torch_rng": torch.get_rng_state(),
+                           "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}, checkpoint)
+
 
     def loss_of(x, y, step):
         runs = (torch.rand(len(idx), generator=gen) < p).tolist()
@@ -246,12 +258,12 @@ def _read_state(path: Path, settings: dict) -> dict:
 
     if not path.exists():
         raise InputError(f"resume: no checkpoint {path}; start without resume=True")
-    read_untrusted_check(path, 2 * MAX_WEIGHTS_BYTES, "training state")
+    read_untrusted_check(path, 4 * MAX_WEIGHTS_BYTES, "training state")  # weights, momentum, the logs
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: nothing is run
     except Exception as e:  # noqa: BLE001 - truncated, not torch's format, or an object weights_only refuses
         raise InputError(f"resume: {path} cannot be loaded ({first_line(e)})") from None
-    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND:
+    if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND or not isinstance(state.get("loop"), dict):
         raise InputError(f"resume: {path} is not a checkpoint of train_stochastic_depth")
     saved = state.get("settings") or {}
     changed = sorted(k for k in settings if saved.get(k) != settings[k])

@@ -152,10 +152,11 @@ def test_binarize_chooses_the_blocks_scale_again_unless_fine_tuned(sd_run, tmp_p
     surv, _ = load_checkpoint(tmp_path / "s")
     p = surv.block_survival()
     assert surv.scale_exponent == 1.0
-    for b in surv.block_ids:  # the last BatchNorm's affine: p_l^(t - 1) between the two
-        t = model.scale_exponent
-        a, s = model.blocks[str(b)].bn2, surv.blocks[str(b)].bn2
+    t = model.scale_exponent
+    for b in surv.block_ids:  # the last BatchNorm's affine: p_l^(t - 1) from t = 1, p_l^(t + 1) from the amplified input
+        a, s, amp = model.blocks[str(b)].bn2, surv.blocks[str(b)].bn2, pruned.blocks[str(b)].bn2
         assert torch.allclose(a.weight, s.weight * p[b] ** (t - 1), rtol=1e-5)
+        assert torch.allclose(a.weight, amp.weight * p[b] ** (t + 1), rtol=1e-5)
     capsys.readouterr()
     assert main(["binarize", str(tmp_path / "amp"), "--data", "digits", "--block-scale", "unit", "--finetune", "1",
                  "--out", str(tmp_path / "x")]) == 2

@@ -576,6 +576,14 @@ def test_a_stopped_retrofit_goes_on_from_its_last_epoch(tmp_path):
         sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=ck, **kw)
     with pytest.raises(InputError, match="other settings.*lr"):
         sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=ck, resume=True, **{**kw, "lr": 0.1})
+    other = ImageBatches(images, (0.5,) * 3, (0.25,) * 3, 32, train=True, pad=4, flip=True, seed=1)
+    with pytest.raises(InputError, match="other settings.*steps_per_epoch"):  # another batch size: another schedule
+        sdcompress.train_stochastic_depth(model, other, 3, checkpoint=ck, resume=True, **kw)
+    damaged = torch.load(ck, weights_only=True)
+    del damaged["draws"]
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(InputError, match="incomplete or damaged"):
+        sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=tmp_path / "damaged.pt", resume=True, **kw)
     again = sdcompress.train_stochastic_depth(model, batches(), 3, checkpoint=ck, resume=True, **kw)
     assert again.history["resumed_after_epoch"] == 2 and again.history["steps"] == whole.history["steps"] == 18
     assert again.history["epoch_loss"] == whole.history["epoch_loss"]

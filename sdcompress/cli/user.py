@@ -125,7 +125,6 @@ def run_train(a) -> int:
     blocks = api.find_blocks(model, example)
     before = _top1(model, held, mean, std) if a.weights else None
     if not a.resume:
-        Path(out).mkdir(parents=True, exist_ok=True)
         state_file.unlink(missing_ok=True)  # a stopped run's state in a folder --force replaces
     trained = api.train_stochastic_depth(model, train, a.epochs, blocks=blocks, p_last=a.p_last, lr=a.lr, weight_decay=a.weight_decay,
                                          precision=a.precision, device=resolve_device(a.device), seed=a.seed, progress=not a.no_progress,
