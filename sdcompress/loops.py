@@ -172,6 +172,14 @@ def _channels_last(model: nn.Module) -> bool:
     return w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
 
 
+def steps_per_epoch(batches: Iterable) -> int | None:
+    """The batches of one pass, where `batches` knows (a list, a DataLoader, `ImageBatches`); None for a generator."""
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_decay: float, dev: torch.device,
              precision: str, progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None,
              also: tuple[nn.Module, ...] = (), lr_hint: str = "lr", on_epoch: Callable[[dict], None] | None = None,
@@ -186,11 +194,8 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_
     `step`, `epoch_loss`, `seconds`, `optimizer`); `resume` is such a state: the loop starts after its epoch, with
     its optimizer and at its step of the schedule."""
     prec = resolve_precision(precision, dev)
-    try:
-        steps_per_epoch = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = None
-    total = steps_per_epoch * epochs if steps_per_epoch else None
+    steps = steps_per_epoch(batches)
+    total = steps * epochs if steps else None
     opt = torch.optim.SGD([p for p in work.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True,
                           weight_decay=weight_decay)
     losses, step, first, before = [], 0, 0, 0.0

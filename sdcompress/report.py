@@ -51,11 +51,12 @@ def stats_rows(meta: Sidecar) -> list[dict]:
             for b in meta.survival_stats.blocks]
 
 
-def block_scale_text(scale: dict) -> str:
-    """The kept blocks' evaluation-time scale after pruning (`pruning.choose_block_scale`), as a report line."""
+def block_scale_text(scale: dict, subject: str = "kept blocks") -> str:
+    """The blocks' evaluation-time scale (`pruning.choose_block_scale`: after pruning, the kept blocks'; after
+    binarizing, every block's), as a report line."""
     names = {"unit": 0.0, "survival": 1.0}
     if scale.get("chosen") is None:
-        return f"- kept blocks add what they added: {scale['why']}"
+        return f"- {subject} add what they added: {scale['why']}"
     t = float(scale.get("exponent", names.get(scale["chosen"], 1.0)))
     what = {1.0: "p_l f(x), the stochastic depth rule", 0.0: "f(x), as in a training step where they ran"}.get(
         t, f"p_l^{t:g} f(x), amplified for the removed blocks" if t < 0 else f"p_l^{t:g} f(x)")
@@ -65,7 +66,7 @@ def block_scale_text(scale: dict) -> str:
         shown = " (loss " + ", ".join(f"{v:.4f} at t = {k:g}" for k, v in sorted(tried.items(), reverse=True)) + ")"
     else:
         shown = ""
-    return f"- kept blocks add {what}: {scale['why']}{shown}"
+    return f"- {subject} add {what}: {scale['why']}{shown}"
 
 
 def recalibration_text(rec: dict) -> str:
@@ -254,7 +255,7 @@ def binarize_markdown(report: dict) -> str:
         "the stem and classifier stay full precision unless asked.",
         f"BatchNorm recalibrated on {recalibration_text(rec)}." if rec["recalibrated_images"] else "No BatchNorm recalibration.",
         f"Fine-tuned {ft['epochs']} epochs (straight-through estimator, stochastic depth {'on' if ft['survival'] else 'off'})." if ft else "Not fine-tuned.",
-        *([block_scale_text(rec["block_scale"]).removeprefix("- ").replace("kept blocks", "blocks", 1) + "."] if rec.get("block_scale") else []),
+        *([block_scale_text(rec["block_scale"], "blocks").removeprefix("- ") + "."] if rec.get("block_scale") else []),
         f"Accuracy on {acc.get('dataset')} (n={acc.get('n')})." if acc else "No evaluation data given.",
         "",
         precision_table(report["before"], report["after"]),

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
-from .files import first_line
+from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, read_untrusted_check
 from .families import Block, replacement
-from .loops import reestimate_bn, sgd_loop as _loop, to_device as _batch
+from .loops import reestimate_bn, sgd_loop as _loop, steps_per_epoch, to_device as _batch
 from .survival import fit_drop_effect
 
 
@@ -181,12 +181,9 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
     dropped_log: list[np.ndarray] = []
     loss_log: list[float] = []
-    try:
-        steps = len(batches)  # type: ignore[arg-type] - another batch size or data size: another schedule
-    except TypeError:
-        steps = None
     settings = {"epochs": epochs, "p_last": p_last, "lr": lr, "weight_decay": float(weight_decay), "seed": seed,
-                "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx], "steps_per_epoch": steps}
+                "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx],
+                "steps_per_epoch": steps_per_epoch(batches)}  # another batch or data size: another schedule
     state = _read_state(checkpoint, settings) if resume else None
     if state is not None:
         try:
@@ -206,15 +203,12 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
             raise InputError(f"checkpoint {checkpoint}: incomplete or damaged ({type(e).__name__}: {first_line(e)})") from None
 
     def save_state(loop: dict) -> None:
-        from .files import atomic_torch_save
-
         checkpoint.parent.mkdir(parents=True, exist_ok=True)  # made with the first epoch, not before
         atomic_torch_save({"kind": CHECKPOINT_KIND, "settings": settings, "model": work.state_dict(), "loop": loop,
                            "draws": gen.get_state(), "dropped": torch.from_numpy(np.stack(dropped_log)),
                            "step_loss": torch.tensor(loss_log, dtype=torch.float64), "torch_rng": torch.get_rng_state(),
                            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}, checkpoint)
-
 
     def loss_of(x, y, step):
         runs = (torch.rand(len(idx), generator=gen) < p).tolist()
@@ -254,8 +248,6 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
 
 def _read_state(path: Path, settings: dict) -> dict:
     """The per-epoch state `train_stochastic_depth` wrote at `path`, checked against this call's settings."""
-    from .files import MAX_WEIGHTS_BYTES, read_untrusted_check
-
     if not path.exists():
         raise InputError(f"resume: no checkpoint {path}; start without resume=True")
     read_untrusted_check(path, 4 * MAX_WEIGHTS_BYTES, "training state")  # weights, momentum, the logs

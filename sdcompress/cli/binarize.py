@@ -42,7 +42,7 @@ def run(a) -> int:
     print(f"{len(r['binarize']['layers'])} layers binarized, 1-bit params {f['params']['by_bits'].get('1', 0):,}, "
           f"size {format_bytes(b['bytes']['checkpoint'])} -> {format_bytes(f['bytes']['checkpoint'])}{acc}")
     if r["binarize"].get("block_scale"):
-        print(block_scale_text(r["binarize"]["block_scale"]).removeprefix("- ").replace("kept blocks", "blocks", 1))
+        print(block_scale_text(r["binarize"]["block_scale"], "blocks").removeprefix("- "))
     if _finetune_line(r["binarize"]["finetune"]):
         print(_finetune_line(r["binarize"]["finetune"]))
     print(f"wrote {out}/model.pt, {out}/report.json, {out}/report.md")
