@@ -522,12 +522,14 @@ def _survival_layers(model: nn.Module, blocks: list[Block], stats: DropEffects |
         return None, 1.0
     present = {b.path for b in _present(model, blocks)}
     return {b.path: (1.0 - r, b.scale) for b, r in zip(stats.blocks, stats.drop_rates)
-            if r is not None and b.scale and b.path in present and r > 0.0}, 1.0
+            if r is not None and b.scale and b.path in present and r > 0.0}, getattr(model, "scale_exponent", 1.0)
 
 
 @torch.no_grad()
 def _rescale(model: nn.Module, probs: dict[str, tuple[float, str]], have: float, want: float) -> nn.Module:
-    """A copy whose blocks in `probs` (path -> p_l, scale layer) add p_l^want f(x) instead of p_l^have f(x)."""
+    """A copy whose blocks in `probs` (path -> p_l, scale layer) add p_l^want f(x) instead of p_l^have f(x). The
+    copy records t as `scale_exponent` (a ResNet's own field; an attribute of any other module, kept by `save`), so
+    that a later stage reaches another t from it and never applies one twice."""
     from .nets import ResNet, rescale_blocks
 
     new = copy.deepcopy(model)
@@ -538,6 +540,7 @@ def _rescale(model: nn.Module, probs: dict[str, tuple[float, str]], have: float,
         for p in new.get_submodule(path).get_submodule(scale).parameters():
             if p.is_floating_point():
                 p.mul_(p_l ** (want - have))
+    new.scale_exponent = want
     return new
 
 
@@ -658,7 +661,8 @@ def _example(example_input, what: str) -> torch.Tensor:
 
 
 def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks: list[Block] | None = None, *, stem: bool = False,
-             head: bool = False, full_precision: Iterable[str] = ()) -> nn.Module:
+             head: bool = False, full_precision: Iterable[str] = (), block_scale: str | None = None,
+             stats: DropEffects | None = None, calibration: Iterable | None = None) -> nn.Module:
     """A copy of `model` whose convolution and linear layers inside its residual blocks hold 1-bit weights: sign(w)
     times one scale per output channel (the mean |w| of that channel).
 
@@ -666,21 +670,34 @@ def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks
     `state_dict`, `save` and every exported file store the signs as bits. Depthwise and grouped convolutions and
     attention projections stay float, and so do the stem and the classifier unless asked.
 
+    What each kept block of a stochastic-depth network adds, p_l^t f(x) (see `prune`), can be chosen again for the
+    1-bit network, as `sdcompress binarize --block-scale` does: a t that suited the float network (amplified
+    blocks, t < 0) amplifies the 1-bit error too. Choose it when the 1-bit network is used without fine-tuning;
+    `finetune` learns the scale, so leave it (`block_scale=None`) before fine-tuning.
+
     Args:
         example_input: an input batch, to find the blocks (`find_blocks`) when `blocks` is not given.
         blocks: the model's blocks (e.g. `stats.blocks`); those already removed are skipped.
         stem, head: binarize the first convolution outside the blocks / the last linear layer too.
         full_precision: layer names to keep float (e.g. ["layer1.0.conv1"]).
+        block_scale: None (default) keeps the t the blocks have; "auto", "survival" or "unit" as in `prune`.
+        stats: for a model other than the project's networks, the drop effects `train_stochastic_depth` recorded on
+            it before pruning (they give p_l of each kept block; `prune` recorded its t on the pruned module).
+        calibration: for "auto", `(inputs, targets)` batches of training images with the training augmentation:
+            each candidate t is re-estimated and scored on the first 40.
 
     Returns:
-        The binarized module (in the mode `model` was in).
+        The binarized module (in the mode `model` was in). With `block_scale`, follow with `recalibrate`.
 
     Raises:
-        InputError: a model already binarized, no block left, or nothing left to binarize.
+        InputError: a model already binarized, no block left, nothing left to binarize, an unknown block scale,
+            "unit" where p_l is not known, or stats of another model.
 
     Example:
         >>> tiny = sdcompress.binarize(small, torch.randn(2, 3, 32, 32))
         >>> tiny, history = sdcompress.finetune(tiny, train_loader, teacher=trained.model, epochs=1)
+        >>> as_is = sdcompress.recalibrate(sdcompress.binarize(small, x, block_scale="auto", stats=trained.stats,
+        ...                                                    calibration=calib), train_loader)
     """
     from .binary import BinaryConv2d, BinaryLinear, apply_binary, binary_layer_names, default_targets
 
@@ -698,12 +715,23 @@ def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks
         raise InputError(str(e).replace("--full-precision", "full_precision")) from None
     if not names:
         raise InputError("nothing left to binarize: every layer inside the blocks is kept float")
+    if block_scale not in (None, "auto", "survival", "unit"):
+        raise InputError(f"unknown block scale {block_scale!r}; choose auto, survival or unit (or None to keep it)")
+    if stats is not None:
+        if not isinstance(stats, DropEffects):
+            raise TypeError(f"stats must be the DropEffects of train_stochastic_depth, got {type(stats).__name__}")
+        known = {s.path: s.kind for s in stats.blocks}
+        foreign = [b.path for b in _present(model, blocks) if known.get(b.path) != b.kind]  # every kept block, as recorded
+        if foreign:
+            raise InputError(f"stats were recorded on another model (block {foreign[0]!r}); pass the drop effects of this model's training")
     new = copy.deepcopy(model)
     apply_binary(new, names)
     if _spec_numbers(new) is not None:  # a network built from a spec: the spec names its 1-bit layers, as `binarize` writes it
         from dataclasses import replace
 
         new.spec = replace(new.spec, binarized=tuple(binary_layer_names(new)))
+    if block_scale is not None:
+        new, _ = _choose_block_scale(new, blocks, stats, block_scale, calibration)
     return new.train(model.training)
 
 

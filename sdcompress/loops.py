@@ -14,12 +14,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from .data import Dataset, ImageSet, Normalize, augment, augmentation
 from .config import TrainConfig
 from .errors import InputError, TrainingDiverged
-from .precision import resolve_precision, to_layout
+from .precision import Precision, resolve_precision, to_layout
 from .survival import draw_run_mask
 
 
@@ -80,21 +81,17 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Te
     return alpha * t * t * soft + (1.0 - alpha) * F.cross_entropy(logits, y)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               run_mask: dict[int, bool] | None, bf16: bool = False, teacher_logits: torch.Tensor | None = None,
-               distill: "Distill | None" = None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on one mini-batch with the given drop draw (and, with `distill`, the teacher's logits of the
-    same batch). Returns (loss, logits), not synchronized."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(x, run_mask)
-        if distill is None:
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        else:
-            loss = distill_loss(logits.float(), teacher_logits.float(), y, distill.temperature, distill.alpha)
-    opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None, so SGD leaves it untouched
+def train_step(opt: torch.optim.Optimizer, loss_of: Callable, x: torch.Tensor, y, step: int, prec: Precision,
+               dev: torch.device) -> torch.Tensor:
+    """One SGD step of `sgd_loop`: `loss_of(x, y, step)` under the precision's autocast, on `x` in its memory layout,
+    then backward and the update. A block that did not run gets no gradient: its grads stay None and SGD leaves its
+    weights and momentum untouched. Returns the loss, detached and not synchronized."""
+    with prec.autocast(dev):
+        loss = loss_of(prec.layout(x), y, step)
+    opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach(), logits.detach()
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -180,24 +177,62 @@ def steps_per_epoch(batches: Iterable) -> int | None:
         return None
 
 
-def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_decay: float, dev: torch.device,
-             precision: str, progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None,
-             also: tuple[nn.Module, ...] = (), lr_hint: str = "lr", on_epoch: Callable[[dict], None] | None = None,
-             resume: dict | None = None) -> dict:
-    """The one training loop of every stage that trains an existing network (fine-tuning after pruning or
-    binarizing, on the command line and in the API; stochastic depth on a pretrained network): SGD with Nesterov
-    momentum 0.9 and a cosine schedule over all steps, `loss_of(x, y, step)` one step's loss, computed under the
-    precision's autocast. `also`: modules that run beside it (a teacher), put in the same memory layout and handed
-    back in theirs. A non-finite loss or weight stops it with `TrainingDiverged` naming `lr_hint`.
+@dataclass(frozen=True)
+class SGD:
+    """SGD and its learning-rate schedule, as every training loop of the project runs them: the paper's optimizer
+    (momentum 0.9, Nesterov) and a schedule over all steps of the run, with an optional linear warmup."""
 
+    lr: float
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "cosine"  # cosine (per step, to 0) | step (lr / 10 at 50% and 75% of the steps, as the paper)
+    warmup_epochs: float = 0.0  # lr rises linearly from lr / warmup steps to lr over this many epochs
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "step"):
+            raise InputError(f"--schedule must be cosine or step, got {self.schedule!r}")
+
+    def optimizer(self, params) -> torch.optim.SGD:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
+
+    def lr_at(self, step: int, total: int | None, epoch: int, epochs: int, steps_per_epoch: int | None) -> float:
+        """The learning rate of step `step` (from 0) of `total`; where the batches do not say how many they hold
+        (`total` None), cosine by epoch."""
+        if total is None:
+            if self.schedule != "cosine" or self.warmup_epochs:
+                raise InputError("batches of unknown length: only the cosine schedule without warmup can be run")
+            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        if self.schedule == "cosine":
+            decay = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        else:
+            decay = 0.1 ** sum(step >= int(f * total) for f in (0.5, 0.75))
+        warm = int(self.warmup_epochs * steps_per_epoch)
+        return self.lr * decay * (min(1.0, (step + 1) / warm) if warm else 1.0)
+
+
+def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, sgd: SGD, dev: torch.device, precision: str | Precision,
+             progress: bool, desc: str, loss_of: Callable, on_step: Callable | None = None, also: tuple[nn.Module, ...] = (),
+             lr_hint: str = "lr", on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
+             stop_note: str | Callable[[], str] = "", agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """The one training loop of the project: stochastic-depth training on the command line (`train.train`) and in
+    the API (`sdcompress.train_stochastic_depth`), fine-tuning after pruning or binarizing (both faces). `sgd` the
+    optimizer and schedule, `loss_of(x, y, step)` one step's loss (the drop draw, the teacher, label smoothing are
+    the caller's), computed under the precision's autocast on inputs in its memory layout. `also`: modules that run
+    beside it (a teacher), put in the same layout and handed back in theirs.
+
+    Per epoch, `batches.set_epoch(epoch)` is called where it exists (the convention of torch's DistributedSampler),
+    then every batch is one step. `on_step(step, loss)` gets each step's loss as a tensor (no host sync);
     `on_epoch(state)` is called after every epoch with what a later call needs to go on from there (`epoch`,
-    `step`, `epoch_loss`, `seconds`, `optimizer`); `resume` is such a state: the loop starts after its epoch, with
-    its optimizer and at its step of the schedule."""
-    prec = resolve_precision(precision, dev)
+    `step`, `epoch_loss`, `seconds`, `optimizer`), and `resume` is such a state: the loop starts after its epoch,
+    with its optimizer and at its step of the schedule. `agree` makes the processes of a data-parallel run see one
+    value before deciding anything (the mean over ranks: all stop together). A non-finite loss or weight stops it
+    with `TrainingDiverged` naming `lr_hint`, `stop_note` (or what it returns then) saying what was kept."""
+    prec = precision if isinstance(precision, Precision) else resolve_precision(precision, dev)
+    agree = agree or (lambda t: t)
     steps = steps_per_epoch(batches)
     total = steps * epochs if steps else None
-    opt = torch.optim.SGD([p for p in work.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True,
-                          weight_decay=weight_decay)
+    opt = sgd.optimizer([p for p in work.parameters() if p.requires_grad])
     losses, step, first, before = [], 0, 0, 0.0
     if resume is not None:
         try:
@@ -210,37 +245,36 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_
     for m, _ in layouts:
         to_layout(m, prec.channels_last)
     work.train()
-    written = "; nothing was written" if lr_hint != "lr" else ""  # the commands write nothing when they stop; the API returns nothing
+
+    def diverged(where: str) -> TrainingDiverged:
+        note = stop_note() if callable(stop_note) else stop_note
+        return TrainingDiverged(f"{desc}: {where}{note}; try a lower {lr_hint} (it was {sgd.lr:g})")
+
     t0 = time.perf_counter()
     try:
         for epoch in range(first, epochs):
+            if hasattr(batches, "set_epoch"):
+                batches.set_epoch(epoch)
             total_loss, n = torch.zeros((), device=dev), 0
             for item in batches:
                 x, y = to_device(item, dev)
-                angle = math.pi * min(step, total) / total if total else math.pi * epoch / epochs
                 for g in opt.param_groups:
-                    g["lr"] = lr * 0.5 * (1 + math.cos(angle))
-                with prec.autocast(dev):
-                    loss = loss_of(prec.layout(x), y, step)
-                opt.zero_grad(set_to_none=True)  # a dropped block's grads stay None: SGD leaves it untouched
-                loss.backward()
-                opt.step()
-                detached = loss.detach()
+                    g["lr"] = sgd.lr_at(step, total, epoch, epochs, steps)
+                detached = train_step(opt, loss_of, x, y, step, prec, dev)
                 total_loss, n, step = total_loss + detached, n + 1, step + 1
-                if on_step is not None:  # a value every step: a host sync every step
-                    on_step(step - 1, float(detached))
+                if on_step is not None:
+                    on_step(step - 1, detached)
                 if step % 10 == 0 or (total and step == total):  # the guard, without a host sync on every step
-                    value = float(detached)
+                    value = float(agree(detached))
                     if not math.isfinite(value):
-                        raise TrainingDiverged(f"{desc}: the loss became non-finite at step {step}{f' of {total}' if total else ''}"
-                                               f"{written}; try a lower {lr_hint} (it was {lr:g})")
+                        raise diverged(f"the loss became non-finite at step {step}{f' of {total}' if total else ''}")
                     bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{value:.3f}")
                 bar.update(1)
             if n == 0:
                 raise InputError("batches is empty: give (inputs, targets) batches of training images")
-            mean = float(total_loss) / n
+            mean = float(agree(total_loss / n))
             if not math.isfinite(mean):
-                raise TrainingDiverged(f"{desc}: the loss became non-finite in epoch {epoch + 1}{written}; try a lower {lr_hint} (it was {lr:g})")
+                raise diverged(f"the loss became non-finite in epoch {epoch + 1}")
             losses.append(round(mean, 5))
             if on_epoch is not None:
                 on_epoch({"epoch": epoch + 1, "step": step, "epoch_loss": list(losses),
@@ -251,26 +285,40 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, lr: float, weight_
             to_layout(m, was)
         work.eval()
     if not all(torch.isfinite(p).all() for p in work.parameters()):
-        raise TrainingDiverged(f"{desc} left non-finite weights{written}; try a lower {lr_hint} (it was {lr:g})")
+        raise diverged("left non-finite weights")
     return {"epochs": epochs, "steps": step, "seconds": round(before + time.perf_counter() - t0, 1), "epoch_loss": losses,
-            "lr": lr, **prec.to_dict()}
+            "lr": sgd.lr, **prec.to_dict()}
 
 
-class _Epoch:
-    """One pass over an `ImageSet` in `batch_size` batches (the last partial one dropped), reshuffled from `gen` and
-    augmented from `aug_gen` each pass, normalized: the batches the command-line stages train on."""
+class DeviceBatches:
+    """Training batches of an `ImageSet` held on the device, `batch_size` images a step (the last partial batch
+    dropped: BatchNorm needs full ones), reshuffled from `gen` and augmented from `aug_gen` every pass, normalized:
+    what the command line trains and fine-tunes on. In a data-parallel run (`dist` of several processes) each
+    process takes its share of every global batch from its shard of torch's `DistributedSampler`, reshuffled for
+    the epoch `set_epoch` names, as a DataLoader with that sampler would."""
 
-    def __init__(self, x, y, batch_size, gen, aug_gen, pad, flip, normalize):
+    def __init__(self, x, y, batch_size, gen, aug_gen, pad, flip, normalize, dist=None, seed: int = 0):
         self.x, self.y, self.bs, self.gen, self.aug_gen = x, y, batch_size, gen, aug_gen
         self.pad, self.flip, self.normalize = pad, flip, normalize
+        self.dist, self.seed, self.epoch = (dist if dist is not None and dist.enabled else None), seed, 0
+        self.local = batch_size // dist.world if self.dist is not None else batch_size
 
     def __len__(self) -> int:
         return len(self.y) // self.bs
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __iter__(self):
-        perm = torch.randperm(len(self.y), generator=self.gen).to(self.x.device)
+        if self.dist is not None:  # this rank's shard, reshuffled every epoch
+            sampler = DistributedSampler(range(len(self.y)), self.dist.world, self.dist.rank, shuffle=True, seed=self.seed,
+                                         drop_last=True)
+            sampler.set_epoch(self.epoch)
+            perm = torch.tensor(list(sampler), dtype=torch.long).to(self.x.device)
+        else:
+            perm = torch.randperm(len(self.y), generator=self.gen).to(self.x.device)
         for i in range(len(self)):
-            idx = perm[i * self.bs : (i + 1) * self.bs]
+            idx = perm[i * self.local : (i + 1) * self.local]
             yield self.normalize(augment(self.x[idx], self.pad, self.flip, self.aug_gen)), self.y[idx]
 
 
@@ -295,7 +343,7 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
     gen = torch.Generator().manual_seed(seed)
     pad, flip = augment_with if augment_with is not None else augmentation(TrainConfig(), ds.input_shape)
     normalize = Normalize(ds.mean, ds.std, dev)
-    batches = _Epoch(ds.train.images.to(dev), ds.train.labels.to(dev), batch_size, gen,
+    batches = DeviceBatches(ds.train.images.to(dev), ds.train.labels.to(dev), batch_size, gen,
                      torch.Generator(device=dev).manual_seed(seed + 1), pad, flip, normalize)
     ids = model.block_ids
     probs = torch.tensor([model.block_survival()[b] for b in ids])
@@ -310,9 +358,9 @@ def finetune(model: nn.Module, ds: Dataset, epochs: int, lr: float = 0.01, survi
             soft = teacher(x).float()
         return distill_loss(logits, soft, y, distill.temperature, distill.alpha)
 
-    history = sgd_loop(model, batches, epochs, lr, 1e-4, dev, precision, progress,
+    history = sgd_loop(model, batches, epochs, SGD(lr), dev, precision, progress,
                        "fine-tune, distilled" if teacher is not None else "fine-tune", loss_of,
-                       also=(teacher,) if teacher is not None else (), lr_hint="--finetune-lr")
+                       also=(teacher,) if teacher is not None else (), lr_hint="--finetune-lr", stop_note="; nothing was written")
     if survival and hasattr(model, "scale_exponent"):  # trained with the draws again: at evaluation each block adds p_l times what a step adds, as trained
         model.scale_exponent = 1.0
     val = evaluate(model, ds.val, normalize) if ds.val is not None else None

@@ -37,8 +37,8 @@ from torch import nn
 from .errors import InputError
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, read_untrusted_check
 from .families import Block, replacement
-from .loops import reestimate_bn, sgd_loop as _loop, steps_per_epoch, to_device as _batch
-from .survival import fit_drop_effect
+from .loops import SGD, reestimate_bn, sgd_loop as _loop, steps_per_epoch, to_device as _batch
+from .survival import SurvivalStats, draw_run_mask
 
 
 CHECKPOINT_KIND = "sdcompress.train_stochastic_depth/1"
@@ -179,8 +179,8 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     gen = torch.Generator().manual_seed(seed)
     if numbers is None:
         _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
-    dropped_log: list[np.ndarray] = []
-    loss_log: list[float] = []
+    table = SurvivalStats([probs[i] for i in idx], window=None)  # every step: the statistics table `sdcompress train` keeps
+    drawn: list[np.ndarray] = []  # the draw of the step in flight, recorded with its loss
     settings = {"epochs": epochs, "p_last": p_last, "lr": lr, "weight_decay": float(weight_decay), "seed": seed,
                 "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx],
                 "steps_per_epoch": steps_per_epoch(batches)}  # another batch or data size: another schedule
@@ -192,8 +192,11 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
             raise InputError(f"checkpoint {checkpoint}: its weights do not fit this {type(model).__name__} ({first_line(e)})") from None
         try:
             gen.set_state(state["draws"])
-            dropped_log = [r.numpy() for r in state["dropped"]]
-            loss_log = state["step_loss"].tolist()
+            if "stats" in state:
+                table.load_state_dict(state["stats"])
+            else:  # written before the table: the drop indicators and losses of every step
+                for d, v in zip(state["dropped"].numpy(), state["step_loss"].tolist()):
+                    table.record(d == 0, v)
             if state.get("batches") is not None and hasattr(batches, "load_state_dict"):
                 batches.load_state_dict(state["batches"])
             torch.set_rng_state(state["torch_rng"])
@@ -205,14 +208,13 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     def save_state(loop: dict) -> None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)  # made with the first epoch, not before
         atomic_torch_save({"kind": CHECKPOINT_KIND, "settings": settings, "model": work.state_dict(), "loop": loop,
-                           "draws": gen.get_state(), "dropped": torch.from_numpy(np.stack(dropped_log)),
-                           "step_loss": torch.tensor(loss_log, dtype=torch.float64), "torch_rng": torch.get_rng_state(),
+                           "draws": gen.get_state(), "stats": table.state_dict(), "torch_rng": torch.get_rng_state(),
                            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}, checkpoint)
 
     def loss_of(x, y, step):
-        runs = (torch.rand(len(idx), generator=gen) < p).tolist()
-        dropped_log.append(np.array([not r for r in runs], dtype=np.uint8))
+        drawn.append(draw_run_mask(p, gen).numpy())
+        runs = drawn[-1].tolist()
         if numbers is not None:  # a running block adds f(x) unscaled, a dropped one is not computed (nets.ResNet)
             mask = dict.fromkeys(work.block_ids, True)  # blocks not drawn (not in `blocks`) always run
             mask.update({numbers[blocks[i].path]: r for i, r in zip(idx, runs)})
@@ -227,8 +229,8 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
                 work.set_submodule(blocks[i].path, block_of[i])
         return loss_fn(out.float(), y)
 
-    history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, progress, "stochastic depth", loss_of,
-                    on_step=lambda step, v: loss_log.append(v), on_epoch=save_state if checkpoint is not None else None,
+    history = _loop(work, batches, epochs, SGD(lr, weight_decay), dev, precision, progress, "stochastic depth", loss_of,
+                    on_step=lambda step, v: table.record(drawn.pop(), float(v)), on_epoch=save_state if checkpoint is not None else None,
                     resume=state and state["loop"])
     if numbers is None:
         _fold(work, blocks, {i: probs[i] for i in idx})
@@ -236,9 +238,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         work.scale_exponent = 1.0
     if recalibrate_batches:
         work = recalibrate(work, batches, recalibrate_batches, device=dev)
-    dropped = np.stack(dropped_log)
-    fit = fit_drop_effect(dropped, np.array(loss_log), np.arange(len(loss_log)))
-    stats = DropEffects.from_fit(blocks, idx, fit, dropped, [1.0 - probs[i] for i in idx],
+    stats = DropEffects.from_fit(blocks, idx, table.refresh(), table.dropped(), [1.0 - probs[i] for i in idx],
                                  sum(q.numel() for q in work.parameters()), source="training")
     history.update({"resumed_after_epoch": state["loop"]["epoch"] if state else None, "p_last": p_last, "survival": [probs[b.index] for b in blocks],
                     "unscaled": [b.path for b in blocks if b.removable and not b.scale and not _scales_itself(work)],
@@ -349,7 +349,7 @@ def finetune(model: nn.Module, batches: Iterable, teacher: nn.Module | None, epo
             soft = guide(x).float()
         return distill_loss(out, soft, y, temperature, alpha)
 
-    history = _loop(work, batches, epochs, lr, weight_decay, dev, precision, progress,
+    history = _loop(work, batches, epochs, SGD(lr, weight_decay), dev, precision, progress,
                     "fine-tune, distilled" if guide is not None else "fine-tune", loss_of)
     history["distill"] = {"temperature": temperature, "alpha": alpha} if guide is not None else None
     return work, history

@@ -102,12 +102,15 @@ def fit_drop_effect(dropped: np.ndarray, loss: np.ndarray, step: np.ndarray, tre
 class SurvivalStats:
     """Per-block survival statistics gathered during training.
 
+    The one statistics table of training: `sdcompress train` keeps it for the project's networks (with a window
+    and contributions), `sdcompress.train_stochastic_depth` for any module (every step, no window).
+
     Args:
         probs: scheduled survival probability of each block.
-        window: how many recent steps the drop-effect regression uses.
+        window: how many recent steps the drop-effect regression uses (None: all of them).
     """
 
-    def __init__(self, probs: list[float], window: int = 2000):
+    def __init__(self, probs: list[float], window: int | None = 2000):
         self.probs = list(probs)
         self.window = window
         n = len(probs)
@@ -138,12 +141,16 @@ class SurvivalStats:
         self._step.append(self.steps)
         self.steps += 1
 
+    def dropped(self) -> np.ndarray:
+        """The drop indicators of the steps in the window, (steps, blocks), 1 where a block was dropped."""
+        return np.stack(self._dropped) if self._dropped else np.zeros((0, self.num_blocks), dtype=np.uint8)
+
     def refresh(self) -> DropEffect:
         """Re-fit the drop-effect regression on the current window (done once per epoch)."""
         if not self._loss:
             self.drop_effect = DropEffect([math.nan] * self.num_blocks, [math.nan] * self.num_blocks, 0)
         else:
-            self.drop_effect = fit_drop_effect(np.stack(self._dropped), np.array(self._loss), np.array(self._step))
+            self.drop_effect = fit_drop_effect(self.dropped(), np.array(self._loss), np.array(self._step))
         return self.drop_effect
 
     def to_dict(self) -> dict:

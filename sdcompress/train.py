@@ -11,17 +11,17 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data.distributed import DistributedSampler
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import SCHEMA, Sidecar, read_sidecar, save_checkpoint
 from .config import TrainConfig, check_lr, check_number
-from .data import Dataset, ImageSet, Normalize, augment, augmentation, load_dataset
+from .data import Dataset, ImageSet, Normalize, augmentation, load_dataset
 from .distributed import Dist, setup as setup_processes
-from .errors import InputError, TrainingDiverged
+from .errors import InputError
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, output_folder, read_untrusted_check
 from .nets import NetSpec, ResNet, build_model, scale_blocks
-from .loops import evaluate, resolve_device, train_step
+from .loops import SGD, DeviceBatches, evaluate, resolve_device, sgd_loop
 from .precision import Precision, check_precision, resolve_precision, to_layout
 from .survival import SurvivalStats, draw_run_mask
 
@@ -162,22 +162,10 @@ class EpochRecord:
         return dict(self.__dict__)
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    total = cfg.epochs * steps_per_epoch
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "cosine":
-        decay = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
-    elif cfg.schedule == "step":
-        decay = lambda step: 0.1 ** sum(step >= int(f * total) for f in (0.5, 0.75))  # noqa: E731
-    else:
-        raise InputError(f"--schedule must be cosine or step, got {cfg.schedule!r}")
-    return lambda step: decay(step) * min(1.0, (step + 1) / warm) if warm else decay(step)
-
-
 @dataclass
 class Run:
-    """One training run between epochs: the network and its optimizer, the data on the device, the generators of
-    shuffling, drop draws and augmentation, and the statistics and history so far."""
+    """One training run between epochs: the network and its optimizer settings, the data on the device, the
+    generators of shuffling, drop draws and augmentation, and the statistics and history so far."""
 
     cfg: TrainConfig
     dd: Dist
@@ -186,8 +174,7 @@ class Run:
     spec: NetSpec
     model: torch.nn.Module
     net: torch.nn.Module  # what the training step calls: the model, or its DDP wrapper
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
+    sgd: SGD  # the optimizer and its schedule, as `loops.sgd_loop` runs them
     shuffle_gen: torch.Generator
     drop_gen: torch.Generator
     aug_gen: torch.Generator
@@ -198,7 +185,6 @@ class Run:
     precision: Precision
     start: dict | None = None  # the pretrained weights the run started from (load_start_weights), or None
     start_epoch: int = 0
-    wall_before: float = 0.0
 
     @property
     def cuda(self) -> bool:
@@ -296,8 +282,7 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
         # alone, exactly as in a single process.
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
                                                         find_unused_parameters=any(p < 1 for p in spec.probs()))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)
+    sgd = SGD(cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.schedule, cfg.warmup_epochs)
     steps_per_epoch = len(ds.train) // cfg.batch_size  # drop the last partial batch: BN needs full batches
     local_batch = cfg.batch_size // dd.world
     if dd.main:
@@ -305,15 +290,16 @@ def setup(cfg: TrainConfig, dataset: Dataset | None = None, resume: bool = False
     if dd.enabled and dd.main:
         tqdm.write(f"distributed: {dd.world} processes ({dd.backend}), global batch {cfg.batch_size} "
                    f"({local_batch} per process){', SyncBatchNorm' if cfg.sync_bn else ''}")
-    return Run(cfg, dd, device, ds, spec, model, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps_per_epoch)),
+    return Run(cfg, dd, device, ds, spec, model, net, sgd,
                shuffle_gen=torch.Generator().manual_seed(cfg.seed + 1), drop_gen=torch.Generator().manual_seed(cfg.seed + 2),
                aug_gen=torch.Generator(device=device).manual_seed(cfg.seed + 3 + 1000 * dd.rank),  # each rank its own crops
                stats=SurvivalStats(spec.probs(), cfg.stats_window), steps_per_epoch=steps_per_epoch, local_batch=local_batch,
                history=[], precision=precision, start=start)
 
 
-def resume_from(run: Run, out: Path) -> None:
-    """Load `out/train_state.pt` into a freshly set-up run: weights, optimizer, schedule, every generator, statistics."""
+def resume_from(run: Run, out: Path) -> dict:
+    """Load `out/train_state.pt` into a freshly set-up run: weights, every generator, statistics. Returns the state
+    `loops.sgd_loop` goes on from (optimizer, epoch, step of the schedule)."""
     state_path = out / TRAIN_STATE
     if not state_path.exists():
         raise InputError(f"--resume: no {TRAIN_STATE} in {out}; start without --resume")
@@ -338,8 +324,6 @@ def resume_from(run: Run, out: Path) -> None:
         changed = sorted(k for k in saved if saved[k] != cfg.to_dict().get(k))
         raise InputError(f"--resume: the run in {out} used a different config ({', '.join(changed)}); use the same flags")
     run.model.load_state_dict(st["model"])
-    run.opt.load_state_dict(st["optimizer"])
-    run.sched.load_state_dict(st["scheduler"])
     run.shuffle_gen.set_state(st["shuffle_gen"])
     run.drop_gen.set_state(st["drop_gen"])
     aug = (st["aug_gen_ranks"] if "aug_gen_ranks" in st else [st["aug_gen"]])[dd.rank]
@@ -348,82 +332,92 @@ def resume_from(run: Run, out: Path) -> None:
     run.stats.load_state_dict(st["stats"])
     run.history = list(st["history"])
     run.start = st.get("start")
-    run.start_epoch, run.wall_before = st["epoch"], st["wall_s"]
+    run.start_epoch = st["epoch"]
+    return {"optimizer": st["optimizer"], "epoch": st["epoch"], "step": st["epoch"] * run.steps_per_epoch,
+            "epoch_loss": [h["train_loss"] for h in run.history], "seconds": st["wall_s"]}
 
 
-def run_epoch(run: Run, epoch: int, train_x: torch.Tensor, train_y: torch.Tensor, bar, out: Path,
-              on_step: Callable[[int, list[bool]], None] | None = None) -> EpochRecord:
-    """One epoch: a drop draw per mini-batch, an SGD step, the survival statistics recorded, then validation."""
-    cfg, dd, model, device = run.cfg, run.dd, run.model, run.device
-    pad, flip = augmentation(cfg, run.ds.input_shape)
-    normalize = Normalize(run.ds.mean, run.ds.std, device)
-    probs_t = torch.tensor(run.spec.probs())
-    block_ids = model.block_ids
-    model.train()
-    t0 = time.perf_counter()
-    if dd.enabled:  # this rank's shard, reshuffled every epoch
-        sampler = DistributedSampler(range(len(train_y)), dd.world, dd.rank, shuffle=True, seed=cfg.seed + 1, drop_last=True)
-        sampler.set_epoch(epoch)
-        perm = torch.tensor(list(sampler), dtype=torch.long).to(device)
-    else:
-        perm = torch.randperm(len(train_y), generator=run.shuffle_gen).to(device)
-    losses, correct, masks, contribs = [], [], [], []
-    for i in range(run.steps_per_epoch):
-        idx = perm[i * run.local_batch : (i + 1) * run.local_batch]
-        xb = normalize(augment(train_x[idx], pad, flip, run.aug_gen))
-        xb = run.precision.layout(xb)
-        yb = train_y[idx]
-        run_mask = draw_run_mask(probs_t, run.drop_gen)
-        record = cfg.contrib_every > 0 and i % cfg.contrib_every == 0
-        model.set_record_contribution(record)
-        if on_step:
-            on_step(epoch * run.steps_per_epoch + i, run_mask.tolist())
-        loss, logits = train_step(run.net, run.opt, xb, yb, dict(zip(block_ids, run_mask.tolist())), run.precision.bf16,
-                                  label_smoothing=cfg.label_smoothing)
-        run.sched.step()
-        losses.append(loss.detach())
-        correct.append((logits.argmax(1) == yb).sum())
-        masks.append(run_mask.numpy())
+class _Epochs:
+    """What one run's epochs record beside `loops.sgd_loop`: each step's drop draw, loss, correct predictions and
+    measured contributions, turned into the survival statistics, the validation and the checkpoint at every
+    epoch's end (`close`)."""
+
+    def __init__(self, run: Run, out: Path, meta: dict, on_epoch: Callable | None, on_step: Callable | None):
+        self.run, self.out, self.meta, self.on_epoch, self.on_step = run, out, meta, on_epoch, on_step
+        self.probs = torch.tensor(run.spec.probs())
+        self.normalize = Normalize(run.ds.mean, run.ds.std, run.device)
+        self.masks, self.losses, self.correct, self.contribs = [], [], [], []
+        self.t0 = time.perf_counter()
+
+    def loss_of(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """One step: the drop draw (every rank draws alike), the forward pass of the blocks that run, the loss."""
+        run, cfg = self.run, self.run.cfg
+        run_mask = draw_run_mask(self.probs, run.drop_gen)
+        record = cfg.contrib_every > 0 and step % run.steps_per_epoch % cfg.contrib_every == 0
+        run.model.set_record_contribution(record)
+        if self.on_step:
+            self.on_step(step, run_mask.tolist())
+        logits = run.net(x, dict(zip(run.model.block_ids, run_mask.tolist())))
+        self.masks.append(run_mask.numpy())
+        self.correct.append((logits.argmax(1) == y).sum())
         # a dropped block measured nothing this step: NaN, skipped when recorded
-        contribs.append(torch.stack([_or_nan(c, device) for c in model.contributions().values()]) if record else None)
-        if (i + 1) % 25 == 0 or i + 1 == run.steps_per_epoch:
-            recent = dd.all_mean(torch.stack(losses[-25:]).float())  # every rank stops together
-            if not torch.isfinite(recent).all():
-                bar.close()
-                raise TrainingDiverged(f"loss became non-finite in epoch {epoch + 1}; the last good checkpoint is kept in {out}; try a lower --lr")
-            done = (i + 1) * cfg.batch_size
-            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{recent.mean().item():.3f}",
-                            img_s=f"{done / (time.perf_counter() - t0):.0f}")
-        bar.update(1)
-    # the drop-effect regression uses the loss of the global batch: the mean over ranks, step by step
-    loss_arr = dd.all_mean(torch.stack(losses).float()).cpu().numpy()
-    measured = [c for c in contribs if c is not None]
-    measured = iter(dd.all_mean(torch.stack(measured).float()).cpu().tolist()) if measured else iter(())
-    for k, l, c in zip(masks, loss_arr, contribs):
-        ran = dict(zip(block_ids, next(measured))) if c is not None else {}  # a contribution counts only where the block ran
-        run.stats.record(k, float(l), {b: v for b, v in ran.items() if k[b]})
-    run.stats.refresh()
-    train_s = time.perf_counter() - t0
-    train_top1 = dd.all_sum(torch.stack(correct).sum()).item() / (run.steps_per_epoch * cfg.batch_size)
-    if dd.enabled:  # BatchNorm running statistics of rank 0 everywhere: the model that is saved and validated
-        for b in model.buffers():
-            torch.distributed.broadcast(b, 0)
-    val = _validate(model, run.ds.val, normalize, dd) if run.ds.val is not None else None
-    return EpochRecord(epoch + 1, float(loss_arr.mean()), train_top1, val and val["top1"], val and val["loss"],
-                       run.sched.get_last_lr()[0], train_s, run.steps_per_epoch * cfg.batch_size / train_s)
+        self.contribs.append(torch.stack([_or_nan(c, run.device) for c in run.model.contributions().values()]) if record else None)
+        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+
+    def close(self, loop: dict) -> None:
+        """The end of an epoch: statistics recorded, BatchNorm agreed, validation, history, checkpoint (rank 0)."""
+        run, cfg, dd, model = self.run, self.run.cfg, self.run.dd, self.run.model
+        epoch = loop["epoch"] - 1
+        # the drop-effect regression uses the loss of the global batch: the mean over ranks, step by step
+        loss_arr = dd.all_mean(torch.stack(self.losses).float()).cpu().numpy()
+        measured = [c for c in self.contribs if c is not None]
+        measured = iter(dd.all_mean(torch.stack(measured).float()).cpu().tolist()) if measured else iter(())
+        for k, l, c in zip(self.masks, loss_arr, self.contribs):
+            ran = dict(zip(model.block_ids, next(measured))) if c is not None else {}  # a contribution counts only where the block ran
+            run.stats.record(k, float(l), {b: v for b, v in ran.items() if k[b]})
+        run.stats.refresh()
+        train_s = time.perf_counter() - self.t0
+        train_top1 = dd.all_sum(torch.stack(self.correct).sum()).item() / (run.steps_per_epoch * cfg.batch_size)
+        if dd.enabled:  # BatchNorm running statistics of rank 0 everywhere: the model that is saved and validated
+            for b in model.buffers():
+                torch.distributed.broadcast(b, 0)
+        val = _validate(model, run.ds.val, self.normalize, dd) if run.ds.val is not None else None
+        total = cfg.epochs * run.steps_per_epoch
+        rec = EpochRecord(epoch + 1, float(loss_arr.mean()), train_top1, val and val["top1"], val and val["loss"],
+                          run.sgd.lr_at(loop["step"], total, epoch + 1, cfg.epochs, run.steps_per_epoch), train_s,
+                          run.steps_per_epoch * cfg.batch_size / train_s)
+        run.history.append(rec.to_dict())
+        self.meta.update(metrics={
+            "epochs": epoch + 1,
+            "val_top1": rec.val_top1,
+            "val_loss": rec.val_loss,
+            "val_n": len(run.ds.val) if run.ds.val is not None else 0,
+            "wall_s": loop["seconds"],
+            "train_images_per_s": round(float(np.median([h["images_per_s"] for h in run.history])), 1),
+            "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
+            **run.precision.to_dict(),
+            "torch": torch.__version__,
+        }, history=run.history, survival_stats=run.stats.to_dict())
+        aug_states = dd.gather_objects(run.aug_gen.get_state().cpu())
+        if dd.main:
+            save_epoch(run, self.out, loop, self.meta, aug_states)
+            if self.on_epoch:
+                self.on_epoch(rec)
+        dd.barrier()
+        self.masks, self.losses, self.correct, self.contribs = [], [], [], []
+        self.t0 = time.perf_counter()
 
 
-def save_epoch(run: Run, out: Path, epoch: int, meta: dict, aug_states: list) -> None:
+def save_epoch(run: Run, out: Path, loop: dict, meta: dict, aug_states: list) -> None:
     """The epoch's checkpoint and training state, written as one unit (never a mix of two epochs); rank 0 only."""
     with output_folder(out) as folder:
         atomic_torch_save(
             {
-                "epoch": epoch + 1,
+                "epoch": loop["epoch"],
                 "wall_s": meta["metrics"]["wall_s"],
                 "config": run.cfg.to_dict(),
                 "model": {k: v.cpu().contiguous() for k, v in run.model.state_dict().items()},
-                "optimizer": run.opt.state_dict(),
-                "scheduler": run.sched.state_dict(),
+                "optimizer": loop["optimizer"],
                 "shuffle_gen": run.shuffle_gen.get_state(),
                 "drop_gen": run.drop_gen.get_state(),
                 "aug_gen_ranks": aug_states,  # one augmentation generator per rank (older runs saved one "aug_gen")
@@ -450,6 +444,10 @@ def train(
 ) -> tuple[torch.nn.Module, Sidecar]:
     """Train a network with stochastic depth; write a checkpoint to `out_dir` after every epoch.
 
+    The steps are those of `loops.sgd_loop`, the one loop of `sdcompress.train_stochastic_depth` and fine-tuning;
+    this function adds what the command line keeps: the data on the device, the per-block statistics table with
+    contributions, validation and a resumable checkpoint every epoch, and data-parallel processes under torchrun.
+
     Args:
         cfg: the training config.
         out_dir: checkpoint folder (model.pt, model.json, train_state.pt).
@@ -467,50 +465,34 @@ def train(
     """
     out = Path(out_dir)
     run = setup(cfg, dataset, resume)
-    if resume:
-        resume_from(run, out)
-    dd, model = run.dd, run.model
-    train_x, train_y = run.ds.train.images.to(run.device), run.ds.train.labels.to(run.device)
+    loop_state = resume_from(run, out) if resume else None
+    dd, model, device = run.dd, run.model, run.device
     meta = {"data": data_meta(run.ds, cfg), "stages": [{"stage": "train", "config": cfg.to_dict()}], "binarized": False,
             "distributed": {"world_size": dd.world, "global_batch": cfg.batch_size, "per_process_batch": run.local_batch,
                             "backend": dd.backend, "sync_bn": cfg.sync_bn}}
+    normalize = Normalize(run.ds.mean, run.ds.std, device)
     if run.start is not None and run.start_epoch == 0 and run.ds.val is not None and "val_top1" not in run.start:
-        before = _validate(model, run.ds.val, Normalize(run.ds.mean, run.ds.std, run.device), dd)
+        before = _validate(model, run.ds.val, normalize, dd)
         run.start.update(val_top1=before["top1"], val_loss=before["loss"])  # the evaluation-time network as loaded
         if dd.main:
             tqdm.write(f"start: val top-1 {before['top1']:.4f} (the pretrained weights, evaluation-time network, before training)")
     if run.start is not None:
         meta["stages"][0]["start"] = run.start
-    t_start = time.perf_counter()
-    bar = tqdm(total=(cfg.epochs - run.start_epoch) * run.steps_per_epoch, disable=not (progress and dd.main), unit="step",
-               dynamic_ncols=True)
-    for epoch in range(run.start_epoch, cfg.epochs):
-        rec = run_epoch(run, epoch, train_x, train_y, bar, out, on_step)
-        run.history.append(rec.to_dict())
-        meta.update(metrics={
-            "epochs": epoch + 1,
-            "val_top1": rec.val_top1,
-            "val_loss": rec.val_loss,
-            "val_n": len(run.ds.val) if run.ds.val is not None else 0,
-            "wall_s": round(run.wall_before + time.perf_counter() - t_start, 1),
-            "train_images_per_s": round(float(np.median([h["images_per_s"] for h in run.history])), 1),
-            "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
-            **run.precision.to_dict(),
-            "torch": torch.__version__,
-        }, history=run.history, survival_stats=run.stats.to_dict())
-        aug_states = dd.gather_objects(run.aug_gen.get_state().cpu())
-        if not dd.main:
-            dd.barrier()
-            continue
-        save_epoch(run, out, epoch, meta, aug_states)
-        if on_epoch:
-            on_epoch(rec)
-        dd.barrier()
-    bar.close()
-    model.set_record_contribution(False)
-    uncompile_branches(model)
-    to_layout(model, False)
-    model.eval()
+    pad, flip = augmentation(cfg, run.ds.input_shape)
+    batches = DeviceBatches(run.ds.train.images.to(device), run.ds.train.labels.to(device), cfg.batch_size, run.shuffle_gen,
+                            run.aug_gen, pad, flip, normalize, dist=dd, seed=cfg.seed + 1)
+    epochs = _Epochs(run, out, meta, on_epoch, on_step)
+    saved = [run.start_epoch > 0]
+    try:
+        sgd_loop(model, batches, cfg.epochs, run.sgd, device, run.precision, progress and dd.main, "train", epochs.loss_of,
+                 on_step=lambda step, loss: epochs.losses.append(loss), lr_hint="--lr", resume=loop_state, agree=dd.all_mean,
+                 on_epoch=lambda loop: (epochs.close(loop), saved.__setitem__(0, True)),
+                 stop_note=lambda: f"; the last good checkpoint is kept in {out}" if saved[0] else "; nothing was written")
+    finally:
+        model.set_record_contribution(False)
+        uncompile_branches(model)
+        to_layout(model, False)
+        model.eval()
     if run.start_epoch >= cfg.epochs:  # resumed a finished run: nothing left to do
         return model, read_sidecar(out / "model.json")
     return model, Sidecar.from_dict({**meta, "schema": SCHEMA, "spec": model.spec.to_dict()})

@@ -95,7 +95,7 @@ def save(model: nn.Module, folder: str | Path, blocks: list[Block] | None = None
         "arch": arch,
         "data": data,
         "spec": _spec_of(model),
-        "scale_exponent": getattr(model, "scale_exponent", None),  # a ResNet's kept blocks add p_l^t f(x): t, for a later prune
+        "scale_exponent": getattr(model, "scale_exponent", None),  # kept blocks add p_l^t f(x): t, for a later prune or binarize
         "stats": None if stats is None else {
             "source": stats.source, "batches": stats.batches, "effect": list(stats.effect), "stderr": list(stats.stderr),
             "drop_rates": list(stats.drop_rates), "runs": list(stats.runs), "params": stats.params,
@@ -234,10 +234,10 @@ def load(folder: str | Path, model: nn.Module | None = None, builder: str | None
         except (ValueError, TypeError, KeyError) as e:
             raise InputError(f"{folder}/blocks.json: spec: {e}") from None
         side = {**side, "removed": [], "binarized": []}  # both are in the spec
-        if side.get("scale_exponent") is not None:
-            from .nets import check_exponent
+    if side.get("scale_exponent") is not None:  # the t its kept blocks' scale layers hold (prune or binarize chose it)
+        from .nets import check_exponent
 
-            model.scale_exponent = check_exponent(side["scale_exponent"], f"{folder}/blocks.json: scale_exponent")
+        model.scale_exponent = check_exponent(side["scale_exponent"], f"{folder}/blocks.json: scale_exponent")
     removed = [_block_from(d, f"{folder}/blocks.json removed[{i}]") for i, d in enumerate(side.get("removed") or [])]
     modules = dict(model.named_modules())
     for b in removed:

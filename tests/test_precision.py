@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdcompress import precision
 from sdcompress.cli import main
@@ -66,7 +67,9 @@ def test_a_block_dropped_in_a_bf16_step_is_not_computed():
     model.blocks["4"].branch = lambda x: calls.append(1)  # would fail if it ran
     x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     run_mask = {b: b != 4 for b in model.block_ids}
-    train_step(model, opt, x, torch.randint(0, 10, (8,)), run_mask, bf16=True)
+    bf16 = precision.Precision("bf16", True, "bf16")
+    train_step(opt, lambda x, y, step: F.cross_entropy(model(x, run_mask).float(), y), x, torch.randint(0, 10, (8,)), 0, bf16,
+               torch.device("cpu"))
     assert not calls
     assert all(p.grad is None for p in model.blocks["4"].parameters())
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.blocks["3"].parameters())

@@ -414,26 +414,25 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_before_commit(digits_run, tmp
 
 
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    import torch
-
     import sdcompress.train as tr
     from sdcompress.config import TrainConfig
+    from sdcompress.errors import TrainingDiverged
 
-    real = tr.train_step
+    real = tr._Epochs.loss_of
     steps = []
 
-    def poisoned(*a, **k):
-        loss, logits = real(*a, **k)
+    def poisoned(self, *a):
+        loss = real(self, *a)
         steps.append(1)
-        return (torch.tensor(float("nan")) if len(steps) > 30 else loss), logits
+        return loss * float("nan") if len(steps) > 30 else loss
 
-    monkeypatch.setattr(tr, "train_step", poisoned)
+    monkeypatch.setattr(tr._Epochs, "loss_of", poisoned)
     saved = {}
     cfg = TrainConfig(arch="resnet20", data="digits", epochs=3)
-    with pytest.raises(tr.TrainingDiverged, match="--lr"):
+    with pytest.raises(TrainingDiverged, match="non-finite .*the last good checkpoint is kept in .*--lr"):
         tr.train(cfg, tmp_path / "run", progress=False, on_epoch=lambda r: saved.update(pt=(tmp_path / "run" / "model.pt").read_bytes()))
     assert (tmp_path / "run" / "model.pt").read_bytes() == saved["pt"]  # the epoch-1 checkpoint, untouched
-    monkeypatch.setattr(tr, "train_step", poisoned)
+    monkeypatch.setattr(tr._Epochs, "loss_of", poisoned)
     from sdcompress.cli import main
 
     steps.clear()

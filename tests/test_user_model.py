@@ -490,6 +490,42 @@ def test_the_kept_blocks_scale_after_pruning_a_users_model():
         sdcompress.prune(trained.model, keep=0.5, stats=trained.stats, block_scale="half")
 
 
+def test_binarize_chooses_the_kept_blocks_scale_of_a_users_model_again(tmp_path):
+    """`binarize(block_scale=...)` after `prune` of a user's module: prune records the t it folded in
+    (`scale_exponent`, kept by save and load), and binarize reaches another t from it with p_l from the recorded
+    drop effects, never applying one twice; None leaves the scale; stats of another model are refused."""
+    from sdcompress.binary import BinaryConv2d
+
+    model = _randomize_bn(ModuleListNet())
+    data = _loader(n=128, batch=16)
+    trained = sdcompress.train_stochastic_depth(model, data, epochs=1, lr=0.05, recalibrate_batches=2)
+    p = {b.path: 1.0 - r for b, r in zip(trained.stats.blocks, trained.stats.drop_rates) if r is not None}
+    unit = sdcompress.prune(trained.model, keep=0.5, stats=trained.stats, strategy="every-other", block_scale="unit")
+    assert unit.scale_exponent == 0.0
+    sdcompress.save(unit, tmp_path / "small", blocks=sdcompress.find_blocks(unit, X))
+    unit, _ = sdcompress.load(tmp_path / "small", model=ModuleListNet())
+    assert unit.scale_exponent == 0.0  # kept by the sidecar
+    kept = [b for b in sdcompress.find_blocks(unit, X) if b.path in p and p[b.path] < 1.0]
+    assert kept
+    as_is = sdcompress.binarize(unit, X)
+    back = sdcompress.binarize(unit, X, block_scale="survival", stats=trained.stats)
+    assert back.scale_exponent == 1.0 and any(isinstance(m, BinaryConv2d) for m in back.modules())
+    for b in kept:  # from t = 0 to t = 1: the BatchNorm ending the branch times p_l, once
+        a_bn, b_bn = as_is.get_submodule(f"{b.path}.body.4"), back.get_submodule(f"{b.path}.body.4")
+        assert torch.allclose(b_bn.weight, a_bn.weight * p[b.path]) and torch.allclose(b_bn.bias, a_bn.bias * p[b.path])
+    again = sdcompress.binarize(unit, X, block_scale="unit", stats=trained.stats)  # the t it has: nothing folded
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), as_is.state_dict().values()))
+    auto = sdcompress.binarize(unit, X, block_scale="auto", stats=trained.stats, calibration=data[:4])
+    assert auto.scale_exponent in (1.0, 0.0, 0.5) or auto.scale_exponent < 0
+    other = sdcompress.train_stochastic_depth(_randomize_bn(SequentialNet()), data, epochs=1, lr=0.05, recalibrate_batches=0)
+    with pytest.raises(sdcompress.errors.InputError, match="another model"):
+        sdcompress.binarize(unit, X, block_scale="survival", stats=other.stats)
+    with pytest.raises(sdcompress.errors.InputError, match="block scale"):
+        sdcompress.binarize(unit, X, block_scale="half")
+    with pytest.raises(sdcompress.errors.InputError, match="survival probability p_l"):
+        sdcompress.binarize(unit, X, block_scale="unit")  # a user's module without stats: p_l not known
+
+
 def test_a_pruned_checkpoint_is_never_divided_twice(tmp_path):
     """The project's ResNet pruned through the API with kept blocks adding f(x), saved as a command-line checkpoint
     and loaded again, knows its blocks are unit-scaled: pruned again with p_l f(x), it is the network pruned once

@@ -126,6 +126,12 @@ class Variant:
         self.normalize = Normalize([0.49, 0.48, 0.45], [0.25, 0.24, 0.26], device)
         self.step = 0
 
+    def loss_of(self, run_mask: dict):
+        """The step's loss as `sdcompress train` computes it (`train._Epochs.loss_of`), for `loops.train_step`."""
+        import torch.nn.functional as F
+
+        return lambda x, y, step: F.cross_entropy(self.model(x, run_mask).float(), y, label_smoothing=self.label_smoothing)
+
     def run(self, steps: int) -> float:
         """Seconds per step over `steps` steps."""
         cuda = self.device.type == "cuda"
@@ -139,7 +145,7 @@ class Variant:
             record = self.step % CONTRIB_EVERY == 0
             self.model.set_record_contribution(record)
             run_mask = dict(zip(ids, draw_run_mask(self.probs, self.drop_gen).tolist()))
-            train_step(self.model, self.opt, x, self.labels[idx], run_mask, self.prec.bf16, label_smoothing=self.label_smoothing)
+            train_step(self.opt, self.loss_of(run_mask), x, self.labels[idx], self.step, self.prec, self.device)
             if record:
                 [c.item() for c in self.model.contributions().values() if c is not None]  # the trainer stacks them
             self.step += 1
@@ -148,7 +154,7 @@ class Variant:
         return (time.perf_counter() - t0) / steps
 
     def parts(self, steps: int) -> dict[str, float]:
-        """Milliseconds per step of each part of `train_step` and around it (`train_step`'s body, timed piece by piece)."""
+        """Milliseconds per step of each part of `loops.train_step` and around it (its body, timed piece by piece)."""
         import torch.nn.functional as F
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)

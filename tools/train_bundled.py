@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,7 +64,7 @@ def step_time(arch: str, device: torch.device, batch: int, steps: int = 30) -> f
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        train_step(model, opt, x, y, None, bf16=prec.bf16)
+        train_step(opt, lambda x, y, step: F.cross_entropy(model(x).float(), y), x, y, i, prec, device)
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
