@@ -30,9 +30,6 @@ MAX_CLASSES = 100_000  # classifier outputs (ImageNet-21k has 21,841); more is a
 MAX_IN_CHANNELS = 64  # input image channels
 
 
-SHORTCUT_NAMES = ("downsample", "proj", "shortcut")  # what a removed block of another family keeps (its own projection)
-
-
 @dataclass(frozen=True)
 class NetSpec:
     """Everything needed to rebuild a network before its weights are loaded."""
@@ -55,19 +52,22 @@ class NetSpec:
         """"cifar_resnet" for the project's own ResNets, else the prefix of `arch` (torchvision, timm)."""
         return self.arch.partition(":")[0] if ":" in self.arch else "cifar_resnet"
 
+    @property
+    def layout(self) -> "CifarLayout":
+        """Where this kind of network keeps its blocks, what its spec carries, how it is built: `CIFAR` for the
+        project's ResNets, `families.model.LIBRARY` for torchvision and timm models. The one place the kinds differ."""
+        if self.family == "cifar_resnet":
+            return CIFAR
+        from .families.model import LIBRARY  # families.model builds specs of its own: imported when first needed
+
+        return LIBRARY
+
     def __post_init__(self):
         object.__setattr__(self, "args", tuple(sorted((str(k), v) for k, v in dict(self.args).items())))
         object.__setattr__(self, "paths", tuple(self.paths))
         object.__setattr__(self, "fixed", tuple(sorted(set(int(b) for b in self.fixed))))
         object.__setattr__(self, "stages", tuple(int(g) for g in self.stages))
-        if self.family != "cifar_resnet":
-            from .families.model import check_spec
-
-            check_spec(self)
-        elif self.arch not in ARCHS:
-            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)} (or torchvision:NAME, timm:NAME)")
-        elif self.args or self.paths or self.fixed or self.stages:
-            raise ValueError(f"{self.arch} takes no builder arguments, block paths, stages or fixed blocks")
+        self.layout.check(self)
         if not 1 <= self.in_channels <= MAX_IN_CHANNELS or not 2 <= self.num_classes <= MAX_CLASSES:
             raise ValueError(f"in_channels must be in [1, {MAX_IN_CHANNELS}] and num_classes in [2, {MAX_CLASSES:,}]")
         survival_probs(self.survival_rule, 1, self.p_last)  # validates rule and p_last
@@ -81,19 +81,19 @@ class NetSpec:
 
     @property
     def blocks_total(self) -> int:
-        return len(self.paths) if self.family != "cifar_resnet" else 3 * ARCHS[self.arch]
+        return self.layout.blocks_total(self)
 
     def block_stage(self, b: int) -> int:
         """0-based stage of block `b`."""
-        return self.stages[b] if self.family != "cifar_resnet" else b // ARCHS[self.arch]
+        return self.layout.stage(self, b)
 
     def block_where(self, b: int) -> str:
         """What tells a block apart in a table: its width for the project's ResNets, else its module path."""
-        return str(block_layout(self.arch)[b][1]) if self.family == "cifar_resnet" else self.paths[b]
+        return self.layout.where(self, b)
 
     def block_path(self, b: int) -> str:
         """Module path of block `b` in the built model."""
-        return f"net.{self.paths[b]}" if self.family != "cifar_resnet" else f"blocks.{b}"
+        return self.layout.path(self, b)
 
     @property
     def kept(self) -> tuple[int, ...]:
@@ -110,8 +110,8 @@ class NetSpec:
         d["blocks_kept"] = list(self.kept)
         d["binarized"] = list(self.binarized)
         d["args"], d["paths"], d["fixed"], d["stages"] = dict(self.args), list(self.paths), list(self.fixed), list(self.stages)
-        if self.family == "cifar_resnet":
-            del d["args"], d["paths"], d["fixed"], d["stages"]
+        for k in {"args", "paths", "fixed", "stages"} - set(self.layout.fields):  # written only by the kinds that have them
+            del d[k]
         return d
 
     @classmethod
@@ -129,10 +129,43 @@ class NetSpec:
         """The spec with only `kept` blocks (binarized layers of removed blocks are gone with them)."""
         kept = tuple(sorted(kept))
         gone = tuple(f"{self.block_path(b)}." for b in self.kept if b not in kept)
-        # a removed block of another family leaves its projection shortcut (families.replacement), layers included
-        left = tuple(f"{g}{name}." for g in gone for name in SHORTCUT_NAMES) if self.family != "cifar_resnet" else ()
+        # what a removed block leaves (a projection shortcut, families.replacement) keeps its layers
+        left = tuple(f"{g}{name}." for g in gone for name in self.layout.left_by_removal)
         return replace(self, blocks_kept=kept,
                        binarized=tuple(n for n in self.binarized if not n.startswith(gone) or n.startswith(left)))
+
+
+class CifarLayout:
+    """The project's CIFAR ResNets (`ResNet`): three stages of n blocks at `blocks.N`, parameter-free shortcuts that
+    leave no layer behind when a block is removed; the spec names the architecture and nothing else. The other
+    kind, torchvision and timm models, is `families.model.LibraryLayout`, with the same methods."""
+
+    fields: tuple[str, ...] = ()  # spec fields this kind carries beyond the common ones
+    left_by_removal: tuple[str, ...] = ()  # modules a removed block leaves in place, with their layers
+
+    def check(self, spec: NetSpec) -> None:
+        if spec.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {spec.arch!r}; choose one of {', '.join(ARCHS)} (or torchvision:NAME, timm:NAME)")
+        if spec.args or spec.paths or spec.fixed or spec.stages:
+            raise ValueError(f"{spec.arch} takes no builder arguments, block paths, stages or fixed blocks")
+
+    def blocks_total(self, spec: NetSpec) -> int:
+        return 3 * ARCHS[spec.arch]
+
+    def stage(self, spec: NetSpec, b: int) -> int:
+        return b // ARCHS[spec.arch]
+
+    def where(self, spec: NetSpec, b: int) -> str:
+        return str(block_layout(spec.arch)[b][1])
+
+    def path(self, spec: NetSpec, b: int) -> str:
+        return f"blocks.{b}"
+
+    def build(self, spec: NetSpec) -> nn.Module:
+        return ResNet(spec)
+
+
+CIFAR = CifarLayout()
 
 
 def block_layout(arch: str) -> list[tuple[int, int, int]]:
@@ -298,12 +331,7 @@ def rescale_blocks(model: ResNet, exponent: float) -> None:
 def build_model(spec: NetSpec) -> nn.Module:
     """Build a network from its spec (random weights; load a state_dict to restore one): a `ResNet`, or a
     `families.model.FamilyNet` around a torchvision or timm model."""
-    if spec.family != "cifar_resnet":
-        from .families.model import FamilyNet
-
-        model = FamilyNet(spec)
-    else:
-        model = ResNet(spec)
+    model = spec.layout.build(spec)
     apply_binary(model, spec.binarized)
     return model
 

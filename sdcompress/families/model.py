@@ -30,6 +30,7 @@ SUPPORTED = {  # builder name prefixes with an adapter (families/torchvision.py;
 }
 # Builder arguments a sidecar may carry (besides num_classes), with their ranges: plain numbers, nothing callable.
 ARGS = {"width_mult": (0.1, 4.0), "dropout": (0.0, 1.0), "image_size": (16, 1024)}
+SHORTCUT_NAMES = ("downsample", "proj", "shortcut")  # what a removed block may keep (its own projection, families.replacement)
 
 
 def _builder(family: str, name: str):
@@ -80,6 +81,36 @@ def check_spec(spec) -> None:
         raise ValueError("fixed blocks must be block numbers of the model")
     if spec.blocks_kept is not None and not set(spec.fixed) <= set(spec.blocks_kept):
         raise ValueError("blocks without a residual path cannot be removed")
+
+
+class LibraryLayout:
+    """torchvision and timm models in the project's commands (`FamilyNet`): the spec names the builder, its
+    arguments, the module path and stage of every block and the blocks without a residual path (`fixed`); a removed
+    block may leave its own projection shortcut. `nets.CifarLayout` is the other kind, with the same methods."""
+
+    fields: tuple[str, ...] = ("args", "paths", "fixed", "stages")
+    left_by_removal: tuple[str, ...] = SHORTCUT_NAMES
+
+    def check(self, spec) -> None:
+        check_spec(spec)
+
+    def blocks_total(self, spec) -> int:
+        return len(spec.paths)
+
+    def stage(self, spec, b: int) -> int:
+        return spec.stages[b]
+
+    def where(self, spec, b: int) -> str:
+        return spec.paths[b]
+
+    def path(self, spec, b: int) -> str:
+        return f"net.{spec.paths[b]}"
+
+    def build(self, spec) -> nn.Module:
+        return FamilyNet(spec)
+
+
+LIBRARY = LibraryLayout()
 
 
 def build_plain(arch: str, num_classes: int, args: dict | None = None) -> nn.Module:
