@@ -507,11 +507,12 @@ CALIBRATION_BATCHES = 40  # batches of `calibration` the block scale is chosen o
 
 def _survival_layers(model: nn.Module, blocks: list[Block], stats: DropEffects | None) -> tuple[dict[str, tuple[float, str]] | None, float]:
     """(p_l < 1, its scale layer) of each present block whose evaluation-time output is scaled by it, by path (None: not known), and
-    the exponent t with which those blocks add p_l^t f(x) now: the project's ResNets from their spec (t as an
-    earlier prune left it), any other model from drop effects recorded by `train_stochastic_depth` (their drop rates
-    are 1 - p_l; its blocks' scale layers hold p_l at the end of training: t = 1). Measured drop effects say nothing
-    of p_l. Drop effects are refused for a model pruned since (its parameters differ), so a user's module is never
-    rescaled twice."""
+    the exponent t with which those blocks add p_l^t f(x) now: the project's ResNets from their spec, any other model
+    from drop effects recorded by `train_stochastic_depth` (their drop rates are 1 - p_l). t is the module's
+    `scale_exponent`, which `_rescale` records on every module it rescales (1, as trained, when it has none), so a
+    block is never rescaled twice: `prune` refuses drop effects of another model (its parameters differ), and
+    `binarize` takes those recorded before pruning with the t that prune left. Measured drop effects say nothing of
+    p_l."""
     from .nets import ResNet
 
     if isinstance(model, ResNet):
@@ -717,6 +718,10 @@ def binarize(model: nn.Module, example_input: torch.Tensor | None = None, blocks
         raise InputError("nothing left to binarize: every layer inside the blocks is kept float")
     if block_scale not in (None, "auto", "survival", "unit"):
         raise InputError(f"unknown block scale {block_scale!r}; choose auto, survival or unit (or None to keep it)")
+    if calibration is not None and block_scale != "auto":
+        raise InputError("calibration is what block_scale='auto' chooses on: give block_scale='auto' too, or no calibration")
+    if stats is not None and block_scale is None:
+        raise InputError("stats give p_l for choosing the kept blocks' scale: give block_scale too, or no stats")
     if stats is not None:
         if not isinstance(stats, DropEffects):
             raise TypeError(f"stats must be the DropEffects of train_stochastic_depth, got {type(stats).__name__}")

@@ -192,6 +192,9 @@ class SGD:
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "step"):
             raise InputError(f"--schedule must be cosine or step, got {self.schedule!r}")
+        if self.nesterov and self.momentum <= 0:
+            raise InputError("--nesterov on needs --momentum above 0 (Nesterov momentum without momentum is plain SGD): "
+                             "give --nesterov off")
 
     def optimizer(self, params) -> torch.optim.SGD:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay)
@@ -208,7 +211,7 @@ class SGD:
         else:
             decay = 0.1 ** sum(step >= int(f * total) for f in (0.5, 0.75))
         warm = int(self.warmup_epochs * steps_per_epoch)
-        return self.lr * decay * (min(1.0, (step + 1) / warm) if warm else 1.0)
+        return self.lr * (decay * min(1.0, (step + 1) / warm)) if warm else self.lr * decay  # as LambdaLR: lr * factor
 
 
 def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, sgd: SGD, dev: torch.device, precision: str | Precision,

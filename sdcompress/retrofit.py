@@ -234,7 +234,8 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
                     resume=state and state["loop"])
     if numbers is None:
         _fold(work, blocks, {i: probs[i] for i in idx})
-    else:  # trained with the draws: at evaluation each block adds p_l times what a step adds (an earlier prune's t is spent)
+    if numbers is not None or hasattr(work, "scale_exponent"):
+        # trained with the draws: at evaluation each block adds p_l times what a step adds (an earlier prune's t is spent)
         work.scale_exponent = 1.0
     if recalibrate_batches:
         work = recalibrate(work, batches, recalibrate_batches, device=dev)

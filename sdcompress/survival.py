@@ -177,9 +177,9 @@ class SurvivalStats:
             "summary": self.to_dict(),
             "contrib_sum": list(self.contrib_sum),
             "contrib_count": list(self.contrib_count),
-            "window_dropped": np.stack(self._dropped).tolist() if self._dropped else [],
-            "window_loss": list(self._loss),
-            "window_step": list(self._step),
+            "window_dropped": torch.from_numpy(self.dropped()),  # tensors: a long window stays compact (lists are read too)
+            "window_loss": torch.tensor(list(self._loss), dtype=torch.float64),
+            "window_step": torch.tensor(list(self._step), dtype=torch.int64),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -188,10 +188,17 @@ class SurvivalStats:
         self.runs = [b["runs"] for b in summary["blocks"]]
         self.contrib_sum = list(state["contrib_sum"])
         self.contrib_count = list(state["contrib_count"])
-        self._dropped = deque((np.array(r, dtype=np.uint8) for r in state["window_dropped"]), maxlen=self.window)
-        self._loss = deque(state["window_loss"], maxlen=self.window)
-        self._step = deque(state["window_step"], maxlen=self.window)
+        rows = state["window_dropped"]
+        rows = rows.numpy() if torch.is_tensor(rows) else rows
+        self._dropped = deque((np.array(r, dtype=np.uint8) for r in rows), maxlen=self.window)
+        self._loss = deque(_plain(state["window_loss"]), maxlen=self.window)
+        self._step = deque(_plain(state["window_step"]), maxlen=self.window)
         self.refresh()
+
+
+def _plain(values) -> list:
+    """A saved column as Python numbers (a tensor, or a list from files written before tensors)."""
+    return values.tolist() if torch.is_tensor(values) else list(values)
 
 
 def _finite_or_none(v: float) -> float | None:

@@ -164,8 +164,8 @@ class EpochRecord:
 
 @dataclass
 class Run:
-    """One training run between epochs: the network and its optimizer settings, the data on the device, the
-    generators of shuffling, drop draws and augmentation, and the statistics and history so far."""
+    """One training run between epochs: the network and its optimizer settings, the data, the generators of
+    shuffling, drop draws and augmentation, and the statistics and history so far."""
 
     cfg: TrainConfig
     dd: Dist
@@ -342,10 +342,9 @@ class _Epochs:
     measured contributions, turned into the survival statistics, the validation and the checkpoint at every
     epoch's end (`close`)."""
 
-    def __init__(self, run: Run, out: Path, meta: dict, on_epoch: Callable | None, on_step: Callable | None):
-        self.run, self.out, self.meta, self.on_epoch, self.on_step = run, out, meta, on_epoch, on_step
+    def __init__(self, run: Run, out: Path, meta: dict, normalize: Normalize, on_epoch: Callable | None, on_step: Callable | None):
+        self.run, self.out, self.meta, self.normalize, self.on_epoch, self.on_step = run, out, meta, normalize, on_epoch, on_step
         self.probs = torch.tensor(run.spec.probs())
-        self.normalize = Normalize(run.ds.mean, run.ds.std, run.device)
         self.masks, self.losses, self.correct, self.contribs = [], [], [], []
         self.t0 = time.perf_counter()
 
@@ -367,7 +366,7 @@ class _Epochs:
     def close(self, loop: dict) -> None:
         """The end of an epoch: statistics recorded, BatchNorm agreed, validation, history, checkpoint (rank 0)."""
         run, cfg, dd, model = self.run, self.run.cfg, self.run.dd, self.run.model
-        epoch = loop["epoch"] - 1
+        epoch, t_close = loop["epoch"] - 1, time.perf_counter()
         # the drop-effect regression uses the loss of the global batch: the mean over ranks, step by step
         loss_arr = dd.all_mean(torch.stack(self.losses).float()).cpu().numpy()
         measured = [c for c in self.contribs if c is not None]
@@ -392,7 +391,7 @@ class _Epochs:
             "val_top1": rec.val_top1,
             "val_loss": rec.val_loss,
             "val_n": len(run.ds.val) if run.ds.val is not None else 0,
-            "wall_s": loop["seconds"],
+            "wall_s": round(loop["seconds"] + time.perf_counter() - t_close, 1),  # this epoch's validation included
             "train_images_per_s": round(float(np.median([h["images_per_s"] for h in run.history])), 1),
             "device": torch.cuda.get_device_name(run.device) if run.cuda else "cpu",
             **run.precision.to_dict(),
@@ -481,7 +480,7 @@ def train(
     pad, flip = augmentation(cfg, run.ds.input_shape)
     batches = DeviceBatches(run.ds.train.images.to(device), run.ds.train.labels.to(device), cfg.batch_size, run.shuffle_gen,
                             run.aug_gen, pad, flip, normalize, dist=dd, seed=cfg.seed + 1)
-    epochs = _Epochs(run, out, meta, on_epoch, on_step)
+    epochs = _Epochs(run, out, meta, normalize, on_epoch, on_step)
     saved = [run.start_epoch > 0]
     try:
         sgd_loop(model, batches, cfg.epochs, run.sgd, device, run.precision, progress and dd.main, "train", epochs.loss_of,

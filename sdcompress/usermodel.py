@@ -121,7 +121,7 @@ def _save_checkpoint(model: nn.Module, folder: Path, checkpoint, stats) -> Path:
         raise InputError(f"the network's 1-bit layers ({len(binarized)}) are not those its spec names ({len(spec.binarized)}): "
                          f"binarize it with sdcompress.binarize")
     stage = {"stage": "python", "config": {}}
-    if hasattr(model, "scale_exponent"):  # a ResNet: what its kept blocks add (prune may have chosen), so a later prune never divides twice
+    if hasattr(model, "scale_exponent"):  # what its kept blocks add (prune may have chosen), so a later prune never divides twice
         from .pruning import scale_name
 
         stage["block_scale"] = {"chosen": scale_name(model.scale_exponent), "exponent": model.scale_exponent, "why": "as the Python session left it"}

@@ -524,6 +524,12 @@ def test_binarize_chooses_the_kept_blocks_scale_of_a_users_model_again(tmp_path)
         sdcompress.binarize(unit, X, block_scale="half")
     with pytest.raises(sdcompress.errors.InputError, match="survival probability p_l"):
         sdcompress.binarize(unit, X, block_scale="unit")  # a user's module without stats: p_l not known
+    with pytest.raises(sdcompress.errors.InputError, match="block_scale='auto'"):
+        sdcompress.binarize(unit, X, calibration=data[:4])  # nothing would be chosen on them
+    with pytest.raises(sdcompress.errors.InputError, match="give block_scale too"):
+        sdcompress.binarize(unit, X, stats=trained.stats)
+    retrained = sdcompress.train_stochastic_depth(back, data, epochs=1, lr=0.01, recalibrate_batches=0)
+    assert retrained.model.scale_exponent == 1.0  # trained with the draws again: the t the module had is spent
 
 
 def test_a_pruned_checkpoint_is_never_divided_twice(tmp_path):
