@@ -101,8 +101,14 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
                            p_last: float = 0.5, lr: float = 0.01, weight_decay: float = 1e-4,
                            loss_fn: Callable = F.cross_entropy, recalibrate_batches: int = 100, precision: str = "auto",
                            device: str | torch.device | None = None, seed: int = 0, progress: bool = False,
-                           checkpoint: str | Path | None = None, resume: bool = False) -> Trained:
+                           checkpoint: str | Path | None = None, resume: bool = False, teacher: nn.Module | None = None,
+                           temperature: float = 4.0, alpha: float = 0.9) -> Trained:
     """Train `model` with stochastic depth on `batches`, from its current (e.g. pretrained) weights.
+
+    With `teacher` (usually the pretrained network itself, full depth), every drawn network also learns the
+    teacher's outputs on the same batch: alpha T^2 KL(teacher / T || student / T) + (1 - alpha) `loss_fn`, the
+    distillation of `finetune`. The networks with blocks missing then learn to answer as the whole network does,
+    which is what a pruned network is asked to do; the recorded drop effects are rises of that loss.
 
     Args:
         model: any residual network (not modified; a trained copy is returned).
@@ -128,6 +134,9 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
             the checkpoint's), batches and settings; the result is that of a run never stopped (same draws, same
             schedule, and the same batches where their state was saved; `torch`'s global random state, which a
             shuffling DataLoader draws from, is restored too).
+        teacher: a network to distil from (not modified), evaluated as it is (all blocks) on each batch.
+        temperature: softmax temperature T of both outputs, with `teacher`.
+        alpha: weight of the teacher's term, with `teacher`; 1 - alpha on `loss_fn`.
 
     Returns:
         `Trained(model, stats, history)`.
@@ -147,6 +156,11 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     lr = _positive("lr", lr, 0.0, 10.0)
     if isinstance(recalibrate_batches, bool) or not isinstance(recalibrate_batches, int) or recalibrate_batches < 0:
         raise InputError(f"recalibrate_batches must be a whole number >= 0, got {recalibrate_batches!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module or None, got {type(teacher).__name__}")
+    temperature = _positive("temperature", temperature, 0.0, 100.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise InputError(f"alpha must be a number in [0, 1], got {alpha!r:.40}")
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     if resume and checkpoint is None:
         raise InputError("resume=True goes on from a checkpoint: give checkpoint=FILE")
@@ -184,6 +198,19 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     settings = {"epochs": epochs, "p_last": p_last, "lr": lr, "weight_decay": float(weight_decay), "seed": seed,
                 "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx],
                 "steps_per_epoch": steps_per_epoch(batches)}  # another batch or data size: another schedule
+    guide = copy.deepcopy(teacher).to(dev).eval() if teacher is not None else None
+    if guide is not None:
+        settings["distill"] = {"temperature": float(temperature), "alpha": float(alpha)}
+
+    def loss_on(out: torch.Tensor, x: torch.Tensor, y) -> torch.Tensor:
+        out = out.float()
+        if guide is None:
+            return loss_fn(out, y)
+        with torch.no_grad():
+            soft = guide(x).float()
+        t = temperature
+        kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(soft / t, 1), reduction="batchmean", log_target=True)
+        return alpha * t * t * kl + (1.0 - alpha) * loss_fn(out, y)
     state = _read_state(checkpoint, settings) if resume else None
     if state is not None:
         try:
@@ -218,7 +245,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         if numbers is not None:  # a running block adds f(x) unscaled, a dropped one is not computed (nets.ResNet)
             mask = dict.fromkeys(work.block_ids, True)  # blocks not drawn (not in `blocks`) always run
             mask.update({numbers[blocks[i].path]: r for i, r in zip(idx, runs)})
-            return loss_fn(work(x, mask).float(), y)
+            return loss_on(work(x, mask), x, y)
         gone = [i for i, r in zip(idx, runs) if not r]
         try:
             for i in gone:
@@ -227,9 +254,10 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         finally:
             for i in gone:
                 work.set_submodule(blocks[i].path, block_of[i])
-        return loss_fn(out.float(), y)
+        return loss_on(out, x, y)
 
-    history = _loop(work, batches, epochs, SGD(lr, weight_decay), dev, precision, progress, "stochastic depth", loss_of,
+    history = _loop(work, batches, epochs, SGD(lr, weight_decay), dev, precision, progress,
+                    "stochastic depth, distilled" if guide is not None else "stochastic depth", loss_of, also=(guide,) if guide is not None else (),
                     on_step=lambda step, v: table.record(drawn.pop(), float(v)), on_epoch=save_state if checkpoint is not None else None,
                     resume=state and state["loop"])
     if numbers is None:
@@ -243,7 +271,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
                                  sum(q.numel() for q in work.parameters()), source="training")
     history.update({"resumed_after_epoch": state["loop"]["epoch"] if state else None, "p_last": p_last, "survival": [probs[b.index] for b in blocks],
                     "unscaled": [b.path for b in blocks if b.removable and not b.scale and not _scales_itself(work)],
-                    "recalibrated_batches": recalibrate_batches})
+                    "recalibrated_batches": recalibrate_batches, "distill": settings.get("distill")})
     return Trained(work, stats, history)
 
 
@@ -259,7 +287,7 @@ def _read_state(path: Path, settings: dict) -> dict:
     if not isinstance(state, dict) or state.get("kind") != CHECKPOINT_KIND or not isinstance(state.get("loop"), dict):
         raise InputError(f"resume: {path} is not a checkpoint of train_stochastic_depth")
     saved = state.get("settings") or {}
-    changed = sorted(k for k in settings if saved.get(k) != settings[k])
+    changed = sorted(k for k in set(settings) | set(saved) if saved.get(k) != settings.get(k))
     if changed:
         raise InputError(f"resume: {path} was written with other settings ({', '.join(changed)}); call with the same ones")
     return state

@@ -532,6 +532,29 @@ def test_binarize_chooses_the_kept_blocks_scale_of_a_users_model_again(tmp_path)
     assert retrained.model.scale_exponent == 1.0  # trained with the draws again: the t the module had is spent
 
 
+def test_stochastic_depth_can_learn_from_a_teacher(tmp_path):
+    """`train_stochastic_depth(teacher=...)`: the drawn networks learn the teacher's outputs as well as the labels.
+    With alpha 0 the teacher's term weighs nothing and the weights are those of a run without one; with the default
+    alpha they differ, the teacher is left as it was, and a checkpoint written with a teacher is not resumed
+    without one."""
+    model = _randomize_bn(ModuleListNet())
+    data = _loader(n=64, batch=16)
+    teacher = _randomize_bn(ModuleListNet())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    plain = sdcompress.train_stochastic_depth(model, data, epochs=1, lr=0.05, recalibrate_batches=0)
+    zero = sdcompress.train_stochastic_depth(model, data, epochs=1, lr=0.05, recalibrate_batches=0, teacher=teacher, alpha=0.0)
+    taught = sdcompress.train_stochastic_depth(model, data, epochs=2, lr=0.05, recalibrate_batches=0, teacher=teacher,
+                                               checkpoint=tmp_path / "state.pt")
+    assert zero.history["distill"] == {"temperature": 4.0, "alpha": 0.0} and plain.history["distill"] is None
+    assert all(torch.equal(a, b) for a, b in zip(zero.model.state_dict().values(), plain.model.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(taught.model.state_dict().values(), plain.model.state_dict().values()))
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(sdcompress.errors.InputError, match="other settings .*distill"):
+        sdcompress.train_stochastic_depth(model, data, epochs=2, lr=0.05, checkpoint=tmp_path / "state.pt", resume=True)
+    with pytest.raises(sdcompress.errors.InputError, match="alpha"):
+        sdcompress.train_stochastic_depth(model, data, teacher=teacher, alpha=1.5)
+
+
 def test_a_pruned_checkpoint_is_never_divided_twice(tmp_path):
     """The project's ResNet pruned through the API with kept blocks adding f(x), saved as a command-line checkpoint
     and loaded again, knows its blocks are unit-scaled: pruned again with p_l f(x), it is the network pruned once
