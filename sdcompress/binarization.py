@@ -74,7 +74,7 @@ def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Mo
         calib: training images for BatchNorm recalibration (never evaluation data).
         tune: `tune(model, cfg)` fine-tunes in place as `cfg` says and returns a record.
     """
-    from .pruning import PruneConfig, choose_block_scale
+    from .pruning import choose_block_scale
 
     new = binarize_model(model, cfg)
     record = {"layers": list(new.spec.binarized), "recalibrated_images": 0, "finetune": None}
@@ -90,6 +90,5 @@ def binarize_stage(model, meta, cfg: BinarizeConfig, calib, tune) -> tuple[nn.Mo
     elif any(p < 1.0 for p in new.block_survival().values()):
         # The scale chosen for the float network (an amplified one after pruning) amplifies the 1-bit error too:
         # chosen again as prune chooses it, on the binarized network (fine-tuning learns it instead).
-        scale_cfg = PruneConfig(keep=1.0, block_scale=cfg.block_scale, recalibrate=cfg.recalibrate, seed=cfg.seed)
-        new, record["block_scale"] = choose_block_scale(new, scale_cfg, calib, norm, recal)
+        new, record["block_scale"] = choose_block_scale(new, cfg.block_scale, calib, norm, recal, recalibrate=cfg.recalibrate, seed=cfg.seed)
     return new, record

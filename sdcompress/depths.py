@@ -98,8 +98,8 @@ def family(model, meta: Sidecar, depths: tuple[float, ...], strategy: str, calib
                 raise InputError("BatchNorm recalibration of each depth needs training data (--data), or pass --recalibrate 0")
             images = recal(net)
         if removed:  # as `prune` chooses it; the choice lives in each depth's own BatchNorm, so the weights stay shared
-            cfg = PruneConfig(keep=d, recalibrate=recalibrate, batch_size=batch_size, seed=seed)
-            net, scale = choose_block_scale(net, cfg, calib, normalize, recal)
+            net, scale = choose_block_scale(net, PruneConfig().block_scale, calib, normalize, recal, recalibrate=recalibrate, seed=seed,
+                                            batch_size=batch_size)
         out.append({"depth": d, "function": function_name(d), "kept": net.block_ids, "removed": removed, "model": net,
                     "recalibrated_images": images, "block_scale": scale,
                     "same_blocks_as_separate_pruning": True})  # by construction, see above

@@ -74,11 +74,12 @@ class Distill:
     alpha: float = 0.9
 
 
-def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
-    """The `Distill` loss of one batch (mean over the batch)."""
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y, temperature: float, alpha: float,
+                 hard: Callable = F.cross_entropy) -> torch.Tensor:
+    """The `Distill` loss of one batch (mean over the batch); `hard(logits, y)` the labels' term."""
     t = temperature
     soft = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True)
-    return alpha * t * t * soft + (1.0 - alpha) * F.cross_entropy(logits, y)
+    return alpha * t * t * soft + (1.0 - alpha) * hard(logits, y)
 
 
 def train_step(opt: torch.optim.Optimizer, loss_of: Callable, x: torch.Tensor, y, step: int, prec: Precision,
@@ -261,8 +262,9 @@ def sgd_loop(work: nn.Module, batches: Iterable, epochs: int, sgd: SGD, dev: tor
             total_loss, n = torch.zeros((), device=dev), 0
             for item in batches:
                 x, y = to_device(item, dev)
+                lr_now = sgd.lr_at(step, total, epoch, epochs, steps)
                 for g in opt.param_groups:
-                    g["lr"] = sgd.lr_at(step, total, epoch, epochs, steps)
+                    g["lr"] = lr_now
                 detached = train_step(opt, loss_of, x, y, step, prec, dev)
                 total_loss, n, step = total_loss + detached, n + 1, step + 1
                 if on_step is not None:

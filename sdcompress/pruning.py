@@ -368,8 +368,8 @@ def decide_exponent(mode: str, have: float, loss_at: Callable[[float], float] | 
     return t, {"chosen": scale_name(t), "exponent": t, "why": "asked for" if mode != "auto" else why_not}
 
 
-def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None, normalize: Normalize,
-                       recalibrate: Callable[[ResNet], int]) -> tuple[ResNet, dict]:
+def choose_block_scale(pruned: ResNet, mode: str, calib: ImageSet | None, normalize: Normalize, recal: Callable[[ResNet], int],
+                       *, recalibrate: int, seed: int, batch_size: int = 128) -> tuple[ResNet, dict]:
     """What each kept block of a pruned network adds at evaluation: p_l^t f(x). t = 1 (`survival`) is the stochastic
     depth paper's rule for the full network: every block runs, weighted by how often it ran in training; t = 0
     (`unit`) adds f(x), as in a training step where the block was drawn; below 0 the kept blocks are amplified,
@@ -378,7 +378,8 @@ def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None,
     of training images (a fixed sample, never evaluation data; `search_exponent`); without training images it
     keeps the t the network has. A network pruned before keeps the t it was given (`ResNet.scale_exponent`,
     restored from its checkpoint's stages): another t is reached from it, never applied twice.
-    Measured on the retrofitted ResNet-56 (docs/results.md)."""
+    `recal` re-estimates a candidate's BatchNorm (on `recalibrate` batches of `batch_size`; 0: not); the sample
+    scored is drawn with `seed`. Measured on the retrofitted ResNet-56 (docs/results.md)."""
     probs = pruned.block_survival() if isinstance(pruned, ResNet) else {}
     if not any(p < 1.0 for p in probs.values()):
         return pruned, {"chosen": "unit", "folded": False, "why": "every kept block already adds f(x) at evaluation: nothing to choose"}
@@ -389,16 +390,16 @@ def choose_block_scale(pruned: ResNet, cfg: PruneConfig, calib: ImageSet | None,
         if t not in nets_by:
             nets_by[t] = net = copy.deepcopy(pruned)
             rescale_blocks(net, t)
-            if cfg.recalibrate and calib is not None:
-                recalibrate(net)
+            if recalibrate and calib is not None:
+                recal(net)
         return nets_by[t]
 
-    sample = training_sample(calib, SCALE_BATCHES, cfg.batch_size, cfg.seed + 1) if calib is not None and cfg.block_scale == "auto" else None
-    loss_at = (lambda t: batch_loss(net_at(t), sample, normalize, SCALE_BATCHES, cfg.batch_size)) if sample is not None else None  # noqa: E731
-    why_not = "--recalibrate 0 and no training data: not compared" if not cfg.recalibrate else "no training images to choose by"
+    sample = training_sample(calib, SCALE_BATCHES, batch_size, seed + 1) if calib is not None and mode == "auto" else None
+    loss_at = (lambda t: batch_loss(net_at(t), sample, normalize, SCALE_BATCHES, batch_size)) if sample is not None else None  # noqa: E731
+    why_not = "--recalibrate 0 and no training data: not compared" if not recalibrate else "no training images to choose by"
     if have != 1.0:
         why_not += "; an earlier stage chose it"
-    t, record = decide_exponent(cfg.block_scale, have, loss_at, f"{len(sample):,} training images" if sample is not None else "", why_not)
+    t, record = decide_exponent(mode, have, loss_at, f"{len(sample):,} training images" if sample is not None else "", why_not)
     return net_at(t), record
 
 
@@ -433,7 +434,8 @@ def prune_model(model: ResNet, meta: Sidecar, cfg: PruneConfig, calib: ImageSet 
         record["calibration_set_size"] = len(calib)
         record["recalibrated_images"] = recal(pruned)
     if removed:
-        pruned, record["block_scale"] = choose_block_scale(pruned, cfg, calib, normalize, recal)
+        pruned, record["block_scale"] = choose_block_scale(pruned, cfg.block_scale, calib, normalize, recal, recalibrate=cfg.recalibrate,
+                                                           seed=cfg.seed, batch_size=cfg.batch_size)
     if cfg.finetune:
         if finetune is None:
             raise InputError("--finetune needs training data (--data)")

@@ -37,7 +37,7 @@ from torch import nn
 from .errors import InputError
 from .files import MAX_WEIGHTS_BYTES, atomic_torch_save, first_line, read_untrusted_check
 from .families import Block, replacement
-from .loops import SGD, reestimate_bn, sgd_loop as _loop, steps_per_epoch, to_device as _batch
+from .loops import SGD, distill_loss, reestimate_bn, sgd_loop as _loop, steps_per_epoch, to_device as _batch
 from .survival import SurvivalStats, draw_run_mask
 
 
@@ -208,9 +208,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
             return loss_fn(out, y)
         with torch.no_grad():
             soft = guide(x).float()
-        t = temperature
-        kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(soft / t, 1), reduction="batchmean", log_target=True)
-        return alpha * t * t * kl + (1.0 - alpha) * loss_fn(out, y)
+        return distill_loss(out, soft, y, temperature, alpha, hard=loss_fn)
     state = _read_state(checkpoint, settings) if resume else None
     if state is not None:
         try:
@@ -357,8 +355,6 @@ def finetune(model: nn.Module, batches: Iterable, teacher: nn.Module | None, epo
     Example:
         >>> small, history = sdcompress.finetune(small, train_loader, teacher=trained.model, epochs=1)
     """
-    from .loops import distill_loss
-
     _check_batches(batches, epochs)
     lr = _positive("lr", lr, 0.0, 10.0)
     temperature = _positive("temperature", temperature, 0.0, 100.0)

@@ -347,6 +347,11 @@ class _Epochs:
         self.probs = torch.tensor(run.spec.probs())
         self.masks, self.losses, self.correct, self.contribs = [], [], [], []
         self.t0 = time.perf_counter()
+        self.saved = run.start_epoch > 0  # a checkpoint of a complete epoch is in `out`
+
+    def stop_note(self) -> str:
+        """What a run that stops now leaves, for the divergence message."""
+        return f"; the last good checkpoint is kept in {self.out}" if self.saved else "; nothing was written"
 
     def loss_of(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """One step: the drop draw (every rank draws alike), the forward pass of the blocks that run, the loss."""
@@ -403,6 +408,7 @@ class _Epochs:
             if self.on_epoch:
                 self.on_epoch(rec)
         dd.barrier()
+        self.saved = True
         self.masks, self.losses, self.correct, self.contribs = [], [], [], []
         self.t0 = time.perf_counter()
 
@@ -481,12 +487,10 @@ def train(
     batches = DeviceBatches(run.ds.train.images.to(device), run.ds.train.labels.to(device), cfg.batch_size, run.shuffle_gen,
                             run.aug_gen, pad, flip, normalize, dist=dd, seed=cfg.seed + 1)
     epochs = _Epochs(run, out, meta, normalize, on_epoch, on_step)
-    saved = [run.start_epoch > 0]
     try:
         sgd_loop(model, batches, cfg.epochs, run.sgd, device, run.precision, progress and dd.main, "train", epochs.loss_of,
                  on_step=lambda step, loss: epochs.losses.append(loss), lr_hint="--lr", resume=loop_state, agree=dd.all_mean,
-                 on_epoch=lambda loop: (epochs.close(loop), saved.__setitem__(0, True)),
-                 stop_note=lambda: f"; the last good checkpoint is kept in {out}" if saved[0] else "; nothing was written")
+                 on_epoch=epochs.close, stop_note=epochs.stop_note)
     finally:
         model.set_record_contribution(False)
         uncompile_branches(model)
