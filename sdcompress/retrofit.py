@@ -194,7 +194,15 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     if numbers is None:
         _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
     table = SurvivalStats([probs[i] for i in idx], window=None)  # every step: the statistics table `sdcompress train` keeps
-    drawn: list[np.ndarray] = []  # the draw of the step in flight, recorded with its loss
+    drawn: list[np.ndarray] = []  # the draw of the step in flight
+    pending: list[tuple[np.ndarray, torch.Tensor]] = []  # each step's draw and loss, recorded at the epoch's end
+
+    def record_pending() -> None:
+        """Record the epoch's steps in the table: one host sync an epoch, not one a step."""
+        if pending:
+            for d, v in zip([d for d, _ in pending], torch.stack([v for _, v in pending]).float().cpu().tolist()):
+                table.record(d, v)
+            pending.clear()
     settings = {"epochs": epochs, "p_last": p_last, "lr": lr, "weight_decay": float(weight_decay), "seed": seed,
                 "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx],
                 "steps_per_epoch": steps_per_epoch(batches)}  # another batch or data size: another schedule
@@ -230,6 +238,11 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise InputError(f"checkpoint {checkpoint}: incomplete or damaged ({type(e).__name__}: {first_line(e)})") from None
 
+    def end_epoch(loop: dict) -> None:
+        record_pending()
+        if checkpoint is not None:
+            save_state(loop)
+
     def save_state(loop: dict) -> None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)  # made with the first epoch, not before
         atomic_torch_save({"kind": CHECKPOINT_KIND, "settings": settings, "model": work.state_dict(), "loop": loop,
@@ -256,7 +269,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
 
     history = _loop(work, batches, epochs, SGD(lr, weight_decay), dev, precision, progress,
                     "stochastic depth, distilled" if guide is not None else "stochastic depth", loss_of, also=(guide,) if guide is not None else (),
-                    on_step=lambda step, v: table.record(drawn.pop(), float(v)), on_epoch=save_state if checkpoint is not None else None,
+                    on_step=lambda step, v: pending.append((drawn.pop(), v)), on_epoch=end_epoch,
                     resume=state and state["loop"])
     if numbers is None:
         _fold(work, blocks, {i: probs[i] for i in idx})
