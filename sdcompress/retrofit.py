@@ -194,15 +194,8 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
     if numbers is None:
         _fold(work, blocks, {i: 1.0 / probs[i] for i in idx})
     table = SurvivalStats([probs[i] for i in idx], window=None)  # every step: the statistics table `sdcompress train` keeps
-    drawn: list[np.ndarray] = []  # the draw of the step in flight
-    pending: list[tuple[np.ndarray, torch.Tensor]] = []  # each step's draw and loss, recorded at the epoch's end
-
-    def record_pending() -> None:
-        """Record the epoch's steps in the table: one host sync an epoch, not one a step."""
-        if pending:
-            for d, v in zip([d for d, _ in pending], torch.stack([v for _, v in pending]).float().cpu().tolist()):
-                table.record(d, v)
-            pending.clear()
+    draws: list[np.ndarray] = []  # this epoch's draw of each step, with its loss below
+    losses: list[torch.Tensor] = []  # recorded in `table` at the epoch's end: one host sync an epoch, not one a step
     settings = {"epochs": epochs, "p_last": p_last, "lr": lr, "weight_decay": float(weight_decay), "seed": seed,
                 "blocks": [blocks[i].path for i in idx], "survival": [probs[i] for i in idx],
                 "steps_per_epoch": steps_per_epoch(batches)}  # another batch or data size: another schedule
@@ -239,7 +232,10 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
             raise InputError(f"checkpoint {checkpoint}: incomplete or damaged ({type(e).__name__}: {first_line(e)})") from None
 
     def end_epoch(loop: dict) -> None:
-        record_pending()
+        for d, v in zip(draws, torch.stack(losses).float().cpu().tolist()):
+            table.record(d, v)
+        draws.clear()
+        losses.clear()
         if checkpoint is not None:
             save_state(loop)
 
@@ -251,8 +247,8 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
                            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None}, checkpoint)
 
     def loss_of(x, y, step):
-        drawn.append(draw_run_mask(p, gen).numpy())
-        runs = drawn[-1].tolist()
+        draws.append(draw_run_mask(p, gen).numpy())
+        runs = draws[-1].tolist()
         if numbers is not None:  # a running block adds f(x) unscaled, a dropped one is not computed (nets.ResNet)
             mask = dict.fromkeys(work.block_ids, True)  # blocks not drawn (not in `blocks`) always run
             mask.update({numbers[blocks[i].path]: r for i, r in zip(idx, runs)})
@@ -269,7 +265,7 @@ def train_stochastic_depth(model: nn.Module, batches: Iterable, epochs: int = 1,
 
     history = _loop(work, batches, epochs, SGD(lr, weight_decay), dev, precision, progress,
                     "stochastic depth, distilled" if guide is not None else "stochastic depth", loss_of, also=(guide,) if guide is not None else (),
-                    on_step=lambda step, v: pending.append((drawn.pop(), v)), on_epoch=end_epoch,
+                    on_step=lambda step, v: losses.append(v), on_epoch=end_epoch,
                     resume=state and state["loop"])
     if numbers is None:
         _fold(work, blocks, {i: probs[i] for i in idx})

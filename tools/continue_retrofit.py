@@ -2,9 +2,9 @@
 
 Loads a checkpoint (default: the bundled `models/resnet56-sd`), trains it on with `train_stochastic_depth` (its own
 survival rule and p_L, a cosine schedule from --lr) on the 45,000-image training split of `../shared/data/cifar10`
-(seed 0, padded crop and flip, the peer's ImageNet normalization as the bundled models use), optionally learning
-from the checkpoint as it was (`--teacher`: distillation, T 4, alpha 0.9), and saves the result as a checkpoint
-every command reads (`OUT/model`). The state after every epoch is `OUT/state.pt`: rerun the same command to go on.
+(seed 0, with the checkpoint's own augmentation and normalization), optionally learning from the checkpoint as it
+was (`--teacher`: distillation, T 4, alpha 0.9), and saves the result as a checkpoint every command reads
+(`OUT/model`). The state after every epoch is `OUT/state.pt`: rerun the same command to go on.
 
     python tools/continue_retrofit.py --epochs 8 --lr 0.01 --out runs/cont
     python tools/continue_retrofit.py --epochs 8 --lr 0.01 --teacher --out runs/contkd
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sdcompress  # noqa: E402
-from sdcompress.data import ImageBatches, load_dataset  # noqa: E402
+from sdcompress.data import ImageBatches, load_dataset, train_augmentation  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +38,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     model, side = sdcompress.load(args.start)
-    mean, std = side["checkpoint"].data.mean, side["checkpoint"].data.std
+    meta = side["checkpoint"]
+    pad, flip = train_augmentation(meta)  # as the checkpoint was trained
     ds = load_dataset("cifar10", args.data_dir)
-    train = ImageBatches(ds.train, mean, std, 128, train=True, pad=4, flip=True)
+    train = ImageBatches(ds.train, meta.data.mean, meta.data.std, 128, train=True, pad=pad, flip=flip)
     args.out.mkdir(parents=True, exist_ok=True)
     state = args.out / "state.pt"
     t = time.perf_counter()
